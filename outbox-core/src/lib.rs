@@ -1,0 +1,35 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod dynamic;
+mod error;
+mod jsonl;
+mod memory;
+mod message;
+pub mod metrics;
+mod publisher;
+mod relay;
+mod retry;
+mod store;
+mod wakeup;
+
+pub use config::RelayConfig;
+pub use dynamic::{DynPublisher, DynStore};
+pub use error::{ConfigError, PublishError, RelayError, Retryable, StoreError, StoreErrorKind};
+pub use jsonl::JsonLinesPublisher;
+pub use memory::{MemoryPublisher, MemoryStore, MemoryTransaction};
+pub use message::{
+    Headers, InvalidMessage, Limits, MESSAGE_ID_HEADER, Message, MessageId, NewMessage, PARTITIONS,
+    decode_headers, encode_headers, partition_of,
+};
+pub use publisher::{Capabilities, PublishOutcome, Publisher};
+pub use relay::{BatchReport, Relay, RelayBuilder};
+pub use retry::{Decision, RetryPolicy};
+pub use store::{
+    Claim, DeadLetter, DeadLetterFilter, DeadLetterTo, Enqueue, LeaseToken, Malformed, RelayId,
+    RelayMember, Retry, Settled, Settlement, Stats, Store,
+};
+pub use wakeup::Wakeup;
+
+pub use chrono;
+pub use uuid;
