@@ -4,7 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The value of environment variable `var`, or `default` (a loopback address) when unset.
 pub fn service_url(var: &str, default: &str) -> String {
-    std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// True when `OUTBOX_TEST_REQUIRE=1`: a missing server must fail the run instead of skipping.
@@ -22,9 +25,13 @@ pub fn required() -> bool {
 pub fn or_skip<T, E: std::fmt::Display>(service: &str, result: Result<T, E>) -> Option<T> {
     match result {
         Ok(value) => Some(value),
-        Err(err) if required() => panic!("{service} is required (OUTBOX_TEST_REQUIRE=1) but unreachable: {err}"),
+        Err(err) if required() => {
+            panic!("{service} is required (OUTBOX_TEST_REQUIRE=1) but unreachable: {err}")
+        }
         Err(err) => {
-            eprintln!("skipping: {service} unreachable: {err} (set OUTBOX_TEST_REQUIRE=1 to fail instead)");
+            eprintln!(
+                "skipping: {service} unreachable: {err} (set OUTBOX_TEST_REQUIRE=1 to fail instead)"
+            );
             None
         }
     }

@@ -17,10 +17,16 @@ pub trait StoreHarness: Send + Sync + 'static {
     fn store(&self) -> Self::Store;
 
     /// Writes `messages` in one transaction that commits.
-    fn enqueue(&self, messages: Vec<NewMessage>) -> impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send;
+    fn enqueue(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> impl Future<Output = Result<Vec<MessageId>, StoreError>> + Send;
 
     /// Writes `messages` in one transaction that rolls back.
-    fn enqueue_rolled_back(&self, messages: Vec<NewMessage>) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn enqueue_rolled_back(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A handle on the same outbox that keeps published messages for `retention`; `None` when
     /// the store cannot keep them (the retention tests are then skipped).

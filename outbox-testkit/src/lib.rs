@@ -8,5 +8,6 @@
 
 pub mod env;
 mod harness;
+pub mod proxy;
 
 pub use harness::{PublisherHarness, Received, StoreHarness};
