@@ -317,30 +317,30 @@ impl Store for MemoryStore {
             }
         }
         for retry in &settlement.retry {
-            if holds(&mut tables, &retry.id) {
-                if let Some(row) = tables.row_mut(&retry.id) {
-                    row.message.attempts = row.message.attempts.saturating_add(1);
-                    row.message.last_error = Some(retry.error.clone());
-                    row.available_at = after(now, retry.delay);
-                    row.lease = None;
-                }
+            if holds(&mut tables, &retry.id)
+                && let Some(row) = tables.row_mut(&retry.id)
+            {
+                row.message.attempts = row.message.attempts.saturating_add(1);
+                row.message.last_error = Some(retry.error.clone());
+                row.available_at = after(now, retry.delay);
+                row.lease = None;
             }
         }
         for dead in &settlement.dead {
-            if holds(&mut tables, &dead.id) {
-                if let Some(row) = tables.row_mut(&dead.id) {
-                    row.message.attempts = row.message.attempts.saturating_add(1);
-                    row.message.last_error = Some(dead.error.clone());
-                    row.state = State::Dead(now);
-                    row.lease = None;
-                }
+            if holds(&mut tables, &dead.id)
+                && let Some(row) = tables.row_mut(&dead.id)
+            {
+                row.message.attempts = row.message.attempts.saturating_add(1);
+                row.message.last_error = Some(dead.error.clone());
+                row.state = State::Dead(now);
+                row.lease = None;
             }
         }
         for id in &settlement.release {
-            if holds(&mut tables, id) {
-                if let Some(row) = tables.row_mut(id) {
-                    row.lease = None;
-                }
+            if holds(&mut tables, id)
+                && let Some(row) = tables.row_mut(id)
+            {
+                row.lease = None;
             }
         }
         Ok(settled)
@@ -365,10 +365,10 @@ impl Store for MemoryStore {
             })
             .collect();
         for (partition, (owner, expires)) in &tables.partitions {
-            if *expires > now {
-                if let Some(member) = members.iter_mut().find(|m| &m.id == owner) {
-                    member.partitions.push(*partition);
-                }
+            if *expires > now
+                && let Some(member) = members.iter_mut().find(|m| &m.id == owner)
+            {
+                member.partitions.push(*partition);
             }
         }
         for member in &mut members {

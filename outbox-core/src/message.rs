@@ -216,13 +216,13 @@ impl NewMessage {
                 field: "destination",
             });
         }
-        if let Some(key) = &self.key {
-            if key.len() > limits.max_key_len {
-                return Err(InvalidMessage::KeyTooLong {
-                    len: key.len(),
-                    max: limits.max_key_len,
-                });
-            }
+        if let Some(key) = &self.key
+            && key.len() > limits.max_key_len
+        {
+            return Err(InvalidMessage::KeyTooLong {
+                len: key.len(),
+                max: limits.max_key_len,
+            });
         }
         if self.payload.len() > limits.max_payload_len {
             return Err(InvalidMessage::PayloadTooLarge {

@@ -304,7 +304,7 @@ fn is_fatal(err: &StoreError) -> bool {
 }
 
 /// Rendezvous hashing: the live relay with the highest score owns the partition.
-fn owner_of<'a>(partition: u16, relays: &'a [RelayMember]) -> Option<&'a RelayId> {
+fn owner_of(partition: u16, relays: &[RelayMember]) -> Option<&RelayId> {
     relays
         .iter()
         .map(|member| &member.id)
@@ -347,7 +347,12 @@ impl<S: Store, P: Publisher> Inner<S, P> {
             self.store.release(&self.id, &surplus).await?;
         }
         let owned = self.store.acquire(&self.id, &mine, ttl).await?;
-        if owned.len() != self.owned.swap(owned.len(), Ordering::Relaxed) {
+        let before = self.owned.swap(owned.len(), Ordering::Relaxed);
+        if owned.len() > before {
+            // New partitions may hold messages already: look at once.
+            self.wakeup.wake();
+        }
+        if owned.len() != before {
             info!(relay = %self.id, owned = owned.len(), relays = members.len(), "partitions rebalanced");
         }
         metrics::gauge!(m::OWNED_PARTITIONS).set(owned.len() as f64);
@@ -600,6 +605,11 @@ async fn process<S: Store, P: Publisher>(
                             metrics::histogram!(m::COMMIT_TO_PUBLISH).record(latency.as_secs_f64());
                         }
                         settlement.published.push(msg.id);
+                    }
+                    PublishOutcome::Failed(_) if msg.key.as_ref().is_some_and(|k| blocked.contains(k)) => {
+                        // An earlier message of this key failed in this batch, and an ordered
+                        // publisher failed this one for that reason: not an attempt of its own.
+                        settlement.release.push(msg.id);
                     }
                     PublishOutcome::Failed(err) => {
                         if let Some(key) = &msg.key {

@@ -55,11 +55,11 @@ pub struct Received {
 
 /// A publisher under test on a fresh destination, and a consumer reading that destination.
 pub trait PublisherHarness: Send + Sync + 'static {
-    /// The publisher under test.
-    type Publisher: Publisher;
+    /// The publisher under test; clones share one connection.
+    type Publisher: Publisher + Clone;
 
-    /// The publisher.
-    fn publisher(&self) -> &Self::Publisher;
+    /// A handle on the publisher.
+    fn publisher(&self) -> Self::Publisher;
 
     /// A destination of this harness alone, created if the broker needs that, which the
     /// publisher accepts and [`PublisherHarness::read`] reads.
