@@ -131,7 +131,8 @@ impl<P: Publisher + Clone> ScriptedPublisher<P> {
     }
 
     /// The next call publishes its first `messages` messages, then hangs for ever as if the
-    /// process had died; [`ScriptedPublisher::crashed`] completes at that point.
+    /// process had died, and so does every later call until [`ScriptedPublisher::hang_all`]
+    /// is set back to false; [`ScriptedPublisher::crashed`] completes at that point.
     pub fn crash_after(&self, messages: usize) {
         self.lock().crash_after = Some(messages);
     }
@@ -193,6 +194,10 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
             } else {
                 state.crash_after.take()
             };
+            if crash.is_some() {
+                // A dead process publishes nothing more, whatever its relay tries next.
+                state.hang_all = true;
+            }
             (hang, fail_call, crash)
         };
         let _guard = InFlight {
