@@ -1,0 +1,9 @@
+#![doc = include_str!("../README.md")]
+
+mod amqp;
+mod config;
+mod error;
+
+pub use amqp::AmqpPublisher;
+pub use config::{AmqpConfig, Routing, Unroutable};
+pub use error::AmqpError;
