@@ -33,3 +33,8 @@ pub use wakeup::Wakeup;
 
 pub use chrono;
 pub use uuid;
+
+/// The workspace README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct WorkspaceReadme;
