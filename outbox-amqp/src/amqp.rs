@@ -155,10 +155,10 @@ impl AmqpPublisher {
     pub async fn close(&self) {
         let _turn = self.inner.turn.lock().await;
         let link = self.inner.link.lock().await.link.take();
-        if let Some(link) = link {
-            if let Err(err) = link.connection.close(200, "closing".into()).await {
-                debug!(error = %err, "AMQP connection already closed");
-            }
+        if let Some(link) = link
+            && let Err(err) = link.connection.close(200, "closing".into()).await
+        {
+            debug!(error = %err, "AMQP connection already closed");
         }
     }
 }
@@ -202,13 +202,13 @@ impl Inner {
             }
         }
         slot.link = None;
-        if let (Some(since), Some((failed_at, reason))) = (waiting_since, &slot.failure) {
-            if *failed_at >= since {
-                return Err(AmqpError::Unavailable {
-                    uri: self.config.redacted_uri(),
-                    reason: reason.clone(),
-                });
-            }
+        if let (Some(since), Some((failed_at, reason))) = (waiting_since, &slot.failure)
+            && *failed_at >= since
+        {
+            return Err(AmqpError::Unavailable {
+                uri: self.config.redacted_uri(),
+                reason: reason.clone(),
+            });
         }
         match self.open().await {
             Ok(link) => {

@@ -255,13 +255,13 @@ impl AmqpConfig {
                 "must be at most 65535 seconds",
             ));
         }
-        if let Some(header) = &self.key_header {
-            if header.is_empty() || header.len() > 255 {
-                return Err(AmqpError::config(
-                    "key_header",
-                    "must be 1 to 255 bytes long",
-                ));
-            }
+        if let Some(header) = &self.key_header
+            && (header.is_empty() || header.len() > 255)
+        {
+            return Err(AmqpError::config(
+                "key_header",
+                "must be 1 to 255 bytes long",
+            ));
         }
         Ok(())
     }

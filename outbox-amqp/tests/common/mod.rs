@@ -3,7 +3,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -211,31 +210,27 @@ impl PublisherHarness for AmqpHarness {
         self.max_payload
     }
 
-    fn read(&self, count: usize, timeout: Duration) -> impl Future<Output = Vec<Received>> + Send {
-        async move {
-            self.read_raw(count, timeout)
-                .await
-                .iter()
-                .map(received)
-                .collect()
-        }
+    async fn read(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        self.read_raw(count, timeout)
+            .await
+            .iter()
+            .map(received)
+            .collect()
     }
 
-    fn teardown(self) -> impl Future<Output = ()> + Send {
-        async move {
-            let _ = self
-                .channel
-                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            let _ = self
-                .channel
-                .exchange_delete(
-                    self.exchange.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-            self.publisher.close().await;
-        }
+    async fn teardown(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        self.publisher.close().await;
     }
 }
 
