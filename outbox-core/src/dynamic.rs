@@ -42,6 +42,7 @@ pub trait DynStore: Send + Sync + 'static {
         relay: &'a RelayId,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<RelayMember>, StoreError>>;
+    fn members_dyn(&self) -> BoxFuture<'_, Result<Vec<RelayMember>, StoreError>>;
     fn acquire_dyn<'a>(
         &'a self,
         relay: &'a RelayId,
@@ -93,6 +94,9 @@ impl<S: Store> DynStore for S {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Vec<RelayMember>, StoreError>> {
         Box::pin(self.heartbeat(relay, ttl))
+    }
+    fn members_dyn(&self) -> BoxFuture<'_, Result<Vec<RelayMember>, StoreError>> {
+        Box::pin(self.members())
     }
     fn acquire_dyn<'a>(
         &'a self,
@@ -152,6 +156,9 @@ macro_rules! forward_store {
             }
             async fn heartbeat(&self, relay: &RelayId, ttl: Duration) -> Result<Vec<RelayMember>, StoreError> {
                 ($($deref)* self).heartbeat_dyn(relay, ttl).await
+            }
+            async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
+                ($($deref)* self).members_dyn().await
             }
             async fn acquire(&self, relay: &RelayId, partitions: &[u16], ttl: Duration) -> Result<Vec<u16>, StoreError> {
                 ($($deref)* self).acquire_dyn(relay, partitions, ttl).await

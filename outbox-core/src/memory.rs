@@ -58,6 +58,31 @@ impl Tables {
         }
     }
 
+    fn live_members(&self, now: DateTime<Utc>) -> Vec<RelayMember> {
+        let mut members: Vec<RelayMember> = self
+            .members
+            .iter()
+            .filter(|(_, expires)| **expires > now)
+            .map(|(id, expires)| RelayMember {
+                id: id.clone(),
+                expires_at: *expires,
+                partitions: Vec::new(),
+            })
+            .collect();
+        for (partition, (owner, expires)) in &self.partitions {
+            if *expires > now
+                && let Some(member) = members.iter_mut().find(|m| &m.id == owner)
+            {
+                member.partitions.push(*partition);
+            }
+        }
+        for member in &mut members {
+            member.partitions.sort_unstable();
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        members
+    }
+
     fn dead(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
         let mut dead: Vec<DeadLetter> = self
             .rows
@@ -355,27 +380,11 @@ impl Store for MemoryStore {
         let mut tables = self.lock();
         tables.members.insert(relay.clone(), after(now, ttl));
         tables.members.retain(|_, expires| *expires > now);
-        let mut members: Vec<RelayMember> = tables
-            .members
-            .iter()
-            .map(|(id, expires)| RelayMember {
-                id: id.clone(),
-                expires_at: *expires,
-                partitions: Vec::new(),
-            })
-            .collect();
-        for (partition, (owner, expires)) in &tables.partitions {
-            if *expires > now
-                && let Some(member) = members.iter_mut().find(|m| &m.id == owner)
-            {
-                member.partitions.push(*partition);
-            }
-        }
-        for member in &mut members {
-            member.partitions.sort_unstable();
-        }
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(members)
+        Ok(tables.live_members(now))
+    }
+
+    async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
+        Ok(self.lock().live_members(Utc::now()))
     }
 
     async fn acquire(

@@ -332,6 +332,17 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Vec<RelayMember>, StoreError>> + Send;
 
+    /// Lists the live relays with the partitions each owns, without registering anyone (for
+    /// `status` commands). Stores that cannot list them keep the default, which says so.
+    fn members(&self) -> impl Future<Output = Result<Vec<RelayMember>, StoreError>> + Send {
+        async {
+            Err(StoreError::new(
+                crate::StoreErrorKind::Config,
+                "this store cannot list the live relays",
+            ))
+        }
+    }
+
     /// Takes or renews the lease of each partition in `partitions` that is free, expired or
     /// already owned by `relay`, for `ttl`; returns the partitions `relay` owns afterwards among
     /// those asked for.
