@@ -1,0 +1,46 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod config;
+mod error;
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[allow(dead_code)]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub use config::StoreConfig;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// The `sqlx` this crate is built on, so that pools and transactions handed to the stores come
+/// from the same version.
+pub use sqlx;
+
+/// The schema version the stores of this release migrate to and expect.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Refuses a database migrated by a newer release: this one would misread its rows.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
+pub(crate) fn check_version(found: i32) -> Result<(), outbox_core::StoreError> {
+    if found > SCHEMA_VERSION {
+        return Err(outbox_core::StoreError::new(
+            outbox_core::StoreErrorKind::Schema,
+            format!(
+                "the outbox schema is at version {found}, newer than the {SCHEMA_VERSION} this \
+                 release of outbox-sqlx knows: upgrade the library"
+            ),
+        ));
+    }
+    Ok(())
+}

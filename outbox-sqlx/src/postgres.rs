@@ -1,0 +1,686 @@
+//! [`PostgresStore`]: the outbox on PostgreSQL.
+//!
+//! - Claims lock the relay's partition rows (`FOR UPDATE`), then lease the next rows with one
+//!   `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`: two relays never lease the same
+//!   row, a partition that changes hands waits for the old owner's claim to commit, and the
+//!   claim statement reads the leases of every claim committed before it (per-key order).
+//! - Settles are one transaction of set-based statements over arrays (`id = ANY($1)`,
+//!   `unnest(...)`), one per outcome.
+//! - Enqueue sends `pg_notify` in the caller's transaction: the relay's
+//!   [`Store::listen`] hears it when, and only when, that transaction commits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Claim, DeadLetter, DeadLetterFilter, Enqueue, LeaseToken, MessageId, NewMessage, RelayId,
+    RelayMember, Settled, Settlement, Stats, Store, StoreError, Wakeup,
+};
+use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::query::Query;
+use sqlx::{Postgres, Row};
+use uuid::Uuid;
+
+use crate::config::{Names, Quoting, StoreConfig, config_error};
+use crate::error::Context as _;
+use crate::sql::{self, Arg, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+
+/// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/postgres/0001_outbox.sql"))];
+
+const QUOTING: Quoting = Quoting {
+    quote: '"',
+    qualified: true,
+};
+
+fn now_plus(sql: &mut Sql, micros: i64) {
+    sql.push("now() + ")
+        .bind(Arg::Int(micros))
+        .push(" * interval '1 microsecond'");
+}
+
+/// `now()` is the transaction's start: every statement of one claim or settle sees the
+/// same instant.
+const PG: Dialect = Dialect {
+    numbered: true,
+    quote: '"',
+    now: "now()",
+    now_plus,
+};
+
+/// The transactional outbox on PostgreSQL 12 or later.
+///
+/// Cheap to clone: clones share the pool. See the [crate documentation](crate) for an example.
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    config: StoreConfig,
+    names: Names,
+    columns: String,
+}
+
+impl PostgresStore {
+    /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
+    /// name or the notify channel is not a plain identifier.
+    ///
+    /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
+    pub fn new(pool: PgPool, config: StoreConfig) -> Result<Self, StoreError> {
+        let names = Names::new(&config.table, QUOTING)?;
+        let channel = config.channel();
+        if crate::config::split_table(channel, true).is_err() || channel.len() > 63 {
+            return Err(config_error(format!(
+                "invalid notify channel {channel:?}: it must be a plain identifier of at most \
+                 63 characters (set `notify_channel` when the table name is longer)"
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                columns: sql::message_columns(&PG),
+                config,
+                names,
+            }),
+        })
+    }
+
+    /// Opens a pool of [`StoreConfig::max_connections`] to [`StoreConfig::url`] and builds the
+    /// store on it.
+    pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
+        let url = config.require_url("PostgresStore")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .connect(url)
+            .await
+            .doing("connecting to PostgreSQL")?;
+        Self::new(pool, config)
+    }
+
+    /// The pool, for the service's own queries and transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The same outbox, keeping published messages for `retention` (or deleting them at once
+    /// with `None`).
+    pub fn with_retention(&self, retention: Option<Duration>) -> Self {
+        let mut inner = Inner {
+            pool: self.inner.pool.clone(),
+            config: self.inner.config.clone(),
+            names: self.inner.names.clone(),
+            columns: self.inner.columns.clone(),
+        };
+        inner.config.retention = retention;
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Creates or upgrades the outbox tables to [`crate::SCHEMA_VERSION`], in one transaction
+    /// under an advisory lock, so that relays starting together migrate once. Idempotent.
+    ///
+    /// The schema of a `schema.table` name must exist.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        const DOING: &str = "migrating the outbox schema";
+        let names = &self.inner.names;
+        let mut tx = self.inner.pool.begin().await.doing(DOING)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("outbox-migrate:{}", names.table))
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            names.schema
+        ))
+        .execute(&mut *tx)
+        .await
+        .doing(DOING)?;
+        let current: i32 = sqlx::query_scalar(&format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {}",
+            names.schema
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .doing(DOING)?;
+        crate::check_version(current)?;
+        for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            sqlx::raw_sql(&sql::render(template, names))
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+            sqlx::query(&format!(
+                "INSERT INTO {} (version) VALUES ($1)",
+                names.schema
+            ))
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        }
+        sqlx::raw_sql(&sql::seed_partitions(
+            names,
+            &PG,
+            "INSERT INTO",
+            " ON CONFLICT DO NOTHING",
+            "'epoch'",
+        ))
+        .execute(&mut *tx)
+        .await
+        .doing(DOING)?;
+        tx.commit().await.doing(DOING)
+    }
+
+    /// The schema version of the outbox tables; 0 when they were never migrated.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&self.inner.names.schema)
+            .fetch_one(&self.inner.pool)
+            .await
+            .doing("reading the outbox schema version")?;
+        if exists.is_none() {
+            return Ok(0);
+        }
+        sqlx::query_scalar(&format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {}",
+            self.inner.names.schema
+        ))
+        .fetch_one(&self.inner.pool)
+        .await
+        .doing("reading the outbox schema version")
+    }
+
+    /// Drops the outbox tables and everything in them. For tests and uninstalls.
+    pub async fn drop_tables(&self) -> Result<(), StoreError> {
+        let names = &self.inner.names;
+        sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {}, {}, {}, {}",
+            names.table, names.partitions, names.relays, names.schema
+        ))
+        .execute(&self.inner.pool)
+        .await
+        .doing("dropping the outbox tables")
+        .map(drop)
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        const DOING: &str = "enqueueing into the outbox";
+        sql::validate(&messages, &self.inner.config.limits)?;
+        let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
+        for (i, chunk) in sql::insert_chunks(&messages).into_iter().enumerate() {
+            let mut statement = sql::insert(&PG, &self.inner.names, chunk);
+            if i == 0 {
+                // Delivered on commit, once per transaction and channel whatever the count.
+                let insert = std::mem::take(&mut statement.text);
+                statement
+                    .push("WITH enqueued AS (")
+                    .push(&insert)
+                    .push(") SELECT pg_notify(");
+                statement
+                    .bind(Arg::Text(self.inner.config.channel().to_owned()))
+                    .push(", '')");
+            }
+            let (text, args) = (statement.text, statement.args);
+            bound(&text, args)
+                .persistent(chunk.len() == 1)
+                .execute(&mut *conn)
+                .await
+                .doing(DOING)?;
+        }
+        Ok(ids)
+    }
+}
+
+impl<'c> Enqueue<&'c mut PgConnection> for PostgresStore {
+    async fn enqueue(
+        &self,
+        tx: &'c mut PgConnection,
+        message: NewMessage,
+    ) -> Result<MessageId, StoreError> {
+        let id = message.id();
+        self.insert(tx, vec![message]).await?;
+        Ok(id)
+    }
+
+    async fn enqueue_batch(
+        &self,
+        tx: &'c mut PgConnection,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.insert(tx, messages).await
+    }
+}
+
+/// A query on `text` with `args` bound as PostgreSQL types.
+fn bound(text: &str, args: Vec<Arg>) -> Query<'_, Postgres, PgArguments> {
+    args.into_iter()
+        .fold(sqlx::query(text), |query, arg| match arg {
+            Arg::Id(id) => query.bind(*id.as_uuid()),
+            Arg::Token(token) => query.bind(*token.as_uuid()),
+            Arg::Small(n) => query.bind(n),
+            Arg::Int(n) => query.bind(n),
+            Arg::Text(text) => query.bind(text),
+            Arg::OptText(text) => query.bind(text),
+            Arg::Bytes(bytes) => query.bind(bytes),
+            Arg::Time(time) => query.bind(time),
+        })
+}
+
+fn row_parts(row: &PgRow) -> Result<RowParts, sqlx::Error> {
+    Ok(RowParts {
+        seq: row.try_get("seq")?,
+        id: MessageId::from_uuid(row.try_get::<Uuid, _>("id")?),
+        destination: column(row, "destination"),
+        key: column(row, "key"),
+        payload: column(row, "payload"),
+        headers: column(row, "headers"),
+        created_at: column(row, "created_at"),
+        attempts: column::<_, i32>(row, "attempts").map(i64::from),
+        last_error: column(row, "last_error"),
+    })
+}
+
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        const DOING: &str = "claiming outbox messages";
+        let Inner {
+            pool,
+            names,
+            columns,
+            ..
+        } = &*self.inner;
+        let token = LeaseToken::new();
+        let mut tx = pool.begin().await.doing(DOING)?;
+        // Claims of one relay run one at a time, and a relay taking one of these partitions
+        // over waits until this claim committed: its own claim then sees these leases.
+        let owned: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT \"partition\" FROM {} WHERE owner = $1 AND expires_at > now() \
+             ORDER BY \"partition\" FOR UPDATE",
+            names.partitions
+        ))
+        .bind(relay.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .doing(DOING)?;
+        if owned.is_empty() || limit == 0 {
+            tx.rollback().await.doing(DOING)?;
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        let mut statement = Sql::new(&PG);
+        statement.push(&format!(
+            "WITH claimable AS (SELECT o.seq FROM {} o WHERE ",
+            names.table
+        ));
+        sql::push_claimable(&mut statement, &PG, names, relay);
+        statement
+            .push(" ORDER BY o.seq LIMIT ")
+            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
+            .push(&format!(
+                " FOR UPDATE OF o SKIP LOCKED) UPDATE {} u SET lease_token = ",
+                names.table
+            ))
+            .bind(Arg::Token(token))
+            .push(", lease_until = ");
+        now_plus(&mut statement, sql::micros(lease));
+        statement.push(&format!(
+            " FROM claimable WHERE u.seq = claimable.seq RETURNING {}",
+            qualified_columns(columns, "u")
+        ));
+        let rows = bound(&statement.text, statement.args)
+            .fetch_all(&mut *tx)
+            .await
+            .doing(DOING)?;
+        tx.commit().await.doing(DOING)?;
+        let parts = rows.iter().filter_map(|row| match row_parts(row) {
+            Ok(parts) => Some(parts),
+            Err(err) => {
+                // Unreachable with the shipped schema (seq and id cannot be NULL or
+                // malformed); the lease expires and the row is claimed again.
+                tracing::error!(error = %err, "a claimed outbox row has no readable id");
+                None
+            }
+        });
+        Ok(sql::assemble_claim(token, parts.collect()))
+    }
+
+    async fn settle(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        const DOING: &str = "recording publish outcomes";
+        if settlement.is_empty() {
+            return Ok(Settled::default());
+        }
+        let Inner {
+            pool,
+            names,
+            config,
+            ..
+        } = &*self.inner;
+        let t = &names.table;
+        let fenced =
+            format!("o.state = {PENDING} AND o.lease_token = $2 AND o.lease_until > now()");
+        let token = *token.as_uuid();
+        let mut applied = 0;
+        let mut tx = pool.begin().await.doing(DOING)?;
+        if !settlement.published.is_empty() {
+            let ids = uuids(&settlement.published);
+            let text = if config.retention.is_some() {
+                format!(
+                    "UPDATE {t} AS o SET state = {PUBLISHED}, published_at = now(), lease_token = NULL, \
+                     lease_until = NULL WHERE o.id = ANY($1) AND {fenced}"
+                )
+            } else {
+                format!("DELETE FROM {t} AS o WHERE o.id = ANY($1) AND {fenced}")
+            };
+            applied += sqlx::query(&text)
+                .bind(ids)
+                .bind(token)
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?
+                .rows_affected();
+        }
+        if !settlement.retry.is_empty() {
+            let ids: Vec<Uuid> = settlement.retry.iter().map(|r| *r.id.as_uuid()).collect();
+            let errors: Vec<&str> = settlement.retry.iter().map(|r| r.error.as_str()).collect();
+            let delays: Vec<i64> = settlement
+                .retry
+                .iter()
+                .map(|r| sql::micros(r.delay))
+                .collect();
+            applied += sqlx::query(&format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                 available_at = now() + v.delay * interval '1 microsecond', \
+                 lease_token = NULL, lease_until = NULL \
+                 FROM unnest($1::uuid[], $3::text[], $4::int8[]) AS v(id, error, delay) \
+                 WHERE o.id = v.id AND {fenced}"
+            ))
+            .bind(ids)
+            .bind(token)
+            .bind(errors)
+            .bind(delays)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?
+            .rows_affected();
+        }
+        if !settlement.dead.is_empty() {
+            let ids: Vec<Uuid> = settlement.dead.iter().map(|d| *d.id.as_uuid()).collect();
+            let errors: Vec<&str> = settlement.dead.iter().map(|d| d.error.as_str()).collect();
+            applied += sqlx::query(&format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                 state = {DEAD}, dead_at = now(), lease_token = NULL, lease_until = NULL \
+                 FROM unnest($1::uuid[], $3::text[]) AS v(id, error) \
+                 WHERE o.id = v.id AND {fenced}"
+            ))
+            .bind(ids)
+            .bind(token)
+            .bind(errors)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?
+            .rows_affected();
+        }
+        if !settlement.release.is_empty() {
+            applied += sqlx::query(&format!(
+                "UPDATE {t} AS o SET lease_token = NULL, lease_until = NULL WHERE o.id = ANY($1) AND {fenced}"
+            ))
+            .bind(uuids(&settlement.release))
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?
+            .rows_affected();
+        }
+        tx.commit().await.doing(DOING)?;
+        let total = settlement.len() as u64;
+        Ok(Settled {
+            applied,
+            fenced: total.saturating_sub(applied),
+        })
+    }
+
+    async fn heartbeat(
+        &self,
+        relay: &RelayId,
+        ttl: Duration,
+    ) -> Result<Vec<RelayMember>, StoreError> {
+        const DOING: &str = "renewing the relay's membership";
+        let Inner { pool, names, .. } = &*self.inner;
+        let mut tx = pool.begin().await.doing(DOING)?;
+        let register = sql::register(
+            &PG,
+            names,
+            relay,
+            ttl,
+            "ON CONFLICT (relay) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+        );
+        bound(&register.text, register.args)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        sqlx::query(&sql::forget_expired(&PG, names))
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        let rows: Vec<(String, DateTime<Utc>, Option<i16>)> =
+            sqlx::query_as(&sql::members(&PG, names))
+                .fetch_all(&mut *tx)
+                .await
+                .doing(DOING)?;
+        tx.commit().await.doing(DOING)?;
+        Ok(sql::members_from(rows))
+    }
+
+    async fn acquire(
+        &self,
+        relay: &RelayId,
+        partitions: &[u16],
+        ttl: Duration,
+    ) -> Result<Vec<u16>, StoreError> {
+        let partitions = sql::partition_args(partitions);
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut statement = sql::acquire(&PG, &self.inner.names, relay, &partitions, ttl);
+        statement.push(" RETURNING \"partition\"");
+        let owned: Vec<i16> = bound(&statement.text, statement.args)
+            .fetch_all(&self.inner.pool)
+            .await
+            .doing("acquiring partitions")?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .doing("acquiring partitions")?;
+        Ok(sql::partitions_from(owned))
+    }
+
+    async fn release(&self, relay: &RelayId, partitions: &[u16]) -> Result<(), StoreError> {
+        let partitions = sql::partition_args(partitions);
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let statement = sql::release(&PG, &self.inner.names, relay, Some(&partitions));
+        bound(&statement.text, statement.args)
+            .execute(&self.inner.pool)
+            .await
+            .doing("releasing partitions")
+            .map(drop)
+    }
+
+    async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
+        const DOING: &str = "leaving the relay group";
+        let Inner { pool, names, .. } = &*self.inner;
+        let mut tx = pool.begin().await.doing(DOING)?;
+        for statement in [
+            sql::release(&PG, names, relay, None),
+            sql::forget(&PG, names, relay),
+        ] {
+            bound(&statement.text, statement.args)
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+        }
+        tx.commit().await.doing(DOING)
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let (pending, oldest, dead, published): (i64, Option<DateTime<Utc>>, i64, i64) =
+            sqlx::query_as(&sql::stats(&self.inner.names))
+                .fetch_one(&self.inner.pool)
+                .await
+                .doing("counting outbox messages")?;
+        Ok(sql::stats_from(pending, oldest, dead, published))
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let Inner {
+            pool,
+            names,
+            columns,
+            ..
+        } = &*self.inner;
+        let mut statement = Sql::new(&PG);
+        statement.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
+        sql::push_dead_filter(&mut statement, &PG, filter);
+        statement
+            .push(" ORDER BY dead_at, seq LIMIT ")
+            .bind(Arg::Int(sql::limit_of(filter)));
+        let rows = bound(&statement.text, statement.args)
+            .fetch_all(pool)
+            .await
+            .doing("listing dead letters")?;
+        rows.iter()
+            .map(|row| {
+                let parts = row_parts(row).doing("listing dead letters")?;
+                parts.into_dead_letter(column(row, "dead_at"))
+            })
+            .collect()
+    }
+
+    async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+        let names = &self.inner.names;
+        let mut statement = Sql::new(&PG);
+        statement.push(&format!(
+            "UPDATE {t} SET state = {PENDING}, attempts = 0, available_at = now(), \
+             lease_token = NULL, lease_until = NULL, dead_at = NULL WHERE seq IN (SELECT seq FROM {t}",
+            t = names.table
+        ));
+        push_limited_dead_filter(&mut statement, filter);
+        bound(&statement.text, statement.args)
+            .execute(&self.inner.pool)
+            .await
+            .doing("replaying dead letters")
+            .map(|done| done.rows_affected())
+    }
+
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+        let names = &self.inner.names;
+        let mut statement = Sql::new(&PG);
+        statement.push(&format!(
+            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t}",
+            t = names.table
+        ));
+        push_limited_dead_filter(&mut statement, filter);
+        bound(&statement.text, statement.args)
+            .execute(&self.inner.pool)
+            .await
+            .doing("purging dead letters")
+            .map(|done| done.rows_affected())
+    }
+
+    async fn cleanup(&self, limit: usize) -> Result<u64, StoreError> {
+        let Some(retention) = self.inner.config.retention else {
+            return Ok(0);
+        };
+        let t = &self.inner.names.table;
+        let mut statement = Sql::new(&PG);
+        statement.push(&format!(
+            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = {PUBLISHED} AND published_at < "
+        ));
+        now_plus(&mut statement, -sql::micros(retention));
+        statement
+            .push(" ORDER BY published_at LIMIT ")
+            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
+            .push(" FOR UPDATE SKIP LOCKED)");
+        bound(&statement.text, statement.args)
+            .execute(&self.inner.pool)
+            .await
+            .doing("deleting expired published messages")
+            .map(|done| done.rows_affected())
+    }
+
+    /// Listens on the notify channel with a connection of its own, waking the relay on each
+    /// notification and after every reconnection (notifications sent meanwhile are lost).
+    /// Returns an error when the connection cannot be restored; the relay then polls and calls
+    /// it again later.
+    async fn listen(&self, wakeup: Wakeup) -> Result<(), StoreError> {
+        const DOING: &str = "listening for outbox notifications";
+        let mut listener = PgListener::connect_with(&self.inner.pool)
+            .await
+            .doing(DOING)?;
+        listener
+            .listen(self.inner.config.channel())
+            .await
+            .doing(DOING)?;
+        // Messages committed before the LISTEN took effect were not announced.
+        wakeup.wake();
+        loop {
+            match listener.try_recv().await.doing(DOING)? {
+                Some(_) => wakeup.wake(),
+                None => {
+                    tracing::debug!("notification connection lost; reconnecting");
+                    wakeup.wake();
+                }
+            }
+        }
+    }
+}
+
+/// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n FOR UPDATE)`: the subquery selecting the
+/// dead letters to replay or purge.
+fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
+    sql::push_dead_filter(statement, &PG, filter);
+    statement
+        .push(" ORDER BY dead_at, seq LIMIT ")
+        .bind(Arg::Int(sql::limit_of(filter)))
+        .push(" FOR UPDATE)");
+}
+
+fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
+    ids.iter().map(|id| *id.as_uuid()).collect()
+}
+
+/// `columns` ("a, b, c") each prefixed with `alias.`.
+fn qualified_columns(columns: &str, alias: &str) -> String {
+    columns
+        .split(", ")
+        .map(|column| format!("{alias}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
