@@ -1,0 +1,73 @@
+//! The webhook publisher passes the same publisher suite as the workspace's own publishers.
+
+use std::time::Duration;
+
+use custom_publisher::WebhookPublisher;
+use custom_publisher::receiver::Receiver;
+use outbox_core::MessageId;
+use outbox_testkit::{PublisherHarness, Received};
+
+const MAX_BODY: usize = 64 * 1024;
+
+struct Harness {
+    receiver: Receiver,
+    publisher: WebhookPublisher,
+    destination: String,
+}
+
+impl PublisherHarness for Harness {
+    type Publisher = WebhookPublisher;
+
+    fn publisher(&self) -> WebhookPublisher {
+        self.publisher.clone()
+    }
+
+    fn destination(&self) -> String {
+        self.destination.clone()
+    }
+
+    fn invalid_destination(&self) -> Option<String> {
+        Some(format!("{}-missing", self.destination))
+    }
+
+    fn max_payload(&self) -> Option<usize> {
+        Some(MAX_BODY)
+    }
+
+    async fn read(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got = self.receiver.deliveries(&self.destination);
+            if got.len() >= count || tokio::time::Instant::now() >= deadline {
+                return got
+                    .into_iter()
+                    .filter_map(|d| {
+                        Some(Received {
+                            id: d.id.parse::<MessageId>().ok()?,
+                            key: d.key,
+                            payload: d.payload,
+                            headers: d.headers.into_iter().collect(),
+                        })
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn teardown(self) {}
+}
+
+async fn harness() -> Option<Harness> {
+    let receiver = Receiver::start(MAX_BODY).await.expect("receiver");
+    let destination = outbox_testkit::env::unique_name("events");
+    receiver.accept(&destination);
+    let publisher = WebhookPublisher::new(format!("http://{}", receiver.addr)).expect("publisher");
+    Some(Harness {
+        receiver,
+        publisher,
+        destination,
+    })
+}
+
+outbox_testkit::publisher_suite!(harness);
