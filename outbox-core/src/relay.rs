@@ -378,8 +378,14 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         let mut backoff = self.config.poll_max;
         loop {
             match self.store.listen(self.wakeup.clone()).await {
-                Ok(()) => return Ok(()),
                 Err(err) if is_fatal(&err) => return Err(err),
+                // Listening is meant to last; an end, like an error, is followed by a new try.
+                Ok(()) => {
+                    warn!("store notifications ended; polling meanwhile");
+                    self.wakeup.wake();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
                 Err(err) => {
                     warn!(error = %chain(&err), "store notifications interrupted; polling meanwhile");
                     // Messages committed while not listening are found by polling.
