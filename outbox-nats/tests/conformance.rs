@@ -1,0 +1,12 @@
+//! The testkit's publisher suite against NATS JetStream.
+
+mod common;
+
+use common::{NatsHarness, Options};
+
+/// A fresh stream with a 256 KiB `max_message_size`, so that the oversized check runs.
+async fn harness() -> Option<NatsHarness> {
+    NatsHarness::with(Options::default(), |config| config).await
+}
+
+outbox_testkit::publisher_suite!(harness);
