@@ -136,43 +136,26 @@ async fn connections_cut_mid_batch_lose_nothing() {
     let publisher = AmqpPublisher::new(config).expect("config");
 
     let store = MemoryStore::new();
-    let sent = messages(&h.destination(), 4000, 40);
+    // 400 keys: calls of up to 200 messages, so that a cut finds many of them in flight.
+    let sent = messages(&h.destination(), 4000, 400);
     enqueue(&store, &sent);
-    let relay = Relay::builder(store.clone(), publisher.clone())
+    let proxy = std::sync::Arc::new(proxy);
+    let cutting = common::Cutting::new(publisher.clone(), std::sync::Arc::clone(&proxy), 3, 4);
+    let relay = Relay::builder(store.clone(), cutting.clone())
         .config(relay_config())
         .build()
         .expect("relay");
     let running = RunningRelay::spawn(relay);
-    let cutter = tokio::spawn({
-        let store = store.clone();
-        async move {
-            let mut cuts = 0;
-            // Cut whenever another share of the backlog went out, while it is under way.
-            for threshold in [3500, 2500, 1500, 800] {
-                loop {
-                    let pending = store.stats().await.expect("stats").pending;
-                    if pending == 0 {
-                        return (cuts, proxy);
-                    }
-                    if pending <= threshold {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                proxy.cut();
-                cuts += 1;
-            }
-            (cuts, proxy)
-        }
-    });
     let (arrived, duplicates) = read_all(&h, &sent, Duration::from_secs(120)).await;
-    let (cuts, proxy) = cutter.await.expect("cutter");
     running.stop(Duration::from_secs(15)).await;
     eprintln!(
-        "AMQP: {cuts} cuts, {} connections, {duplicates} duplicates",
-        proxy.connections()
+        "AMQP: {} cuts, {} connections, {} failed outcomes, {duplicates} duplicates",
+        cutting.cuts(),
+        proxy.connections(),
+        cutting.failures()
     );
-    assert!(cuts >= 1, "the connection was cut at least once mid-run");
+    assert!(cutting.cuts() >= 2, "connections were cut during calls");
+    assert!(cutting.failures() > 0, "the cuts hit messages in flight");
     assert_eq!(arrived.len(), sent.len(), "every message arrived");
     assert_key_order(&sent, &arrived);
     let stats = store.stats().await.expect("stats");
