@@ -114,6 +114,7 @@ impl StoreConfig {
     }
 
     /// The notify channel in effect: the configured one, else the table name.
+    #[cfg(feature = "postgres")]
     pub(crate) fn channel(&self) -> &str {
         self.notify_channel.as_deref().unwrap_or(&self.table)
     }

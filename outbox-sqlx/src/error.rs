@@ -17,6 +17,11 @@ pub(crate) fn from_sqlx(err: sqlx::Error, doing: &str) -> StoreError {
     mapped.with_source(err)
 }
 
+/// A value that could not be encoded for the database.
+pub(crate) fn encode(err: sqlx::error::BoxDynError) -> StoreError {
+    from_sqlx(sqlx::Error::Encode(err), "encoding a statement argument")
+}
+
 /// Shorthand for `.map_err(|err| from_sqlx(err, doing))`.
 pub(crate) trait Context<T> {
     fn doing(self, doing: &str) -> Result<T, StoreError>;

@@ -1,5 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// Without a dialect feature there is no store, and the shared code has no user.
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code, unused_imports)
+)]
 
 mod config;
 mod error;
@@ -7,7 +12,11 @@ mod error;
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
-#[allow(dead_code)]
+// With some dialects left out, some shared helpers are unused.
+#[cfg_attr(
+    not(all(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
 mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -28,10 +37,6 @@ pub use sqlx;
 pub const SCHEMA_VERSION: i32 = 1;
 
 /// Refuses a database migrated by a newer release: this one would misread its rows.
-#[cfg_attr(
-    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
-    allow(dead_code)
-)]
 pub(crate) fn check_version(found: i32) -> Result<(), outbox_core::StoreError> {
     if found > SCHEMA_VERSION {
         return Err(outbox_core::StoreError::new(

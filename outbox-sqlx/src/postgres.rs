@@ -19,12 +19,12 @@ use outbox_core::{
 };
 use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
-use sqlx::{Postgres, Row};
+use sqlx::{Arguments as _, Postgres, Row};
 use uuid::Uuid;
 
-use crate::config::{Names, Quoting, StoreConfig, config_error};
+use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/postgres/0001_outbox.sql"))];
@@ -57,13 +57,7 @@ pub struct PostgresStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    pool: PgPool,
-    config: StoreConfig,
-    names: Names,
-    columns: String,
-}
+type Inner = Base<Postgres>;
 
 impl PostgresStore {
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
@@ -71,7 +65,6 @@ impl PostgresStore {
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
     pub fn new(pool: PgPool, config: StoreConfig) -> Result<Self, StoreError> {
-        let names = Names::new(&config.table, QUOTING)?;
         let channel = config.channel();
         if crate::config::split_table(channel, true).is_err() || channel.len() > 63 {
             return Err(config_error(format!(
@@ -80,12 +73,7 @@ impl PostgresStore {
             )));
         }
         Ok(Self {
-            inner: Arc::new(Inner {
-                pool,
-                columns: sql::message_columns(&PG),
-                config,
-                names,
-            }),
+            inner: Arc::new(Base::new(pool, config, QUOTING, &PG)?),
         })
     }
 
@@ -114,15 +102,8 @@ impl PostgresStore {
     /// The same outbox, keeping published messages for `retention` (or deleting them at once
     /// with `None`).
     pub fn with_retention(&self, retention: Option<Duration>) -> Self {
-        let mut inner = Inner {
-            pool: self.inner.pool.clone(),
-            config: self.inner.config.clone(),
-            names: self.inner.names.clone(),
-            columns: self.inner.columns.clone(),
-        };
-        inner.config.retention = retention;
         Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(self.inner.with_retention(retention)),
         }
     }
 
@@ -236,7 +217,7 @@ impl PostgresStore {
                     .push(", '')");
             }
             let (text, args) = (statement.text, statement.args);
-            bound(&text, args)
+            bound(&text, args)?
                 .persistent(chunk.len() == 1)
                 .execute(&mut *conn)
                 .await
@@ -269,19 +250,28 @@ impl<'c> Enqueue<&'c mut PgConnection> for PostgresStore {
     }
 }
 
-/// A query on `text` with `args` bound as PostgreSQL types.
-fn bound(text: &str, args: Vec<Arg>) -> Query<'_, Postgres, PgArguments> {
-    args.into_iter()
-        .fold(sqlx::query(text), |query, arg| match arg {
-            Arg::Id(id) => query.bind(*id.as_uuid()),
-            Arg::Token(token) => query.bind(*token.as_uuid()),
-            Arg::Small(n) => query.bind(n),
-            Arg::Int(n) => query.bind(n),
-            Arg::Text(text) => query.bind(text),
-            Arg::OptText(text) => query.bind(text),
-            Arg::Bytes(bytes) => query.bind(bytes),
-            Arg::Time(time) => query.bind(time),
-        })
+/// `args` as PostgreSQL values.
+fn arguments(args: Vec<Arg>) -> Result<PgArguments, StoreError> {
+    let mut out = PgArguments::default();
+    for arg in args {
+        match arg {
+            Arg::Id(id) => out.add(*id.as_uuid()),
+            Arg::Token(token) => out.add(*token.as_uuid()),
+            Arg::Small(n) => out.add(n),
+            Arg::Int(n) => out.add(n),
+            Arg::Text(text) => out.add(text),
+            Arg::OptText(text) => out.add(text),
+            Arg::Bytes(bytes) => out.add(bytes),
+            Arg::Time(time) => out.add(time),
+        }
+        .map_err(crate::error::encode)?;
+    }
+    Ok(out)
+}
+
+/// A query on `text` with `args`.
+fn bound(text: &str, args: Vec<Arg>) -> Result<Query<'_, Postgres, PgArguments>, StoreError> {
+    Ok(sqlx::query_with(text, arguments(args)?))
 }
 
 fn row_parts(row: &PgRow) -> Result<RowParts, sqlx::Error> {
@@ -329,9 +319,13 @@ impl Store for PostgresStore {
             tx.rollback().await.doing(DOING)?;
             return Ok(sql::assemble_claim(token, Vec::new()));
         }
+        // `claimable` locks the next rows in enqueue order; `kept` drops those with an earlier
+        // pending message of their key outside `claimable`: a row some other transaction held
+        // locked, which SKIP LOCKED passed over although it is not leased.
+        let key = "\"key\"";
         let mut statement = Sql::new(&PG);
         statement.push(&format!(
-            "WITH claimable AS (SELECT o.seq FROM {} o WHERE ",
+            "WITH claimable AS (SELECT o.seq, o.{key} FROM {} o WHERE ",
             names.table
         ));
         sql::push_claimable(&mut statement, &PG, names, relay);
@@ -339,17 +333,21 @@ impl Store for PostgresStore {
             .push(" ORDER BY o.seq LIMIT ")
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
             .push(&format!(
-                " FOR UPDATE OF o SKIP LOCKED) UPDATE {} u SET lease_token = ",
-                names.table
+                " FOR UPDATE OF o SKIP LOCKED), \
+                 kept AS (SELECT c.seq FROM claimable c WHERE c.{key} IS NULL OR NOT EXISTS \
+                 (SELECT 1 FROM {t} e WHERE e.{key} = c.{key} AND e.state = {PENDING} \
+                 AND e.seq < c.seq AND NOT EXISTS (SELECT 1 FROM claimable x WHERE x.seq = e.seq))) \
+                 UPDATE {t} u SET lease_token = ",
+                t = names.table
             ))
             .bind(Arg::Token(token))
             .push(", lease_until = ");
         now_plus(&mut statement, sql::micros(lease));
         statement.push(&format!(
-            " FROM claimable WHERE u.seq = claimable.seq RETURNING {}",
-            qualified_columns(columns, "u")
+            " FROM kept WHERE u.seq = kept.seq RETURNING {}",
+            sql::qualified_columns(columns, "u")
         ));
-        let rows = bound(&statement.text, statement.args)
+        let rows = bound(&statement.text, statement.args)?
             .fetch_all(&mut *tx)
             .await
             .doing(DOING)?;
@@ -480,7 +478,7 @@ impl Store for PostgresStore {
             ttl,
             "ON CONFLICT (relay) DO UPDATE SET expires_at = EXCLUDED.expires_at",
         );
-        bound(&register.text, register.args)
+        bound(&register.text, register.args)?
             .execute(&mut *tx)
             .await
             .doing(DOING)?;
@@ -497,6 +495,15 @@ impl Store for PostgresStore {
         Ok(sql::members_from(rows))
     }
 
+    async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
+        let rows: Vec<(String, DateTime<Utc>, Option<i16>)> =
+            sqlx::query_as(&sql::members(&PG, &self.inner.names))
+                .fetch_all(&self.inner.pool)
+                .await
+                .doing("listing the live relays")?;
+        Ok(sql::members_from(rows))
+    }
+
     async fn acquire(
         &self,
         relay: &RelayId,
@@ -509,7 +516,7 @@ impl Store for PostgresStore {
         }
         let mut statement = sql::acquire(&PG, &self.inner.names, relay, &partitions, ttl);
         statement.push(" RETURNING \"partition\"");
-        let owned: Vec<i16> = bound(&statement.text, statement.args)
+        let owned: Vec<i16> = bound(&statement.text, statement.args)?
             .fetch_all(&self.inner.pool)
             .await
             .doing("acquiring partitions")?
@@ -526,7 +533,7 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let statement = sql::release(&PG, &self.inner.names, relay, Some(&partitions));
-        bound(&statement.text, statement.args)
+        bound(&statement.text, statement.args)?
             .execute(&self.inner.pool)
             .await
             .doing("releasing partitions")
@@ -541,7 +548,7 @@ impl Store for PostgresStore {
             sql::release(&PG, names, relay, None),
             sql::forget(&PG, names, relay),
         ] {
-            bound(&statement.text, statement.args)
+            bound(&statement.text, statement.args)?
                 .execute(&mut *tx)
                 .await
                 .doing(DOING)?;
@@ -571,7 +578,7 @@ impl Store for PostgresStore {
         statement
             .push(" ORDER BY dead_at, seq LIMIT ")
             .bind(Arg::Int(sql::limit_of(filter)));
-        let rows = bound(&statement.text, statement.args)
+        let rows = bound(&statement.text, statement.args)?
             .fetch_all(pool)
             .await
             .doing("listing dead letters")?;
@@ -592,7 +599,7 @@ impl Store for PostgresStore {
             t = names.table
         ));
         push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)
+        bound(&statement.text, statement.args)?
             .execute(&self.inner.pool)
             .await
             .doing("replaying dead letters")
@@ -607,7 +614,7 @@ impl Store for PostgresStore {
             t = names.table
         ));
         push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)
+        bound(&statement.text, statement.args)?
             .execute(&self.inner.pool)
             .await
             .doing("purging dead letters")
@@ -628,7 +635,7 @@ impl Store for PostgresStore {
             .push(" ORDER BY published_at LIMIT ")
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
             .push(" FOR UPDATE SKIP LOCKED)");
-        bound(&statement.text, statement.args)
+        bound(&statement.text, statement.args)?
             .execute(&self.inner.pool)
             .await
             .doing("deleting expired published messages")
@@ -674,13 +681,4 @@ fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
 
 fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
     ids.iter().map(|id| *id.as_uuid()).collect()
-}
-
-/// `columns` ("a, b, c") each prefixed with `alias.`.
-fn qualified_columns(columns: &str, alias: &str) -> String {
-    columns
-        .split(", ")
-        .map(|column| format!("{alias}.{column}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use outbox_core::{
     Claim, DeadLetter, DeadLetterFilter, LeaseToken, Limits, Malformed, Message, MessageId,
-    NewMessage, PARTITIONS, RelayId, RelayMember, Retry, Stats, StoreError, decode_headers,
-    encode_headers,
+    NewMessage, PARTITIONS, RelayId, RelayMember, Retry, Settled, Settlement, Stats, StoreError,
+    decode_headers, encode_headers,
 };
 
 use crate::config::Names;
@@ -318,6 +318,83 @@ pub(crate) fn settle_release(
     sql
 }
 
+/// Every statement of a settle for the dialects without arrays, outcome by outcome in the
+/// order the in-memory store applies them (a message listed twice is applied once, then
+/// fenced), each over at most [`SETTLE_IDS`] ids.
+pub(crate) fn settle_statements(
+    d: &Dialect,
+    names: &Names,
+    retain: bool,
+    token: LeaseToken,
+    settlement: &Settlement,
+) -> Vec<Sql> {
+    let mut statements = Vec::new();
+    for ids in settlement.published.chunks(SETTLE_IDS) {
+        statements.push(settle_published(d, names, retain, ids, token));
+    }
+    for retries in settlement.retry.chunks(SETTLE_IDS) {
+        statements.push(settle_retry(d, names, retries, token));
+    }
+    let dead: Vec<(MessageId, String)> = settlement
+        .dead
+        .iter()
+        .map(|dead| (dead.id, dead.error.clone()))
+        .collect();
+    for dead in dead.chunks(SETTLE_IDS) {
+        statements.push(settle_dead(d, names, dead, token));
+    }
+    for ids in settlement.release.chunks(SETTLE_IDS) {
+        statements.push(settle_release(d, names, ids, token));
+    }
+    statements
+}
+
+/// What a settle applied, from the rows its statements changed.
+pub(crate) fn settled(settlement: &Settlement, applied: u64) -> Settled {
+    Settled {
+        applied,
+        fenced: (settlement.len() as u64).saturating_sub(applied),
+    }
+}
+
+/// What every store holds: its pool, configuration and validated names.
+#[derive(Debug)]
+pub(crate) struct Base<DB: sqlx::Database> {
+    pub(crate) pool: sqlx::Pool<DB>,
+    pub(crate) config: crate::StoreConfig,
+    pub(crate) names: Names,
+    /// [`message_columns`] of the dialect.
+    pub(crate) columns: String,
+}
+
+impl<DB: sqlx::Database> Base<DB> {
+    pub(crate) fn new(
+        pool: sqlx::Pool<DB>,
+        config: crate::StoreConfig,
+        quoting: crate::config::Quoting,
+        dialect: &Dialect,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            names: Names::new(&config.table, quoting)?,
+            columns: message_columns(dialect),
+            pool,
+            config,
+        })
+    }
+
+    /// The same outbox with another retention.
+    pub(crate) fn with_retention(&self, retention: Option<Duration>) -> Self {
+        let mut config = self.config.clone();
+        config.retention = retention;
+        Self {
+            pool: self.pool.clone(),
+            config,
+            names: self.names.clone(),
+            columns: self.columns.clone(),
+        }
+    }
+}
+
 /// `WHERE` clause selecting the dead letters `filter` matches (its limit aside).
 pub(crate) fn push_dead_filter(sql: &mut Sql, d: &Dialect, filter: &DeadLetterFilter) {
     sql.push(&format!(" WHERE state = {DEAD}"));
@@ -509,7 +586,8 @@ pub(crate) fn members(d: &Dialect, names: &Names) -> String {
     let partition = d.col("partition");
     format!(
         "SELECT r.relay, r.expires_at, p.{partition} FROM {relays} r \
-         LEFT JOIN {parts} p ON p.owner = r.relay AND p.expires_at > {now}",
+         LEFT JOIN {parts} p ON p.owner = r.relay AND p.expires_at > {now} \
+         WHERE r.expires_at > {now}",
         relays = names.relays,
         parts = names.partitions,
         now = d.now
@@ -584,6 +662,15 @@ pub(crate) fn message_columns(d: &Dialect) -> String {
         "seq, id, destination, {}, payload, headers, created_at, attempts, last_error",
         d.col("key")
     )
+}
+
+/// `columns` ("a, b, c") each prefixed with `alias.`.
+pub(crate) fn qualified_columns(columns: &str, alias: &str) -> String {
+    columns
+        .split(", ")
+        .map(|column| format!("{alias}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The columns of one stored message, each decoded on its own so that one bad column makes

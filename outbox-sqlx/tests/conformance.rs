@@ -9,3 +9,19 @@ mod postgres {
     outbox_testkit::store_suite!(harness);
     outbox_testkit::relay_suite!(harness);
 }
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::common::my::harness;
+
+    outbox_testkit::store_suite!(harness);
+    outbox_testkit::relay_suite!(harness);
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::common::lite::harness;
+
+    outbox_testkit::store_suite!(harness);
+    outbox_testkit::relay_suite!(harness);
+}

@@ -1,0 +1,612 @@
+//! [`SqliteStore`]: the outbox in an SQLite database file.
+//!
+//! SQLite has one writer at a time, which does the work row locks do elsewhere: a claim is
+//! one `UPDATE ... WHERE seq IN (SELECT ... LIMIT n) RETURNING ...`, which holds the write lock
+//! from its first row read to its commit; statements that belong together run in
+//! `BEGIN IMMEDIATE` transactions, which take the write lock up front (waiting up to the busy
+//! timeout) instead of failing on a lock upgrade. So several relay processes may share one
+//! database file in WAL mode.
+//!
+//! Times are microseconds since the Unix epoch from SQLite's clock, i.e. the clock of the
+//! host, which every process sharing the file has in common.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Claim, DeadLetter, DeadLetterFilter, Enqueue, LeaseToken, MessageId, NewMessage, RelayId,
+    RelayMember, Settled, Settlement, Stats, Store, StoreError,
+};
+use sqlx::query::Query;
+use sqlx::sqlite::{
+    Sqlite, SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{Arguments as _, Row};
+
+use crate::config::{Quoting, StoreConfig};
+use crate::error::Context as _;
+use crate::sql::{self, Arg, Base, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+
+/// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))];
+
+const QUOTING: Quoting = Quoting {
+    quote: '"',
+    qualified: false,
+};
+
+/// Now, in microseconds. SQLite's clock has millisecond resolution and returns one value for
+/// every use within one statement.
+const NOW: &str = "(CAST(ROUND(unixepoch('subsec') * 1000) AS INTEGER) * 1000)";
+
+fn now_plus(sql: &mut Sql, micros: i64) {
+    sql.push(&format!("({NOW} + "))
+        .bind(Arg::Int(micros))
+        .push(")");
+}
+
+const LITE: Dialect = Dialect {
+    numbered: false,
+    quote: '"',
+    now: NOW,
+    now_plus,
+};
+
+/// Takes the write lock at once, waiting for it up to the busy timeout.
+const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
+
+/// How long a statement waits for another connection's write lock (pools from
+/// [`SqliteStore::connect`]).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Inner = Base<Sqlite>;
+
+/// The transactional outbox in an SQLite database (3.35 or later; the bundled one is).
+///
+/// Cheap to clone: clones share the pool. Use a file database in WAL mode
+/// ([`SqliteStore::connect`] sets it up); an in-memory database works within one pool only.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::{Enqueue, NewMessage};
+/// use outbox_sqlx::{SqliteStore, StoreConfig};
+///
+/// let store = SqliteStore::connect(StoreConfig::new().url("sqlite://app.db")).await?;
+/// store.migrate().await?;
+///
+/// // BEGIN IMMEDIATE takes the write lock up front, as a transaction that writes should.
+/// let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
+/// // ... the service's own writes in `tx` ...
+/// store.enqueue(&mut *tx, NewMessage::new("orders", "created").key("order-7")).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+impl SqliteStore {
+    /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
+    /// name is not a plain identifier (SQLite takes no `schema.table`).
+    ///
+    /// The pool's connections should have a busy timeout (sqlx sets 5 s by default) and the
+    /// database should be in WAL mode (which [`SqliteStore::migrate`] sets).
+    ///
+    /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
+    pub fn new(pool: SqlitePool, config: StoreConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            inner: Arc::new(Base::new(pool, config, QUOTING, &LITE)?),
+        })
+    }
+
+    /// Opens [`StoreConfig::url`] (for example `sqlite://outbox.db`), creating the file if
+    /// missing, in WAL mode with a 10 s busy timeout, with a pool of
+    /// [`StoreConfig::max_connections`], and builds the store on it.
+    pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
+        const DOING: &str = "opening the SQLite database";
+        let url = config.require_url("SqliteStore")?;
+        let options = SqliteConnectOptions::from_str(url)
+            .doing(DOING)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .connect_with(options)
+            .await
+            .doing(DOING)?;
+        Self::new(pool, config)
+    }
+
+    /// The pool, for the service's own queries and transactions.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The same outbox, keeping published messages for `retention` (or deleting them at once
+    /// with `None`).
+    pub fn with_retention(&self, retention: Option<Duration>) -> Self {
+        Self {
+            inner: Arc::new(self.inner.with_retention(retention)),
+        }
+    }
+
+    /// Puts the database in WAL mode (readers and the writer then do not block each other)
+    /// and creates or upgrades the outbox tables to [`crate::SCHEMA_VERSION`] in one
+    /// `BEGIN IMMEDIATE` transaction. Idempotent.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        const DOING: &str = "migrating the outbox schema";
+        let names = &self.inner.names;
+        // Not inside a transaction: SQLite refuses to change the journal mode there. An
+        // in-memory database stays in its "memory" mode.
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&self.inner.pool)
+            .await
+            .doing(DOING)?;
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with(BEGIN_IMMEDIATE)
+            .await
+            .doing(DOING)?;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+            names.schema
+        ))
+        .execute(&mut *tx)
+        .await
+        .doing(DOING)?;
+        let current: i64 = sqlx::query_scalar(&format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {}",
+            names.schema
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .doing(DOING)?;
+        let current = i32::try_from(current).unwrap_or(i32::MAX);
+        crate::check_version(current)?;
+        for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            sqlx::raw_sql(&sql::render(template, names))
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+            sqlx::query(&format!(
+                "INSERT INTO {} (version, applied_at) VALUES (?, {NOW})",
+                names.schema
+            ))
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        }
+        sqlx::raw_sql(&sql::seed_partitions(
+            names,
+            &LITE,
+            "INSERT OR IGNORE INTO",
+            "",
+            "0",
+        ))
+        .execute(&mut *tx)
+        .await
+        .doing(DOING)?;
+        tx.commit().await.doing(DOING)
+    }
+
+    /// The schema version of the outbox tables; 0 when they were never migrated.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        const DOING: &str = "reading the outbox schema version";
+        let base = &self.inner.names.base;
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+        )
+        .bind(format!("{base}_schema"))
+        .fetch_one(&self.inner.pool)
+        .await
+        .doing(DOING)?;
+        if exists == 0 {
+            return Ok(0);
+        }
+        let version: i64 = sqlx::query_scalar(&format!(
+            "SELECT COALESCE(MAX(version), 0) FROM {}",
+            self.inner.names.schema
+        ))
+        .fetch_one(&self.inner.pool)
+        .await
+        .doing(DOING)?;
+        Ok(i32::try_from(version).unwrap_or(i32::MAX))
+    }
+
+    /// Drops the outbox tables and everything in them. For tests and uninstalls.
+    pub async fn drop_tables(&self) -> Result<(), StoreError> {
+        let names = &self.inner.names;
+        sqlx::raw_sql(&format!(
+            "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; \
+             DROP TABLE IF EXISTS {};",
+            names.table, names.partitions, names.relays, names.schema
+        ))
+        .execute(&self.inner.pool)
+        .await
+        .doing("dropping the outbox tables")
+        .map(drop)
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut SqliteConnection,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        sql::validate(&messages, &self.inner.config.limits)?;
+        let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
+        for chunk in sql::insert_chunks(&messages) {
+            let statement = sql::insert(&LITE, &self.inner.names, chunk);
+            bound(&statement.text, statement.args)?
+                .persistent(chunk.len() == 1)
+                .execute(&mut *conn)
+                .await
+                .doing("enqueueing into the outbox")?;
+        }
+        Ok(ids)
+    }
+
+    async fn members_on(
+        &self,
+        conn: &mut SqliteConnection,
+        doing: &str,
+    ) -> Result<Vec<RelayMember>, StoreError> {
+        let rows: Vec<(String, i64, Option<i16>)> =
+            sqlx::query_as(&sql::members(&LITE, &self.inner.names))
+                .fetch_all(&mut *conn)
+                .await
+                .doing(doing)?;
+        Ok(sql::members_from(
+            rows.into_iter()
+                .map(|(relay, expires, partition)| (relay, time(expires), partition))
+                .collect(),
+        ))
+    }
+}
+
+impl<'c> Enqueue<&'c mut SqliteConnection> for SqliteStore {
+    async fn enqueue(
+        &self,
+        tx: &'c mut SqliteConnection,
+        message: NewMessage,
+    ) -> Result<MessageId, StoreError> {
+        let id = message.id();
+        self.insert(tx, vec![message]).await?;
+        Ok(id)
+    }
+
+    async fn enqueue_batch(
+        &self,
+        tx: &'c mut SqliteConnection,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.insert(tx, messages).await
+    }
+}
+
+/// An instant from stored microseconds (out-of-range values, which no store writes, clamp).
+fn time(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `args` as SQLite values: UUIDs as 16-byte blobs, times as microseconds.
+fn arguments<'q>(args: Vec<Arg>) -> Result<SqliteArguments<'q>, StoreError> {
+    let mut out = SqliteArguments::default();
+    for arg in args {
+        match arg {
+            Arg::Id(id) => out.add(id.as_bytes().to_vec()),
+            Arg::Token(token) => out.add(token.as_uuid().as_bytes().to_vec()),
+            Arg::Small(n) => out.add(n),
+            Arg::Int(n) => out.add(n),
+            Arg::Text(text) => out.add(text),
+            Arg::OptText(text) => out.add(text),
+            Arg::Bytes(bytes) => out.add(bytes),
+            Arg::Time(time) => out.add(time.timestamp_micros()),
+        }
+        .map_err(crate::error::encode)?;
+    }
+    Ok(out)
+}
+
+/// A query on `text` with `args`.
+fn bound(text: &str, args: Vec<Arg>) -> Result<Query<'_, Sqlite, SqliteArguments<'_>>, StoreError> {
+    Ok(sqlx::query_with(text, arguments(args)?))
+}
+
+fn row_parts(row: &SqliteRow) -> Result<RowParts, sqlx::Error> {
+    let id: Vec<u8> = row.try_get("id")?;
+    let id = sql::id_from_bytes(&id).map_err(|err| sqlx::Error::Decode(err.into()))?;
+    Ok(RowParts {
+        seq: row.try_get("seq")?,
+        id,
+        destination: column(row, "destination"),
+        key: column(row, "key"),
+        payload: column(row, "payload"),
+        headers: column(row, "headers"),
+        created_at: column::<_, i64>(row, "created_at").map(time),
+        attempts: column(row, "attempts"),
+        last_error: column(row, "last_error"),
+    })
+}
+
+impl Store for SqliteStore {
+    async fn claim(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let Inner {
+            pool,
+            names,
+            columns,
+            ..
+        } = &*self.inner;
+        let token = LeaseToken::new();
+        if limit == 0 {
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        let mut statement = Sql::new(&LITE);
+        statement
+            .push(&format!("UPDATE {} SET lease_token = ", names.table))
+            .bind(Arg::Token(token))
+            .push(", lease_until = ");
+        now_plus(&mut statement, sql::micros(lease));
+        statement.push(&format!(
+            " WHERE seq IN (SELECT o.seq FROM {} o WHERE ",
+            names.table
+        ));
+        sql::push_claimable(&mut statement, &LITE, names, relay);
+        statement
+            .push(" ORDER BY o.seq LIMIT ")
+            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
+            .push(&format!(") RETURNING {columns}"));
+        let rows = bound(&statement.text, statement.args)?
+            .fetch_all(pool)
+            .await
+            .doing("claiming outbox messages")?;
+        let parts = rows.iter().filter_map(|row| match row_parts(row) {
+            Ok(parts) => Some(parts),
+            Err(err) => {
+                tracing::error!(error = %err, "a claimed outbox row has no readable id");
+                None
+            }
+        });
+        Ok(sql::assemble_claim(token, parts.collect()))
+    }
+
+    async fn settle(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        const DOING: &str = "recording publish outcomes";
+        if settlement.is_empty() {
+            return Ok(Settled::default());
+        }
+        let Inner {
+            pool,
+            names,
+            config,
+            ..
+        } = &*self.inner;
+        let statements =
+            sql::settle_statements(&LITE, names, config.retention.is_some(), token, settlement);
+        let mut applied = 0;
+        let mut tx = pool.begin_with(BEGIN_IMMEDIATE).await.doing(DOING)?;
+        for statement in statements {
+            applied += bound(&statement.text, statement.args)?
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?
+                .rows_affected();
+        }
+        tx.commit().await.doing(DOING)?;
+        Ok(sql::settled(settlement, applied))
+    }
+
+    async fn heartbeat(
+        &self,
+        relay: &RelayId,
+        ttl: Duration,
+    ) -> Result<Vec<RelayMember>, StoreError> {
+        const DOING: &str = "renewing the relay's membership";
+        let names = &self.inner.names;
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with(BEGIN_IMMEDIATE)
+            .await
+            .doing(DOING)?;
+        let register = sql::register(
+            &LITE,
+            names,
+            relay,
+            ttl,
+            "ON CONFLICT (relay) DO UPDATE SET expires_at = excluded.expires_at",
+        );
+        bound(&register.text, register.args)?
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        sqlx::query(&sql::forget_expired(&LITE, names))
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        let members = self.members_on(&mut tx, DOING).await?;
+        tx.commit().await.doing(DOING)?;
+        Ok(members)
+    }
+
+    async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
+        const DOING: &str = "listing the live relays";
+        let mut conn = self.inner.pool.acquire().await.doing(DOING)?;
+        self.members_on(&mut conn, DOING).await
+    }
+
+    async fn acquire(
+        &self,
+        relay: &RelayId,
+        partitions: &[u16],
+        ttl: Duration,
+    ) -> Result<Vec<u16>, StoreError> {
+        const DOING: &str = "acquiring partitions";
+        let partitions = sql::partition_args(partitions);
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut statement = sql::acquire(&LITE, &self.inner.names, relay, &partitions, ttl);
+        statement.push(" RETURNING \"partition\"");
+        let owned: Vec<i16> = bound(&statement.text, statement.args)?
+            .fetch_all(&self.inner.pool)
+            .await
+            .doing(DOING)?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .doing(DOING)?;
+        Ok(sql::partitions_from(owned))
+    }
+
+    async fn release(&self, relay: &RelayId, partitions: &[u16]) -> Result<(), StoreError> {
+        let partitions = sql::partition_args(partitions);
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let statement = sql::release(&LITE, &self.inner.names, relay, Some(&partitions));
+        bound(&statement.text, statement.args)?
+            .execute(&self.inner.pool)
+            .await
+            .doing("releasing partitions")
+            .map(drop)
+    }
+
+    async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
+        const DOING: &str = "leaving the relay group";
+        let names = &self.inner.names;
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with(BEGIN_IMMEDIATE)
+            .await
+            .doing(DOING)?;
+        for statement in [
+            sql::release(&LITE, names, relay, None),
+            sql::forget(&LITE, names, relay),
+        ] {
+            bound(&statement.text, statement.args)?
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+        }
+        tx.commit().await.doing(DOING)
+    }
+
+    async fn stats(&self) -> Result<Stats, StoreError> {
+        let (pending, oldest, dead, published): (i64, Option<i64>, i64, i64) =
+            sqlx::query_as(&sql::stats(&self.inner.names))
+                .fetch_one(&self.inner.pool)
+                .await
+                .doing("counting outbox messages")?;
+        Ok(sql::stats_from(pending, oldest.map(time), dead, published))
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let Inner {
+            pool,
+            names,
+            columns,
+            ..
+        } = &*self.inner;
+        let mut statement = Sql::new(&LITE);
+        statement.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
+        sql::push_dead_filter(&mut statement, &LITE, filter);
+        statement
+            .push(" ORDER BY dead_at, seq LIMIT ")
+            .bind(Arg::Int(sql::limit_of(filter)));
+        let rows = bound(&statement.text, statement.args)?
+            .fetch_all(pool)
+            .await
+            .doing("listing dead letters")?;
+        rows.iter()
+            .map(|row| {
+                let parts = row_parts(row).doing("listing dead letters")?;
+                parts.into_dead_letter(column::<_, i64>(row, "dead_at").map(time))
+            })
+            .collect()
+    }
+
+    async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+        let mut statement = Sql::new(&LITE);
+        statement.push(&format!(
+            "UPDATE {t} SET state = {PENDING}, attempts = 0, available_at = {NOW}, \
+             lease_token = NULL, lease_until = NULL, dead_at = NULL WHERE seq IN (SELECT seq FROM {t}",
+            t = self.inner.names.table
+        ));
+        push_limited_dead_filter(&mut statement, filter);
+        bound(&statement.text, statement.args)?
+            .execute(&self.inner.pool)
+            .await
+            .doing("replaying dead letters")
+            .map(|done| done.rows_affected())
+    }
+
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+        let mut statement = Sql::new(&LITE);
+        statement.push(&format!(
+            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t}",
+            t = self.inner.names.table
+        ));
+        push_limited_dead_filter(&mut statement, filter);
+        bound(&statement.text, statement.args)?
+            .execute(&self.inner.pool)
+            .await
+            .doing("purging dead letters")
+            .map(|done| done.rows_affected())
+    }
+
+    async fn cleanup(&self, limit: usize) -> Result<u64, StoreError> {
+        let Some(retention) = self.inner.config.retention else {
+            return Ok(0);
+        };
+        let t = &self.inner.names.table;
+        let mut statement = Sql::new(&LITE);
+        statement.push(&format!(
+            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = {PUBLISHED} AND published_at < "
+        ));
+        now_plus(&mut statement, -sql::micros(retention));
+        statement
+            .push(" ORDER BY published_at LIMIT ")
+            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
+            .push(")");
+        bound(&statement.text, statement.args)?
+            .execute(&self.inner.pool)
+            .await
+            .doing("deleting expired published messages")
+            .map(|done| done.rows_affected())
+    }
+}
+
+/// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n)`: the subquery selecting the dead letters
+/// to replay or purge.
+fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
+    sql::push_dead_filter(statement, &LITE, filter);
+    statement
+        .push(" ORDER BY dead_at, seq LIMIT ")
+        .bind(Arg::Int(sql::limit_of(filter)))
+        .push(")");
+}
