@@ -273,8 +273,8 @@ impl Inner {
         tokio::time::timeout(self.config.connect_timeout, opening)
             .await
             .unwrap_or_else(|_| {
-                Err(AmqpError::ConnectTimeout {
-                    uri: self.config.redacted_uri(),
+                Err(AmqpError::Timeout {
+                    operation: "channel.open and confirm.select",
                     timeout: self.config.connect_timeout,
                 })
             })
@@ -413,8 +413,8 @@ impl Inner {
             );
             let declared = tokio::time::timeout(self.config.confirm_timeout, declared)
                 .await
-                .map_err(|_| AmqpError::ConnectTimeout {
-                    uri: self.config.redacted_uri(),
+                .map_err(|_| AmqpError::Timeout {
+                    operation: "exchange.declare (passive)",
                     timeout: self.config.confirm_timeout,
                 })?;
             match declared {

@@ -44,6 +44,7 @@ impl Routing {
     /// assert_eq!(Routing::Split.route("orders/order.created", Some("o-1")), ("orders", "order.created"));
     /// assert_eq!(Routing::Split.route("orders", Some("o-1")), ("orders", "o-1"));
     /// assert_eq!(Routing::Exchange.route("orders", None), ("orders", ""));
+    /// assert_eq!(Routing::Split.route("/billing", None), ("", "billing"));
     /// assert_eq!(Routing::Queue.route("billing", Some("o-1")), ("", "billing"));
     /// ```
     pub fn route<'a>(&self, destination: &'a str, key: Option<&'a str>) -> (&'a str, &'a str) {

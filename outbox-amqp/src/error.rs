@@ -51,6 +51,14 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    /// The broker did not answer in time.
+    #[error("AMQP {operation} not answered within {timeout:?}")]
+    Timeout {
+        /// What was asked.
+        operation: &'static str,
+        /// The configured limit.
+        timeout: Duration,
+    },
     /// The broker blocked the connection (a memory or disk alarm): publishing would stall.
     #[error("the broker blocked the connection (resource alarm)")]
     Blocked,
@@ -80,7 +88,7 @@ impl From<AmqpError> for PublishError {
             AmqpError::Connect { .. }
             | AmqpError::ConnectTimeout { .. }
             | AmqpError::Unavailable { .. } => "AMQP broker unreachable",
-            AmqpError::Channel { .. } => "AMQP channel failed",
+            AmqpError::Channel { .. } | AmqpError::Timeout { .. } => "AMQP channel failed",
             AmqpError::Blocked => "AMQP connection blocked by the broker",
         };
         if err.is_transient() {

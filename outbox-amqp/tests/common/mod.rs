@@ -90,7 +90,10 @@ impl AmqpHarness {
             .exchange_declare(
                 exchange.as_str().into(),
                 kind,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -98,8 +101,11 @@ impl AmqpHarness {
         channel
             .queue_declare(
                 queue.as_str().into(),
+                // Auto-delete: a test that panics before its teardown leaves nothing behind
+                // once its connection closes (the exchange goes with its last binding).
                 QueueDeclareOptions {
                     durable: true,
+                    auto_delete: true,
                     ..QueueDeclareOptions::default()
                 },
                 FieldTable::default(),
