@@ -1,0 +1,287 @@
+//! [`KafkaPublisher`]: an idempotent librdkafka producer with `acks=all`, pipelining each batch.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::future::join_all;
+use outbox_core::{
+    Capabilities, MESSAGE_ID_HEADER, Message, PublishError, PublishOutcome, Publisher,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::error::publish_error;
+use crate::{Error, KafkaConfig};
+
+/// Pause between two attempts to enqueue into a full local queue.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+/// Routes librdkafka's client-level errors (a broker connection lost, all brokers down) to
+/// `tracing` as warnings: they are passing conditions that the delivery reports account for.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProducerContext;
+
+impl ClientContext for ProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(target: "outbox_kafka", error = %error, reason, "Kafka client error");
+    }
+}
+
+type Producer = FutureProducer<ProducerContext>;
+
+/// Publishes outbox messages to Kafka.
+///
+/// - Each message goes to the topic of its destination ([`KafkaConfig::topic_for`]), with its
+///   key as the Kafka key (so one key stays on one partition), its payload as the value, its id
+///   in the [`MESSAGE_ID_HEADER`] header and its headers as Kafka headers.
+/// - The producer is idempotent with `acks=all`: a message counts as
+///   [`PublishOutcome::Published`] only on its delivery report, once every in-sync replica has
+///   it, and the producer's own retries neither duplicate nor reorder it.
+/// - A batch is pipelined: every message is handed to librdkafka, then all delivery reports are
+///   awaited together.
+/// - Clones share one producer. If the producer hits a fatal error (possible with the idempotent
+///   producer), the next call replaces it.
+///
+/// Needs a Tokio runtime. See the crate documentation for an example.
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    client_config: ClientConfig,
+    producer: Mutex<Producer>,
+}
+
+impl KafkaPublisher {
+    /// Checks `config` and creates the producer. It connects in the background: a broker that
+    /// is down now makes publishes fail (transient) until it is up, not this call.
+    pub fn new(config: KafkaConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let mut client_config = ClientConfig::new();
+        for (name, value) in config.producer_properties() {
+            client_config.set(name, value);
+        }
+        let producer = create(&client_config).map_err(Error::Client)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client_config,
+                producer: Mutex::new(producer),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// Messages handed to librdkafka and not yet confirmed or failed, across all calls.
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(self.inner.lock().in_flight_count()).unwrap_or(0)
+    }
+}
+
+fn create(client_config: &ClientConfig) -> Result<Producer, KafkaError> {
+    client_config.create_with_context(ProducerContext)
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Producer> {
+        self.producer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The producer, replaced first if it hit a fatal error (it then refuses every message).
+    fn producer(&self) -> Result<Producer, PublishError> {
+        let mut current = self.lock();
+        if let Some((code, reason)) = current.client().fatal_error() {
+            warn!(target: "outbox_kafka", ?code, %reason, "the Kafka producer hit a fatal error; replacing it");
+            let fresh = create(&self.client_config).map_err(|err| {
+                PublishError::transient("cannot replace the Kafka producer after a fatal error")
+                    .with_source(err)
+            })?;
+            let failed = std::mem::replace(&mut *current, fresh);
+            // The last handle on a producer waits for its threads when dropped.
+            tokio::task::spawn_blocking(move || drop(failed));
+        }
+        Ok(current.clone())
+    }
+}
+
+impl fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Kafka headers of `msg`: its id, then its own headers (a header of its own named like the
+/// id header is left out, so consumers find exactly one id).
+fn headers_of(msg: &Message) -> OwnedHeaders {
+    let id = msg.id.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len() + 1).insert(Header {
+        key: MESSAGE_ID_HEADER,
+        value: Some(id.as_str()),
+    });
+    for (name, value) in &msg.headers {
+        if name != MESSAGE_ID_HEADER {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_str()),
+            });
+        }
+    }
+    headers
+}
+
+/// Hands one record to librdkafka, waiting for room while its queue is full until `deadline`.
+async fn enqueue(
+    producer: &Producer,
+    mut record: FutureRecord<'_, str, [u8]>,
+    deadline: Instant,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if Instant::now() < deadline =>
+            {
+                record = back;
+                tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+            }
+            Err((err, _)) => return Err(err),
+        }
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, batch: &[Message]) -> Result<Vec<PublishOutcome>, PublishError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let config = &self.inner.config;
+        let producer = self.inner.producer()?;
+        let deadline = Instant::now() + config.enqueue_timeout;
+        let mut outcomes: Vec<Option<PublishOutcome>> = batch.iter().map(|_| None).collect();
+        let mut pending = Vec::with_capacity(batch.len());
+
+        for (index, msg) in batch.iter().enumerate() {
+            let topic = config.topic_for(&msg.destination);
+            let mut record = FutureRecord::<str, [u8]>::to(&topic)
+                .payload(msg.payload.as_slice())
+                .headers(headers_of(msg));
+            if let Some(key) = msg.key.as_deref() {
+                record = record.key(key);
+            }
+            match enqueue(&producer, record, deadline).await {
+                Ok(delivery) => pending.push((index, delivery)),
+                Err(err) => {
+                    debug!(target: "outbox_kafka", id = %msg.id, %topic, error = %err, "message refused by the producer");
+                    outcomes[index] = Some(PublishOutcome::Failed(publish_error(err, &topic)));
+                }
+            }
+        }
+
+        // Dropping this future (the relay's publish timeout) drops the receivers only: the
+        // producer keeps delivering, and its reports for them are discarded.
+        let reports = join_all(
+            pending
+                .into_iter()
+                .map(|(index, delivery)| async move { (index, delivery.await) }),
+        )
+        .await;
+        for (index, report) in reports {
+            let outcome = match report {
+                Ok(Ok(_delivery)) => PublishOutcome::Published,
+                Ok(Err((err, _message))) => {
+                    let topic = config.topic_for(&batch[index].destination);
+                    debug!(target: "outbox_kafka", id = %batch[index].id, %topic, error = %err, "delivery failed");
+                    PublishOutcome::Failed(publish_error(err, &topic))
+                }
+                Err(_canceled) => PublishOutcome::Failed(PublishError::transient(
+                    "the Kafka producer was closed before the delivery report",
+                )),
+            };
+            outcomes[index] = Some(outcome);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    PublishOutcome::Failed(PublishError::transient("no delivery report"))
+                })
+            })
+            .collect())
+    }
+
+    /// Not ordered per key. The idempotent producer keeps the messages of one partition in
+    /// order, but when one of them fails (a delivery timeout, a message too large) the later
+    /// ones of its key in the same call may still be delivered, which the relay must not see.
+    /// So the relay sends at most one message per key in a call.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().ordered_per_key(false)
+    }
+
+    /// Fetches the cluster metadata; fails when no broker answers within
+    /// [`KafkaConfig::check_timeout`], or when a topic named in [`KafkaConfig::topics`] does
+    /// not exist.
+    async fn check(&self) -> Result<(), PublishError> {
+        let producer = self.inner.producer()?;
+        let timeout = self.inner.config.check_timeout;
+        let expected: Vec<String> = self.inner.config.topics.values().cloned().collect();
+        let checked = tokio::task::spawn_blocking(move || -> Result<(), PublishError> {
+            let metadata = producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map_err(|err| {
+                    PublishError::transient("cannot fetch the Kafka cluster metadata")
+                        .with_source(err)
+                })?;
+            if metadata.brokers().is_empty() {
+                return Err(PublishError::transient(
+                    "the Kafka cluster metadata lists no broker",
+                ));
+            }
+            for topic in &expected {
+                let found = metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none());
+                if !found {
+                    return Err(PublishError::permanent(format!(
+                        "topic {topic:?} does not exist"
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .await;
+        checked
+            .map_err(|err| PublishError::transient("the metadata check failed").with_source(err))?
+    }
+
+    /// Waits up to [`KafkaConfig::flush_timeout`] until every queued message is confirmed or
+    /// failed.
+    async fn flush(&self) -> Result<(), PublishError> {
+        let producer = self.inner.lock().clone();
+        let timeout = self.inner.config.flush_timeout;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(PublishError::transient(format!(
+                "messages still unconfirmed after {timeout:?}"
+            ))
+            .with_source(err)),
+            Err(err) => Err(PublishError::transient("the flush failed").with_source(err)),
+        }
+    }
+}

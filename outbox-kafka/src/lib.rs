@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod kafka;
+
+pub use config::KafkaConfig;
+pub use error::{Error, classify};
+pub use kafka::KafkaPublisher;
+
+/// The Kafka client this crate is built on, for matching versions and error codes.
+pub use rdkafka;
