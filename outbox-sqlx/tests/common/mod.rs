@@ -323,3 +323,389 @@ pub mod lite {
         Some(LiteHarness::new().await)
     }
 }
+
+/// Checks every dialect runs, written once.
+pub mod scenarios {
+    use std::collections::{HashMap, HashSet};
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use outbox_core::{
+        DeadLetterFilter, MemoryPublisher, Message, MessageId, NewMessage, PublishError,
+        PublishOutcome, Publisher, Relay, RelayConfig, RelayId, RetryPolicy, Settlement, Store,
+    };
+    use outbox_testkit::StoreHarness;
+    use outbox_testkit::relay::{RunningRelay, check_history};
+
+    /// Relay settings of these tests: leases short enough that a lost connection or a
+    /// departed relay shows quickly.
+    pub fn relay_config() -> RelayConfig {
+        RelayConfig::default()
+            .batch_size(50)
+            .concurrency(4)
+            .lease(Duration::from_secs(2))
+            .publish_timeout(Duration::from_secs(1))
+            .partition_lease(Duration::from_secs(1))
+            .poll_min(Duration::from_millis(5))
+            .poll_max(Duration::from_millis(100))
+            .shutdown_timeout(Duration::from_secs(2))
+            .stats_interval(Duration::from_millis(500))
+            .cleanup_interval(Duration::from_millis(500))
+            .retry(
+                RetryPolicy::default()
+                    .initial_delay(Duration::from_millis(20))
+                    .max_delay(Duration::from_millis(200))
+                    .max_attempts(50),
+            )
+    }
+
+    pub fn relay<S: Store, P: Publisher>(store: S, publisher: P) -> RunningRelay {
+        RunningRelay::spawn(
+            Relay::builder(store, publisher)
+                .config(relay_config())
+                .build()
+                .expect("valid relay configuration"),
+        )
+    }
+
+    /// Waits until `check` holds; panics after `timeout`.
+    pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !check().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn drained<S: Store>(store: S) -> bool {
+        store.stats().await.is_ok_and(|s| s.pending == 0)
+    }
+
+    /// Message `j` of producer `p`: eight keys per producer, every ninth message keyless.
+    fn produced(p: usize, j: usize) -> NewMessage {
+        let message = NewMessage::new("orders", format!("{p}-{j}")).header("n", j.to_string());
+        if j.is_multiple_of(9) {
+            message
+        } else {
+            message.key(format!("p{p}-k{}", j % 8))
+        }
+    }
+
+    /// Four producers enqueue in transactions of one to five messages (some rolled back)
+    /// while three relays on one database publish, the third joining late and the first
+    /// leaving half-way: every committed message is published, no rolled-back one, and the
+    /// first deliveries of each key follow enqueue order. `stores` are the relays' handles on
+    /// the outbox (separate pools, as separate processes would have).
+    pub async fn producers_and_three_relays<H: StoreHarness>(h: &H, stores: [H::Store; 3]) {
+        const PRODUCERS: usize = 4;
+        const EACH: usize = 150;
+        let publisher = MemoryPublisher::new();
+        let [a, b, c] = stores;
+        let first = relay(a, publisher.clone());
+        let second = relay(b, publisher.clone());
+        let producers = futures::future::join_all((0..PRODUCERS).map(|p| async move {
+            let mut sent = Vec::new();
+            let mut j = 0;
+            while j < EACH {
+                let n = (1 + j % 5).min(EACH - j);
+                let batch: Vec<NewMessage> = (j..j + n).map(|j| produced(p, j)).collect();
+                h.enqueue(batch.clone()).await.expect("enqueue");
+                sent.extend(batch);
+                if j % 7 == 3 {
+                    h.enqueue_rolled_back(vec![produced(p, 10_000 + j)])
+                        .await
+                        .expect("rolled-back enqueue");
+                }
+                j += n;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            sent
+        }));
+        let churn = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let third = relay(c, publisher.clone());
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            first.stop(Duration::from_secs(10)).await;
+            third
+        };
+        let (sent, third) = tokio::join!(producers, churn);
+        let expected: Vec<NewMessage> = sent.into_iter().flatten().collect();
+        assert_eq!(expected.len(), PRODUCERS * EACH);
+        assert!(
+            publisher
+                .wait_for(expected.len(), Duration::from_secs(60))
+                .await,
+            "published {} of {}",
+            publisher.count(),
+            expected.len()
+        );
+        eventually("the outbox is drained", Duration::from_secs(30), || {
+            drained(h.store())
+        })
+        .await;
+        second.stop(Duration::from_secs(10)).await;
+        third.stop(Duration::from_secs(10)).await;
+        check_history(&publisher.published(), &expected);
+    }
+
+    /// Publishes into a [`MemoryPublisher`] after a pause, and runs `hook` in the middle of
+    /// the first calls: the database connections are killed while batches are in flight.
+    pub struct HookedPublisher {
+        pub inner: MemoryPublisher,
+        pub hook: Arc<dyn Fn() + Send + Sync>,
+        pub calls: Arc<Mutex<u64>>,
+    }
+
+    impl Publisher for HookedPublisher {
+        async fn publish(&self, batch: &[Message]) -> Result<Vec<PublishOutcome>, PublishError> {
+            let call = {
+                let mut calls = self.calls.lock().expect("lock");
+                *calls += 1;
+                *calls
+            };
+            if call % 4 == 1 {
+                (self.hook)();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.inner.publish(batch).await
+        }
+
+        fn capabilities(&self) -> outbox_core::Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    /// While a relay drains a backlog, the store's database connections are killed again and
+    /// again (between statements and in the middle of them, by `kill`, which returns how many
+    /// it killed): the relay recovers on its own and every message is published, in key
+    /// order.
+    pub async fn killed_connections_lose_nothing<H, K, F>(h: &H, store: H::Store, kill: K)
+    where
+        H: StoreHarness,
+        K: Fn() -> F + Send + Sync + Clone + 'static,
+        F: Future<Output = u64> + Send + 'static,
+    {
+        let expected: Vec<NewMessage> = (0..1200).map(|j| produced(0, j)).collect();
+        for chunk in expected.chunks(200) {
+            h.enqueue(chunk.to_vec()).await.expect("enqueue");
+        }
+        let killed = Arc::new(Mutex::new(0u64));
+        let hook = {
+            let (kill, killed) = (kill.clone(), Arc::clone(&killed));
+            Arc::new(move || {
+                let (kill, killed) = (kill.clone(), Arc::clone(&killed));
+                tokio::spawn(async move {
+                    let n = kill().await;
+                    *killed.lock().expect("lock") += n;
+                });
+            })
+        };
+        let publisher = MemoryPublisher::new();
+        let hooked = HookedPublisher {
+            inner: publisher.clone(),
+            hook,
+            calls: Arc::default(),
+        };
+        let running = RunningRelay::spawn(
+            Relay::builder(store, hooked)
+                .config(relay_config().batch_size(20))
+                .build()
+                .expect("valid relay configuration"),
+        );
+        let killer = {
+            let (kill, killed) = (kill.clone(), Arc::clone(&killed));
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    tokio::time::sleep(Duration::from_millis(97)).await;
+                    let n = kill().await;
+                    *killed.lock().expect("lock") += n;
+                }
+            })
+        };
+        assert!(
+            publisher
+                .wait_for(expected.len(), Duration::from_secs(90))
+                .await,
+            "published {} of {}",
+            publisher.count(),
+            expected.len()
+        );
+        killer.abort();
+        eventually("the outbox is drained", Duration::from_secs(30), || {
+            drained(h.store())
+        })
+        .await;
+        running.stop(Duration::from_secs(10)).await;
+        let killed = *killed.lock().expect("lock");
+        assert!(killed > 0, "no connection was killed");
+        check_history(&publisher.published(), &expected);
+    }
+
+    /// A row whose headers were damaged by hand is dead-lettered with an error that says so,
+    /// the relay keeps running, and the messages around it are published.
+    pub async fn corrupted_row_is_dead_lettered<H: StoreHarness>(h: &H) {
+        let store = h.store();
+        let sent = vec![
+            NewMessage::new("orders", "a1").key("a"),
+            NewMessage::new("orders", "a2").key("a"),
+            NewMessage::new("orders", "b1").key("b"),
+            NewMessage::new("orders", "x"),
+        ];
+        let ids = h.enqueue(sent.clone()).await.expect("enqueue");
+        assert!(h.corrupt(ids[0]).await, "the row was damaged");
+        let publisher = MemoryPublisher::new();
+        let running = relay(store.clone(), publisher.clone());
+        eventually("the outbox is drained", Duration::from_secs(20), || {
+            drained(store.clone())
+        })
+        .await;
+        let dead = store
+            .dead_letters(&DeadLetterFilter::all())
+            .await
+            .expect("dead letters");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].message.id, ids[0]);
+        let error = dead[0].message.last_error.clone().unwrap_or_default();
+        assert!(
+            error.contains("cannot be decoded") && error.contains("headers"),
+            "{error}"
+        );
+        // The relay is still at work.
+        let later = h
+            .enqueue(vec![NewMessage::new("orders", "a3").key("a")])
+            .await
+            .expect("enqueue");
+        assert!(publisher.wait_for(4, Duration::from_secs(20)).await);
+        running.stop(Duration::from_secs(10)).await;
+        let published: Vec<MessageId> = publisher.published().iter().map(|m| m.id).collect();
+        assert!(!published.contains(&ids[0]));
+        for id in ids[1..].iter().chain(&later) {
+            assert!(published.contains(id), "{id} was published");
+        }
+    }
+
+    /// Eight claimers of four relays (each relay owning a quarter of the partitions) claim
+    /// and settle concurrently: no message is handed out twice, every one is handed out,
+    /// and each key's messages are handed out in enqueue order.
+    pub async fn concurrent_claimers_never_overlap<H: StoreHarness>(h: &H) {
+        let relays: Vec<RelayId> = (0..4)
+            .map(|i| RelayId::new(format!("claimer-{i}")))
+            .collect();
+        let store = h.store();
+        for (i, relay) in relays.iter().enumerate() {
+            let mine: Vec<u16> = (0..outbox_core::PARTITIONS)
+                .filter(|p| usize::from(*p) % 4 == i)
+                .collect();
+            let owned = store
+                .acquire(relay, &mine, Duration::from_secs(120))
+                .await
+                .expect("acquire");
+            assert_eq!(owned, mine);
+        }
+        let sent: Vec<NewMessage> = (0..1200)
+            .map(|j| {
+                let message = NewMessage::new("orders", format!("{j}"));
+                if j.is_multiple_of(11) {
+                    message
+                } else {
+                    message.key(format!("k{}", j % 40))
+                }
+            })
+            .collect();
+        for chunk in sent.chunks(200) {
+            h.enqueue(chunk.to_vec()).await.expect("enqueue");
+        }
+        let log: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for task in 0..8 {
+            let (store, log) = (h.store(), Arc::clone(&log));
+            let relay = relays[task % 4].clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let claim = store
+                        .claim(&relay, 13, Duration::from_secs(60))
+                        .await
+                        .expect("claim");
+                    if claim.is_empty() {
+                        if drained(store.clone()).await {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                    let ids: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+                    log.lock().expect("lock").extend(&ids);
+                    let settled = store
+                        .settle(
+                            claim.token,
+                            &Settlement {
+                                published: ids,
+                                ..Settlement::default()
+                            },
+                        )
+                        .await
+                        .expect("settle");
+                    assert_eq!(settled.fenced, 0);
+                }
+            }));
+        }
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(120), task)
+                .await
+                .expect("claimers finish")
+                .expect("claimer");
+        }
+        let log = log.lock().expect("lock").clone();
+        let mut seen = HashSet::new();
+        for id in &log {
+            assert!(seen.insert(*id), "message {id} was handed out twice");
+        }
+        assert_eq!(seen.len(), sent.len(), "every message was handed out");
+        let position: HashMap<MessageId, usize> =
+            log.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for message in &sent {
+            if let Some(key) = message.ordering_key() {
+                let at = position[&message.id()];
+                if let Some(before) = last.insert(key, at) {
+                    assert!(before < at, "key {key} handed out out of order");
+                }
+            }
+        }
+    }
+
+    /// A batch larger than one statement may carry (by rows, and by bytes) is written whole
+    /// and in order.
+    pub async fn large_batches_are_chunked<H: StoreHarness>(h: &H) {
+        let store = h.store();
+        let relay = RelayId::random();
+        store
+            .acquire(
+                &relay,
+                &(0..outbox_core::PARTITIONS).collect::<Vec<_>>(),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("acquire");
+        let mut sent: Vec<NewMessage> = (0..2500)
+            .map(|j| NewMessage::new("orders", format!("{j}")).key(format!("k{}", j % 3)))
+            .collect();
+        sent.extend((0..12).map(|j| NewMessage::new("big", vec![j as u8; 900 * 1024]).key("big")));
+        let ids = h.enqueue(sent).await.expect("enqueue");
+        let claim = store
+            .claim(&relay, 10_000, Duration::from_secs(60))
+            .await
+            .expect("claim");
+        let claimed: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+        assert_eq!(claimed, ids, "everything, in enqueue order");
+        assert_eq!(claim.messages[2500].payload.len(), 900 * 1024);
+    }
+}

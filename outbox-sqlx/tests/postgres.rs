@@ -1,0 +1,406 @@
+//! PostgresStore against a real PostgreSQL: transactions, several relays, killed
+//! connections, damaged rows, table names, wake-ups, migrations.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::pg::{PgHarness, pool, url};
+use common::scenarios;
+use outbox_core::{
+    Enqueue, MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind, Wakeup,
+};
+use outbox_sqlx::{PostgresStore, StoreConfig};
+use outbox_testkit::StoreHarness;
+use outbox_testkit::env::unique_name;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+async fn own_everything<S: Store>(store: &S, relay: &RelayId) {
+    let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
+    store
+        .acquire(relay, &all, Duration::from_secs(60))
+        .await
+        .expect("acquire");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_rows_and_messages_commit_or_roll_back_together() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    let orders = format!("\"{}_orders\"", h.table);
+    sqlx::query(&format!(
+        "CREATE TABLE {orders} (id BIGINT PRIMARY KEY, total BIGINT NOT NULL)"
+    ))
+    .execute(store.pool())
+    .await
+    .expect("create the business table");
+
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query(&format!("INSERT INTO {orders} VALUES (1, 100)"))
+        .execute(&mut *tx)
+        .await
+        .expect("insert order 1");
+    let kept = store
+        .enqueue(
+            &mut *tx,
+            NewMessage::new("orders", "created 1").key("order-1"),
+        )
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query(&format!("INSERT INTO {orders} VALUES (2, 200)"))
+        .execute(&mut *tx)
+        .await
+        .expect("insert order 2");
+    store
+        .enqueue(
+            &mut *tx,
+            NewMessage::new("orders", "created 2").key("order-2"),
+        )
+        .await
+        .expect("enqueue");
+    tx.rollback().await.expect("rollback");
+
+    let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {orders}"))
+        .fetch_all(store.pool())
+        .await
+        .expect("orders");
+    assert_eq!(ids, vec![1], "the rolled-back order is gone");
+    let relay = RelayId::random();
+    own_everything(&store, &relay).await;
+    let claim = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![kept],
+        "only the committed message exists"
+    );
+    sqlx::query(&format!("DROP TABLE {orders}"))
+        .execute(store.pool())
+        .await
+        .expect("drop");
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_and_three_relays_lose_nothing_and_keep_key_order() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let config = h.store.config().clone();
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        let pool = pool().await.expect("pool");
+        stores.push(PostgresStore::new(pool, config.clone()).expect("store"));
+    }
+    let stores: [PostgresStore; 3] = stores.try_into().expect("three stores");
+    scenarios::producers_and_three_relays(&h, stores.clone()).await;
+    for store in stores {
+        store.pool().close().await;
+    }
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_mid_batch_lose_nothing() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    // The relay's pool is told apart from everything else by its application name.
+    let name = unique_name("relay");
+    let options = PgConnectOptions::from_str(&url())
+        .expect("url")
+        .application_name(&name);
+    let relay_pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .expect("relay pool");
+    let relay_store =
+        PostgresStore::new(relay_pool.clone(), h.store.config().clone()).expect("store");
+    let admin = h.store.pool().clone();
+    let kill = move || {
+        let (admin, name) = (admin.clone(), name.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+            )
+            .bind(name)
+            .fetch_one(&admin)
+            .await
+            .map_or(0, |n| u64::try_from(n).unwrap_or(0))
+        }
+    };
+    scenarios::killed_connections_lose_nothing(&h, relay_store, kill).await;
+    relay_pool.close().await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_row_is_dead_lettered_not_crash_looped() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    scenarios::corrupted_row_is_dead_lettered(&h).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_never_get_the_same_message() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    scenarios::concurrent_claimers_never_overlap(&h).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_are_written_whole_and_in_order() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    scenarios::large_batches_are_chunked(&h).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_locked_elsewhere_still_holds_back_its_key() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    let relay = RelayId::random();
+    own_everything(&store, &relay).await;
+    let ids = h
+        .enqueue(vec![
+            NewMessage::new("orders", "a1").key("a"),
+            NewMessage::new("orders", "b1").key("b"),
+            NewMessage::new("orders", "a2").key("a"),
+        ])
+        .await
+        .expect("enqueue");
+    let mut locker = store.pool().begin().await.expect("begin");
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        h.quoted()
+    ))
+    .bind(*ids[0].as_uuid())
+    .fetch_all(&mut *locker)
+    .await
+    .expect("lock a1");
+    let claim = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[1]],
+        "a1 is skipped while locked, and a2 waits for it"
+    );
+    locker.rollback().await.expect("unlock");
+    let claim = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[0], ids[2]]
+    );
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_names_that_are_not_identifiers_are_refused() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let too_long = "t".repeat(64);
+    let attempts = [
+        "x; DROP TABLE y",
+        "outbox\"; DROP TABLE y; --",
+        "a\"b",
+        "a b",
+        "",
+        too_long.as_str(),
+        "a.b.c",
+        "tablé",
+        "outbox-1",
+        "1outbox",
+    ];
+    for table in attempts {
+        let err =
+            PostgresStore::new(pool.clone(), StoreConfig::new().table(table)).expect_err(table);
+        assert_eq!(err.kind(), StoreErrorKind::Config, "{table:?}: {err}");
+        assert!(err.to_string().contains("table name"), "{err}");
+    }
+    for channel in ["a b", "x'; NOTIFY y; --", ""] {
+        let err = PostgresStore::new(pool.clone(), StoreConfig::new().notify_channel(channel))
+            .expect_err(channel);
+        assert_eq!(err.kind(), StoreErrorKind::Config, "{channel:?}: {err}");
+    }
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_qualified_tables_work() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let schema = unique_name("app");
+    sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+        .execute(&pool)
+        .await
+        .expect("create schema");
+    let store = PostgresStore::new(
+        pool.clone(),
+        StoreConfig::new()
+            .table(format!("{schema}.outbox"))
+            .notify_channel("outbox_qualified"),
+    )
+    .expect("store");
+    store.migrate().await.expect("migrate");
+    let mut tx = pool.begin().await.expect("begin");
+    let id = store
+        .enqueue(&mut *tx, NewMessage::new("orders", "x").key("k"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    let relay = RelayId::random();
+    own_everything(&store, &relay).await;
+    let claim = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(claim.messages[0].id, id);
+    let in_schema: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename LIKE 'outbox%'",
+    )
+    .bind(&schema)
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(in_schema, 4, "outbox, partitions, relays and schema tables");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .expect("drop schema");
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_wake_on_commit_only() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    let wakeup = Wakeup::new();
+    let listening = tokio::spawn({
+        let (store, wakeup) = (store.clone(), wakeup.clone());
+        async move { store.listen(wakeup).await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
+        .await
+        .expect("woken once listening");
+    h.enqueue(vec![NewMessage::new("orders", "x")])
+        .await
+        .expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
+        .await
+        .expect("a commit wakes the listener");
+    h.enqueue_rolled_back(vec![NewMessage::new("orders", "y")])
+        .await
+        .expect("enqueue");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), wakeup.woken())
+            .await
+            .is_err(),
+        "a rollback does not"
+    );
+    listening.abort();
+
+    // End to end: a relay that would poll only every 10 s publishes at once.
+    let publisher = MemoryPublisher::new();
+    let config = scenarios::relay_config()
+        .poll_min(Duration::from_secs(10))
+        .poll_max(Duration::from_secs(10));
+    let relay = outbox_testkit::relay::RunningRelay::spawn(
+        Relay::builder(store.clone(), publisher.clone())
+            .config(config)
+            .build()
+            .expect("config"),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = publisher.count();
+    h.enqueue(vec![NewMessage::new("orders", "z")])
+        .await
+        .expect("enqueue");
+    assert!(
+        publisher.wait_for(before + 1, Duration::from_secs(3)).await,
+        "the notification woke the relay"
+    );
+    relay.stop(Duration::from_secs(10)).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_versioned() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
+    assert_eq!(store.schema_version().await.expect("version"), 0);
+    let (a, b, c) = tokio::join!(store.migrate(), store.migrate(), store.migrate());
+    a.and(b).and(c).expect("concurrent migrations");
+    store.migrate().await.expect("again");
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        outbox_sqlx::SCHEMA_VERSION
+    );
+    let partitions: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}_partitions\"",
+        store.config().table
+    ))
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(partitions, i64::from(outbox_core::PARTITIONS));
+    store.drop_tables().await.expect("drop");
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_table_is_a_schema_error_that_stops_the_relay() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
+    let err = store
+        .claim(&RelayId::random(), 10, Duration::from_secs(1))
+        .await
+        .expect_err("no table");
+    assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
+    assert!(!err.is_transient());
+    let relay = Relay::builder(store, MemoryPublisher::new())
+        .config(scenarios::relay_config())
+        .build()
+        .expect("config");
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        relay.run(std::future::pending::<()>()),
+    )
+    .await
+    .expect("the relay stops on its own");
+    assert!(
+        matches!(&stopped, Err(RelayError::Store(e)) if e.kind() == StoreErrorKind::Schema),
+        "{stopped:?}"
+    );
+    pool.close().await;
+}
