@@ -206,3 +206,62 @@ async fn an_oversized_message_is_dead_lettered_while_the_others_flow() {
     );
     h.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_lost_during_a_call_fails_it_quickly_and_the_publisher_reconnects() {
+    let Some(h) = AmqpHarness::start().await else {
+        return;
+    };
+    let proxy = FaultProxy::start(broker_addr().await).await.expect("proxy");
+    let config = outbox_amqp::AmqpConfig::new(via(&common::amqp_url(), proxy.addr()))
+        .connect_timeout(Duration::from_secs(2))
+        .confirm_timeout(Duration::from_secs(2));
+    let publisher = AmqpPublisher::new(config).expect("config");
+    publisher.check().await.expect("connected");
+    let batch: Vec<Message> = (0..10_000)
+        .map(|i| {
+            Message::new(
+                NewMessage::new(h.destination(), vec![b'x'; 1000]).key(format!("k{i}")),
+                outbox_core::chrono::Utc::now(),
+            )
+        })
+        .collect();
+
+    let started = std::time::Instant::now();
+    let (result, ()) = tokio::join!(publisher.publish(&batch), async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        proxy.set_down(true);
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "the call ended in {elapsed:?}"
+    );
+    match result {
+        Ok(outcomes) => {
+            assert_eq!(outcomes.len(), batch.len());
+            let failed = outcomes.iter().filter(|o| !o.is_published()).count();
+            assert!(failed > 0, "the connection was lost during the call");
+            for outcome in &outcomes {
+                if let outbox_core::PublishOutcome::Failed(err) = outcome {
+                    assert!(err.is_transient(), "{err}");
+                }
+            }
+        }
+        Err(err) => assert!(err.is_transient(), "{err}"),
+    }
+    // While the broker is away, calls fail transiently and fast.
+    let started = std::time::Instant::now();
+    let err = publisher.publish(&batch[..1]).await.expect_err("down");
+    assert!(err.is_transient(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    proxy.set_down(false);
+    let outcomes = publisher.publish(&batch[..10]).await.expect("reconnected");
+    assert!(
+        outcomes
+            .iter()
+            .all(outbox_core::PublishOutcome::is_published)
+    );
+    h.teardown().await;
+}
