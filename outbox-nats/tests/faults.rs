@@ -161,3 +161,70 @@ async fn an_oversized_message_is_dead_lettered_while_the_others_flow() {
     );
     h.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_lost_during_a_call_fails_it_quickly_and_the_client_reconnects() {
+    let Some(h) = NatsHarness::start().await else {
+        return;
+    };
+    let proxy = FaultProxy::start(server_addr().await).await.expect("proxy");
+    let publisher = proxied(&proxy).await;
+    publisher.check().await.expect("connected");
+    let batch: Vec<outbox_core::Message> = (0..10_000)
+        .map(|i| stored(NewMessage::new(h.destination(), vec![b'x'; 1000]).key(format!("k{i}"))))
+        .collect();
+
+    let started = std::time::Instant::now();
+    let (result, ()) = tokio::join!(publisher.publish(&batch), async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        proxy.set_down(true);
+    });
+    let elapsed = started.elapsed();
+    // Bounded by about twice the ack timeout (1 s), whatever the connection does.
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "the call ended in {elapsed:?}"
+    );
+    match result {
+        Ok(outcomes) => {
+            assert_eq!(outcomes.len(), batch.len());
+            let failed = outcomes.iter().filter(|o| !o.is_published()).count();
+            assert!(failed > 0, "the connection was lost during the call");
+            for outcome in &outcomes {
+                if let outbox_core::PublishOutcome::Failed(err) = outcome {
+                    assert!(err.is_transient(), "{err}");
+                }
+            }
+        }
+        Err(err) => assert!(err.is_transient(), "{err}"),
+    }
+    // While the server is away, calls fail transiently and fast.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let err = publisher.publish(&batch[..1]).await.expect_err("down");
+    assert!(err.is_transient(), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    // The client reconnects by itself once the server is back.
+    proxy.set_down(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match publisher.publish(&batch[..10]).await {
+            Ok(outcomes)
+                if outcomes
+                    .iter()
+                    .all(outbox_core::PublishOutcome::is_published) =>
+            {
+                break;
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not reconnected: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    h.teardown().await;
+}
