@@ -610,7 +610,7 @@ pub mod scenarios {
                 .expect("acquire");
             assert_eq!(owned, mine);
         }
-        let sent: Vec<NewMessage> = (0..1200)
+        let sent: Vec<NewMessage> = (0usize..1200)
             .map(|j| {
                 let message = NewMessage::new("orders", format!("{j}"));
                 if j.is_multiple_of(11) {
