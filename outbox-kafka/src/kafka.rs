@@ -101,19 +101,49 @@ impl Inner {
 
     /// The producer, replaced first if it hit a fatal error (it then refuses every message).
     fn producer(&self) -> Result<Producer, PublishError> {
-        let mut current = self.lock();
+        let current = self.lock().clone();
         if let Some((code, reason)) = current.client().fatal_error() {
-            warn!(target: "outbox_kafka", ?code, %reason, "the Kafka producer hit a fatal error; replacing it");
-            let fresh = create(&self.client_config).map_err(|err| {
-                PublishError::transient("cannot replace the Kafka producer after a fatal error")
-                    .with_source(err)
-            })?;
-            let failed = std::mem::replace(&mut *current, fresh);
-            // The last handle on a producer waits for its threads when dropped.
-            tokio::task::spawn_blocking(move || drop(failed));
+            self.replace(&current, &format!("fatal error {code:?}: {reason}"))
+                .map_err(|err| {
+                    PublishError::transient("cannot replace the Kafka producer after a fatal error")
+                        .with_source(err)
+                })?;
+            return Ok(self.lock().clone());
         }
-        Ok(current.clone())
+        Ok(current)
     }
+
+    /// Replaces `used` by a new producer, with a new producer id, unless that happened already.
+    fn replace(&self, used: &Producer, why: &str) -> Result<(), KafkaError> {
+        let mut current = self.lock();
+        if current.client().native_ptr() != used.client().native_ptr() {
+            return Ok(());
+        }
+        warn!(target: "outbox_kafka", reason = why, "replacing the Kafka producer");
+        let fresh = create(&self.client_config)?;
+        let retired = std::mem::replace(&mut *current, fresh);
+        // The last handle on a producer waits for its threads when dropped.
+        tokio::task::spawn_blocking(move || drop(retired));
+        Ok(())
+    }
+}
+
+/// Why `producer` cannot go on: a fatal error (it refuses every message from then on), or the
+/// broker fencing its producer id (it would refuse every later message of that producer).
+fn unusable(
+    producer: &Producer,
+    reports: &[Option<PublishOutcome>],
+    fenced: bool,
+) -> Option<String> {
+    if let Some((code, reason)) = producer.client().fatal_error() {
+        return Some(format!(
+            "the Kafka producer hit a fatal error ({code:?}: {reason})"
+        ));
+    }
+    let failed = reports
+        .iter()
+        .any(|r| matches!(r, Some(PublishOutcome::Failed(_))));
+    (fenced && failed).then(|| String::from("the broker fenced the Kafka producer id"))
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -199,12 +229,14 @@ impl Publisher for KafkaPublisher {
                 .map(|(index, delivery)| async move { (index, delivery.await) }),
         )
         .await;
+        let mut fenced = false;
         for (index, report) in reports {
             let outcome = match report {
                 Ok(Ok(_delivery)) => PublishOutcome::Published,
                 Ok(Err((err, _message))) => {
                     let topic = config.topic_for(&batch[index].destination);
                     debug!(target: "outbox_kafka", id = %batch[index].id, %topic, error = %err, "delivery failed");
+                    fenced |= err.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced);
                     PublishOutcome::Failed(publish_error(err, &topic))
                 }
                 Err(_canceled) => PublishOutcome::Failed(PublishError::transient(
@@ -213,12 +245,26 @@ impl Publisher for KafkaPublisher {
             };
             outcomes[index] = Some(outcome);
         }
+        // After a fatal error librdkafka fails what it holds with secondary codes (purged,
+        // fatal): say what happened. A fenced or fatally failed producer would refuse every
+        // later message: a new one, with a new producer id, takes over.
+        let why = unusable(&producer, &outcomes, fenced);
+        if let Some(why) = &why {
+            if let Err(err) = self.inner.replace(&producer, why) {
+                warn!(target: "outbox_kafka", error = %err, "cannot replace the Kafka producer; trying again on the next call");
+            }
+        }
         Ok(outcomes
             .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| {
-                    PublishOutcome::Failed(PublishError::transient("no delivery report"))
-                })
+            .map(|outcome| match (outcome, &why) {
+                (Some(PublishOutcome::Failed(err)), Some(why)) if err.is_transient() => {
+                    PublishOutcome::Failed(
+                        PublishError::transient(format!("{why}; a new producer takes over"))
+                            .with_source(err),
+                    )
+                }
+                (Some(outcome), _) => outcome,
+                (None, _) => PublishOutcome::Failed(PublishError::transient("no delivery report")),
             })
             .collect())
     }

@@ -137,7 +137,6 @@ async fn a_relay_keeps_key_order_at_volume() {
         tx.enqueue(msg.clone()).expect("enqueue");
     }
     tx.commit();
-    // The first call may time out while the producer gets its producer id: duplicates only.
     let config = RelayConfig::default()
         .batch_size(500)
         .poll_min(Duration::from_millis(5))

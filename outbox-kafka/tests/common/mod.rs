@@ -25,6 +25,16 @@ use tokio::time::Instant;
 /// The producer's `message.max.bytes` in the harness: librdkafka refuses larger messages.
 pub const MAX_MESSAGE_BYTES: usize = 100_000;
 
+/// Logs to the test output when `RUST_LOG` is set, e.g. `RUST_LOG=outbox_core=debug,librdkafka=info`.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Bootstrap address of the shared broker under test.
 pub fn brokers() -> String {
     env::service_url("OUTBOX_TEST_KAFKA_BROKERS", "127.0.0.1:9092")
@@ -292,7 +302,7 @@ fn free_port() -> u16 {
 /// too, goes through the proxy.
 pub struct PrivateBroker {
     child: Child,
-    pub proxy: FaultProxy,
+    pub proxy: std::sync::Arc<FaultProxy>,
     broker: SocketAddr,
 }
 
@@ -300,6 +310,7 @@ impl PrivateBroker {
     /// Starts one, or returns `None` to skip when tansu is not installed (a panic when
     /// `OUTBOX_TEST_REQUIRE=1`).
     pub async fn start() -> Option<Self> {
+        init_tracing();
         let bin = env::or_skip("tansu", tansu_bin())?;
         let broker: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
@@ -330,7 +341,7 @@ impl PrivateBroker {
         }
         Some(Self {
             child,
-            proxy,
+            proxy: std::sync::Arc::new(proxy),
             broker,
         })
     }
