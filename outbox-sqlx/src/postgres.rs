@@ -4,6 +4,9 @@
 //!   `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`: two relays never lease the same
 //!   row, a partition that changes hands waits for the old owner's claim to commit, and the
 //!   claim statement reads the leases of every claim committed before it (per-key order).
+//!   Candidates with an earlier pending message of their key that `SKIP LOCKED` passed over
+//!   (a row another transaction held locked) are dropped from the claim: that message must
+//!   go first.
 //! - Settles are one transaction of set-based statements over arrays (`id = ANY($1)`,
 //!   `unnest(...)`), one per outcome.
 //! - Enqueue sends `pg_notify` in the caller's transaction: the relay's
@@ -456,11 +459,7 @@ impl Store for PostgresStore {
             .rows_affected();
         }
         tx.commit().await.doing(DOING)?;
-        let total = settlement.len() as u64;
-        Ok(Settled {
-            applied,
-            fenced: total.saturating_sub(applied),
-        })
+        Ok(sql::settled(settlement, applied))
     }
 
     async fn heartbeat(

@@ -97,7 +97,11 @@ async fn producers_and_three_relays_lose_nothing_and_keep_key_order() {
     let config = h.store.config().clone();
     let mut stores = Vec::new();
     for _ in 0..3 {
-        let pool = pool().await.expect("pool");
+        let pool = MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&url())
+            .await
+            .expect("relay pool");
         stores.push(MySqlStore::new(pool, config.clone()).expect("store"));
     }
     let stores: [MySqlStore; 3] = stores.try_into().expect("three stores");

@@ -97,7 +97,11 @@ async fn producers_and_three_relays_lose_nothing_and_keep_key_order() {
     let config = h.store.config().clone();
     let mut stores = Vec::new();
     for _ in 0..3 {
-        let pool = pool().await.expect("pool");
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url())
+            .await
+            .expect("relay pool");
         stores.push(PostgresStore::new(pool, config.clone()).expect("store"));
     }
     let stores: [PostgresStore; 3] = stores.try_into().expect("three stores");
@@ -403,4 +407,23 @@ async fn a_missing_table_is_a_schema_error_that_stops_the_relay() {
         "{stopped:?}"
     );
     pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_output_never_shows_the_password() {
+    if pool().await.is_none() {
+        return;
+    }
+    // Trust authentication accepts any password: this one only has to stay secret.
+    let with_password = url().replacen("postgres://postgres@", "postgres://postgres:s3cr3t-pw@", 1);
+    assert!(with_password.contains("s3cr3t-pw"), "{with_password}");
+    let config = common::fresh_config().url(with_password);
+    let store = PostgresStore::connect(config.clone())
+        .await
+        .expect("connect with a URL holding a password");
+    for text in [format!("{config:?}"), format!("{store:?}")] {
+        assert!(!text.contains("s3cr3t-pw"), "{text}");
+        assert!(text.contains("127.0.0.1"), "{text}");
+    }
+    store.pool().close().await;
 }

@@ -3,7 +3,7 @@
 //! `OUTBOX_TEST_MYSQL_URL` (loopback defaults); a missing one skips the test unless
 //! `OUTBOX_TEST_REQUIRE=1`.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::time::Duration;
 
