@@ -45,8 +45,9 @@ type Producer = FutureProducer<ProducerContext>;
 ///   it, and the producer's own retries neither duplicate nor reorder it.
 /// - A batch is pipelined: every message is handed to librdkafka, then all delivery reports are
 ///   awaited together.
-/// - Clones share one producer. If the producer hits a fatal error (possible with the idempotent
-///   producer), the next call replaces it.
+/// - Clones share one producer. A producer that hit a fatal error (possible with the idempotent
+///   producer), or whose producer id the broker fenced, would refuse every later message: a new
+///   producer replaces it.
 ///
 /// Needs a Tokio runtime. See the crate documentation for an example.
 #[derive(Clone)]
@@ -122,9 +123,17 @@ impl Inner {
         warn!(target: "outbox_kafka", reason = why, "replacing the Kafka producer");
         let fresh = create(&self.client_config)?;
         let retired = std::mem::replace(&mut *current, fresh);
-        // The last handle on a producer waits for its threads when dropped.
-        tokio::task::spawn_blocking(move || drop(retired));
+        self.release(retired);
         Ok(())
+    }
+
+    /// Drops a handle on a producer that may have been replaced: the last handle on a producer
+    /// waits for its threads when dropped, which must not happen on the runtime's threads.
+    fn release(&self, producer: Producer) {
+        let replaced = self.lock().client().native_ptr() != producer.client().native_ptr();
+        if replaced {
+            tokio::task::spawn_blocking(move || drop(producer));
+        }
     }
 }
 
@@ -249,11 +258,12 @@ impl Publisher for KafkaPublisher {
         // fatal): say what happened. A fenced or fatally failed producer would refuse every
         // later message: a new one, with a new producer id, takes over.
         let why = unusable(&producer, &outcomes, fenced);
-        if let Some(why) = &why {
-            if let Err(err) = self.inner.replace(&producer, why) {
-                warn!(target: "outbox_kafka", error = %err, "cannot replace the Kafka producer; trying again on the next call");
-            }
+        if let Some(why) = &why
+            && let Err(err) = self.inner.replace(&producer, why)
+        {
+            warn!(target: "outbox_kafka", error = %err, "cannot replace the Kafka producer; trying again on the next call");
         }
+        self.inner.release(producer);
         Ok(outcomes
             .into_iter()
             .map(|outcome| match (outcome, &why) {

@@ -289,3 +289,65 @@ fn configurations_that_break_the_guarantee_are_refused() {
         other => panic!("unknown property: {other:?}"),
     }
 }
+
+/// A call larger than librdkafka's local queue waits for room instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_the_local_queue_waits_for_room() {
+    let Some(admin) = admin_or_skip().await else {
+        return;
+    };
+    let h = KafkaHarness::new(admin).await;
+    let dest = h.destination();
+    let publisher = KafkaPublisher::new(
+        publisher_config(&brokers())
+            .property("queue.buffering.max.messages", "20")
+            .enqueue_timeout(Duration::from_secs(20)),
+    )
+    .expect("publisher");
+    let sent: Vec<Message> = (0..300)
+        .map(|i| stored(NewMessage::new(dest.clone(), format!("{i}")).key(format!("k{}", i % 7))))
+        .collect();
+    assert_published(
+        &publisher.publish(&sent).await.expect("publish"),
+        sent.len(),
+    );
+    let got = h.read(sent.len(), READ_TIMEOUT).await;
+    assert_eq!(tally(&got).len(), sent.len());
+    h.teardown().await;
+}
+
+/// With the broker unreachable and the local queue full, the rest of a call fails as transient
+/// once `enqueue_timeout` has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_that_stays_full_fails_transiently() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let publisher = KafkaPublisher::new(
+        publisher_config(&closed.to_string())
+            .property("queue.buffering.max.messages", "5")
+            .property("message.timeout.ms", "3000")
+            .enqueue_timeout(Duration::from_millis(300)),
+    )
+    .expect("publisher");
+    let sent: Vec<Message> = (0..8)
+        .map(|i| stored(NewMessage::new("orders", format!("{i}"))))
+        .collect();
+    let started = Instant::now();
+    let outcomes = publisher.publish(&sent).await.expect("outcomes");
+    assert_eq!(outcomes.len(), sent.len());
+    let mut queue_full = 0;
+    for outcome in &outcomes {
+        match outcome {
+            PublishOutcome::Failed(err) => {
+                assert!(err.is_transient(), "{err}");
+                if err.to_chain_string().contains("QueueFull") {
+                    queue_full += 1;
+                }
+            }
+            other => panic!("nothing can be published: {other:?}"),
+        }
+    }
+    assert_eq!(queue_full, 3, "the three that found no room: {outcomes:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
