@@ -47,6 +47,8 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 }
 
 const MY: Dialect = Dialect {
+    held: "e.held = 1",
+    force_held_index: true,
     numbered: false,
     quote: '`',
     now: "UTC_TIMESTAMP(6)",

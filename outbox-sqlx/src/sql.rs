@@ -76,6 +76,12 @@ pub(crate) struct Dialect {
     pub(crate) now: &'static str,
     /// Writes "now plus the bound number of microseconds".
     pub(crate) now_plus: fn(&mut Sql, i64),
+    /// The condition that pending row `e` can hold back later messages of its key (leased,
+    /// or retried), as the dialect's index on those rows needs it written.
+    pub(crate) held: &'static str,
+    /// Name the index on those rows in the per-key check (MySQL's optimizer prefers the
+    /// plain key index, which walks the key's whole backlog: hundreds of times slower).
+    pub(crate) force_held_index: bool,
 }
 
 impl Dialect {
@@ -424,11 +430,18 @@ pub(crate) fn limit_of(filter: &DeadLetterFilter) -> i64 {
 
 /// The rows `relay` may claim (alias `o`), in the partitions it owns under an unexpired lease:
 /// pending, available, not under an unexpired lease, and with no earlier pending message of
-/// the same key that is leased or waiting for a retry (per-key order). The subquery over the
+/// the same key that is leased or waiting for a retry (per-key order). Only rows that were
+/// leased or retried can be either (`Dialect::held`, implied by the time condition), and an
+/// index holds just those: the check does not walk a key's whole backlog. The subquery over the
 /// earlier messages is a plain consistent read in every dialect, also inside a locking
 /// `SELECT ... FOR UPDATE SKIP LOCKED`, so a row another transaction holds still blocks its key.
 pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &RelayId) {
     let (now, partition, key) = (d.now, d.col("partition"), d.col("key"));
+    let hint = if d.force_held_index {
+        format!(" FORCE INDEX ({})", names.index("held"))
+    } else {
+        String::new()
+    };
     sql.push(&format!(
         "o.state = {PENDING} AND o.{partition} IN (SELECT {partition} FROM {parts} WHERE owner = ",
         parts = names.partitions
@@ -438,10 +451,11 @@ pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &
         " AND expires_at > {now}) \
          AND o.available_at <= {now} \
          AND (o.lease_until IS NULL OR o.lease_until <= {now}) \
-         AND (o.{key} IS NULL OR NOT EXISTS (SELECT 1 FROM {table} e \
-             WHERE e.{key} = o.{key} AND e.state = {PENDING} AND e.seq < o.seq \
+         AND (o.{key} IS NULL OR NOT EXISTS (SELECT 1 FROM {table} e{hint} \
+             WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
              AND (e.available_at > {now} OR e.lease_until > {now})))",
-        table = names.table
+        table = names.table,
+        held = d.held,
     ));
 }
 
@@ -787,6 +801,8 @@ mod tests {
     const QMARK: Dialect = Dialect {
         numbered: false,
         quote: '`',
+        held: "e.held = 1",
+        force_held_index: true,
         now: "NOW()",
         now_plus: |sql, micros| {
             sql.push("NOW() + ").bind(Arg::Int(micros));

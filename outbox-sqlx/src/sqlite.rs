@@ -49,6 +49,8 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 }
 
 const LITE: Dialect = Dialect {
+    held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
+    force_held_index: false,
     numbered: false,
     quote: '"',
     now: NOW,

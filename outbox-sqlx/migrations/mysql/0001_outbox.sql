@@ -25,10 +25,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     lease_until  DATETIME(6) NULL,
     dead_at      DATETIME(6) NULL,
     published_at DATETIME(6) NULL,
+    -- Can hold back later messages of its key: leased, or pushed into the future by a retry
+    -- (enqueue writes available_at = created_at, and it only moves forward). MySQL has no
+    -- partial indexes, so this column leads the per-key check to those few rows.
+    held         TINYINT AS (lease_until IS NOT NULL OR available_at > created_at) STORED,
     PRIMARY KEY (seq),
     UNIQUE KEY {ix_id} (id),
     KEY {ix_pend} (state, seq),
     KEY {ix_pend_key} (`key`, state, seq),
+    KEY {ix_held} (`key`, state, held, seq),
     KEY {ix_dead} (state, dead_at),
     KEY {ix_pub} (state, published_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;

@@ -28,6 +28,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS {ix_id} ON {table} (id);
 -- earlier messages of a key without ever touching the dead and retained rows, however many.
 CREATE INDEX IF NOT EXISTS {ix_pend} ON {table} (seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS {ix_pend_key} ON {table} ("key", seq) WHERE state = 0 AND "key" IS NOT NULL;
+-- The pending rows that can hold back later messages of their key: leased, or pushed into the
+-- future by a retry (enqueue writes available_at = created_at, and it only moves forward).
+-- Few (the messages in flight or waiting), so the per-key check of a claim stays cheap even
+-- when one key has a long backlog.
+CREATE INDEX IF NOT EXISTS {ix_held} ON {table} ("key", seq)
+    WHERE state = 0 AND "key" IS NOT NULL AND (lease_until IS NOT NULL OR available_at > created_at);
 CREATE INDEX IF NOT EXISTS {ix_dead} ON {table} (dead_at) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS {ix_pub} ON {table} (published_at) WHERE state = 2;
 
