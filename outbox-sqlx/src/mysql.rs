@@ -456,7 +456,7 @@ impl Store for MySqlStore {
             ..
         } = &*self.inner;
         let token = LeaseToken::new();
-        let mut tx = pool.begin_with(BEGIN_READ_COMMITTED).await.doing(DOING)?;
+        let mut tx = sql::begin(pool, Some(BEGIN_READ_COMMITTED), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
         // over waits until this claim committed.
         let owned: Vec<i16> = sqlx::query_scalar(&format!(
@@ -540,7 +540,7 @@ impl Store for MySqlStore {
         let statements =
             sql::settle_statements(&MY, names, config.retention.is_some(), token, settlement);
         let mut applied = 0;
-        let mut tx = pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(pool, None, DOING).await?;
         for statement in statements {
             applied += bound(&statement.text, statement.args)?
                 .execute(&mut *tx)
@@ -598,7 +598,7 @@ impl Store for MySqlStore {
             return Ok(Vec::new());
         }
         let names = &self.inner.names;
-        let mut tx = self.inner.pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
         let update = sql::acquire(&MY, names, relay, &partitions, ttl);
         bound(&update.text, update.args)?
             .execute(&mut *tx)
@@ -633,7 +633,7 @@ impl Store for MySqlStore {
     async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
         const DOING: &str = "leaving the relay group";
         let names = &self.inner.names;
-        let mut tx = self.inner.pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
         for statement in [
             sql::release(&MY, names, relay, None),
             sql::forget(&MY, names, relay),

@@ -124,7 +124,7 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
         let names = &self.inner.names;
-        let mut tx = self.inner.pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("outbox-migrate:{}", names.table))
             .execute(&mut *tx)
@@ -313,7 +313,7 @@ impl Store for PostgresStore {
             ..
         } = &*self.inner;
         let token = LeaseToken::new();
-        let mut tx = pool.begin_with(BEGIN_CLAIM).await.doing(DOING)?;
+        let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
         // over waits until this claim committed: its own claim then sees these leases.
         let owned: Vec<i16> = sqlx::query_scalar(&format!(
@@ -399,7 +399,7 @@ impl Store for PostgresStore {
             format!("o.state = {PENDING} AND o.lease_token = $2 AND o.lease_until > now()");
         let token = *token.as_uuid();
         let mut applied = 0;
-        let mut tx = pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(pool, None, DOING).await?;
         if !settlement.published.is_empty() {
             let ids = uuids(&settlement.published);
             let text = if config.retention.is_some() {
@@ -481,7 +481,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<RelayMember>, StoreError> {
         const DOING: &str = "renewing the relay's membership";
         let Inner { pool, names, .. } = &*self.inner;
-        let mut tx = pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(pool, None, DOING).await?;
         let register = sql::register(
             &PG,
             names,
@@ -554,7 +554,7 @@ impl Store for PostgresStore {
     async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
         const DOING: &str = "leaving the relay group";
         let Inner { pool, names, .. } = &*self.inner;
-        let mut tx = pool.begin().await.doing(DOING)?;
+        let mut tx = sql::begin(pool, None, DOING).await?;
         for statement in [
             sql::release(&PG, names, relay, None),
             sql::forget(&PG, names, relay),

@@ -154,6 +154,39 @@ pub(crate) fn padded<T: Clone>(items: &[T]) -> impl Iterator<Item = T> + '_ {
         .chain(items.last().into_iter().cycle().take(extra).cloned())
 }
 
+/// Begins a transaction on `pool` (with `statement`, or a plain `BEGIN`), in a task of its
+/// own.
+///
+/// The relay drops in-flight store calls when it stops. Once a transaction exists, dropping
+/// it rolls it back; but sqlx's MySQL `begin` (and its SQLite `begin_with`) has a window
+/// after the database began the transaction and before the `Transaction` exists: cancelled
+/// there, the connection would go back to the pool inside a transaction that nobody ends,
+/// and its next user would run in it, holding its locks. Begun in a task of its own, the
+/// transaction always comes into existence, and is rolled back if nobody waits for it any
+/// more.
+pub(crate) async fn begin<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    statement: Option<&'static str>,
+    doing: &str,
+) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+    let pool = pool.clone();
+    let begun = tokio::spawn(async move {
+        match statement {
+            Some(statement) => pool.begin_with(statement).await,
+            None => pool.begin().await,
+        }
+    })
+    .await;
+    match begun {
+        Ok(begun) => begun.map_err(|err| crate::error::from_sqlx(err, doing)),
+        Err(err) => Err(StoreError::new(
+            outbox_core::StoreErrorKind::Database,
+            format!("{doing}: the task beginning the transaction failed"),
+        )
+        .with_source(err)),
+    }
+}
+
 /// Checks every message against `limits` before anything is written.
 pub(crate) fn validate(messages: &[NewMessage], limits: &Limits) -> Result<(), StoreError> {
     for message in messages {

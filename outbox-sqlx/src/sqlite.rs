@@ -154,12 +154,7 @@ impl SqliteStore {
             .execute(&self.inner.pool)
             .await
             .doing(DOING)?;
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with(BEGIN_IMMEDIATE)
-            .await
-            .doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
         sqlx::raw_sql(&format!(
             "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
             names.schema
@@ -409,7 +404,7 @@ impl Store for SqliteStore {
         let statements =
             sql::settle_statements(&LITE, names, config.retention.is_some(), token, settlement);
         let mut applied = 0;
-        let mut tx = pool.begin_with(BEGIN_IMMEDIATE).await.doing(DOING)?;
+        let mut tx = sql::begin(pool, Some(BEGIN_IMMEDIATE), DOING).await?;
         for statement in statements {
             applied += bound(&statement.text, statement.args)?
                 .execute(&mut *tx)
@@ -428,12 +423,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<RelayMember>, StoreError> {
         const DOING: &str = "renewing the relay's membership";
         let names = &self.inner.names;
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with(BEGIN_IMMEDIATE)
-            .await
-            .doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
         let register = sql::register(
             &LITE,
             names,
@@ -500,12 +490,7 @@ impl Store for SqliteStore {
     async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
         const DOING: &str = "leaving the relay group";
         let names = &self.inner.names;
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with(BEGIN_IMMEDIATE)
-            .await
-            .doing(DOING)?;
+        let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
         for statement in [
             sql::release(&LITE, names, relay, None),
             sql::forget(&LITE, names, relay),

@@ -427,3 +427,14 @@ async fn debug_output_never_shows_the_password() {
     }
     store.pool().close().await;
 }
+
+/// The relay drops in-flight store calls when it stops; a call cancelled at any point must not
+/// leave a connection in an open transaction holding locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_never_leave_anything_locked() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    scenarios::cancelled_calls_leave_nothing_locked(&h).await;
+    h.teardown().await;
+}

@@ -198,3 +198,34 @@ async fn a_missing_table_is_a_schema_error_that_stops_the_relay() {
     );
     pool.close().await;
 }
+
+/// The relay drops its heartbeat when it stops; a store call cancelled at any point must not
+/// leave the database file locked for the next writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_never_leave_anything_locked() {
+    let h = LiteHarness::new().await;
+    scenarios::cancelled_calls_leave_nothing_locked(&h).await;
+    h.teardown().await;
+}
+
+/// sqlx checks a custom `BEGIN IMMEDIATE` with one more await after SQLite ran it: a
+/// heartbeat cancelled right there must not leave its connection holding the write lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_heartbeat_never_leaves_the_file_locked() {
+    let h = LiteHarness::new().await;
+    let store = h.store();
+    let relay = RelayId::new("cancelled");
+    for i in 0..300u64 {
+        let cancel_after = Duration::from_micros(i * 7 % 400);
+        let _ = tokio::time::timeout(
+            cancel_after,
+            store.heartbeat(&relay, Duration::from_secs(30)),
+        )
+        .await;
+        tokio::time::timeout(Duration::from_secs(3), store.leave(&relay))
+            .await
+            .unwrap_or_else(|_| panic!("a write waited for a lock after cancellation #{i}"))
+            .expect("leave");
+    }
+    h.teardown().await;
+}
