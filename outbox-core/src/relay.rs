@@ -523,6 +523,15 @@ fn next_call(messages: Vec<Message>, ordered_per_key: bool) -> (Vec<Message>, Ve
         .partition(|msg| msg.key.as_ref().is_none_or(|key| seen.insert(key.clone())))
 }
 
+/// Completes when the relay asks in-flight batches to give up. A closed channel means the relay
+/// itself is gone (its task was dropped, as in a crash): then nothing may be settled, so this
+/// never completes.
+async fn abandoned(abandon: &mut watch::Receiver<bool>) {
+    if abandon.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Publishes one claimed batch and records the outcomes.
 async fn process<S: Store, P: Publisher>(
     inner: &Inner<S, P>,
@@ -575,7 +584,7 @@ async fn process<S: Store, P: Publisher>(
             let started = Instant::now();
             let outcome = tokio::select! {
                 res = tokio::time::timeout(config.publish_timeout, inner.publisher.publish(&call)) => Some(res),
-                _ = abandon.wait_for(|a| *a) => None,
+                () = abandoned(&mut abandon) => None,
             };
             metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
             let outcomes = match outcome {
