@@ -75,7 +75,8 @@ impl RunningRelay {
         result.expect("the relay ran without error");
     }
 
-    /// Kills the relay as a crash would: no settle, no release, no goodbye.
+    /// Kills the relay's task as a crash would look to the store: no settle, no release, no
+    /// goodbye. (A process crash is tested with the `outbox-relay` binary.)
     pub async fn kill(self) {
         self.handle.abort();
         let _ = self.handle.await;
