@@ -220,11 +220,11 @@ impl KafkaConfig {
                 _ => {}
             }
         }
-        if self.enqueue_timeout.is_zero() || self.check_timeout.is_zero() {
-            return Err(Error::config(
-                "enqueue_timeout/check_timeout",
-                "must be above zero",
-            ));
+        if self.enqueue_timeout.is_zero() {
+            return Err(Error::config("enqueue_timeout", "must be above zero"));
+        }
+        if self.check_timeout.is_zero() {
+            return Err(Error::config("check_timeout", "must be above zero"));
         }
         Ok(())
     }

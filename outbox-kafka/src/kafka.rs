@@ -123,7 +123,9 @@ impl Inner {
         warn!(target: "outbox_kafka", reason = why, "replacing the Kafka producer");
         let fresh = create(&self.client_config)?;
         let retired = std::mem::replace(&mut *current, fresh);
-        self.release(retired);
+        drop(current);
+        // The last handle on a producer waits for its threads when dropped.
+        tokio::task::spawn_blocking(move || drop(retired));
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use outbox_kafka::rdkafka::client::DefaultClientContext;
 use outbox_kafka::rdkafka::config::ClientConfig;
 use outbox_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use outbox_kafka::rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_testkit::proxy::FaultProxy;
 use outbox_testkit::{PublisherHarness, Received, env};
@@ -105,7 +106,8 @@ pub fn publisher_config(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers).property("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
 }
 
-/// Reads one topic from its beginning, in a consumer group of its own.
+/// Reads one topic from its beginning: every partition assigned at once, no consumer group
+/// coordination (dropping a consumer in the middle of a group rebalance can block for good).
 pub struct Reader {
     consumer: StreamConsumer,
     /// Next offset expected per partition, to report a consumer that skips or rewinds.
@@ -117,12 +119,30 @@ impl Reader {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", env::unique_name("outbox_kafka_reader"))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .create()
             .expect("consumer");
-        consumer.subscribe(&[topic]).expect("subscribe");
+        let metadata = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+        })
+        .expect("topic metadata");
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        assert!(!partitions.is_empty(), "topic {topic} has partitions");
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("assignment");
+        }
+        consumer.assign(&assignment).expect("assign");
         Self {
             consumer,
             next: std::sync::Mutex::new(BTreeMap::new()),
@@ -191,7 +211,11 @@ fn received(message: &BorrowedMessage<'_>) -> Received {
         key: message
             .key()
             .map(|k| String::from_utf8(k.to_vec()).expect("UTF-8 key")),
-        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        // The publisher never sends a null value (a tombstone), even for an empty payload.
+        payload: message
+            .payload()
+            .map(<[u8]>::to_vec)
+            .expect("a value, not a tombstone"),
         headers,
     }
 }
