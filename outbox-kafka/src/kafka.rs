@@ -141,20 +141,13 @@ impl Inner {
 
 /// Why `producer` cannot go on: a fatal error (it refuses every message from then on), or the
 /// broker fencing its producer id (it would refuse every later message of that producer).
-fn unusable(
-    producer: &Producer,
-    reports: &[Option<PublishOutcome>],
-    fenced: bool,
-) -> Option<String> {
+fn unusable(producer: &Producer, fenced: bool) -> Option<String> {
     if let Some((code, reason)) = producer.client().fatal_error() {
         return Some(format!(
             "the Kafka producer hit a fatal error ({code:?}: {reason})"
         ));
     }
-    let failed = reports
-        .iter()
-        .any(|r| matches!(r, Some(PublishOutcome::Failed(_))));
-    (fenced && failed).then(|| String::from("the broker fenced the Kafka producer id"))
+    fenced.then(|| String::from("the broker fenced the Kafka producer id"))
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -259,7 +252,7 @@ impl Publisher for KafkaPublisher {
         // After a fatal error librdkafka fails what it holds with secondary codes (purged,
         // fatal): say what happened. A fenced or fatally failed producer would refuse every
         // later message: a new one, with a new producer id, takes over.
-        let why = unusable(&producer, &outcomes, fenced);
+        let why = unusable(&producer, fenced);
         if let Some(why) = &why
             && let Err(err) = self.inner.replace(&producer, why)
         {

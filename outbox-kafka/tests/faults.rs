@@ -336,7 +336,11 @@ fn mock_cluster() -> (
 
 async fn publish_one(publisher: &KafkaPublisher, key: &str) -> PublishOutcome {
     let msg = stored(NewMessage::new("orders", "payload").key(key));
-    let mut outcomes = publisher.publish(&[msg]).await.expect("one outcome");
+    // Bounded: a publisher that deadlocks while replacing its producer fails here.
+    let mut outcomes = tokio::time::timeout(Duration::from_secs(30), publisher.publish(&[msg]))
+        .await
+        .expect("the call completes")
+        .expect("one outcome");
     assert_eq!(outcomes.len(), 1);
     outcomes.remove(0)
 }
@@ -406,4 +410,23 @@ async fn a_fatal_producer_error_is_transient_and_the_producer_is_replaced() {
         "a new producer took over"
     );
     publisher.check().await.expect("check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_is_replaced() {
+    let (cluster, publisher) = mock_cluster();
+    assert!(publish_one(&publisher, "a").await.is_published());
+    // After connection cuts tansu answered every later produce of the producer id so.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED],
+    );
+    let err = failure(publish_one(&publisher, "a").await);
+    assert!(err.is_transient(), "{err}");
+    let text = err.to_chain_string();
+    assert!(
+        text.contains("fenced") && text.contains("new producer"),
+        "{text}"
+    );
+    assert!(publish_one(&publisher, "a").await.is_published());
 }
