@@ -1,0 +1,399 @@
+//! The three stores, each on an outbox table of its own: filling a backlog, the raw drain
+//! baseline, business transactions, counting and cleaning up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_core::{DynStore, Enqueue, NewMessage, Store};
+use outbox_sqlx::sqlx::{self, Row};
+use outbox_sqlx::{MySqlStore, PostgresStore, SqliteStore, StoreConfig};
+
+use crate::Res;
+use crate::services::{Services, reachable};
+use crate::workload;
+
+/// A database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreKind {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl StoreKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            StoreKind::Postgres => "postgres",
+            StoreKind::MySql => "mysql",
+            StoreKind::Sqlite => "sqlite",
+        }
+    }
+
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "postgres" | "pg" => Some(StoreKind::Postgres),
+            "mysql" | "mariadb" => Some(StoreKind::MySql),
+            "sqlite" => Some(StoreKind::Sqlite),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Any {
+    Postgres(PostgresStore),
+    MySql(MySqlStore),
+    Sqlite(SqliteStore),
+}
+
+/// An outbox table (and a business table next to it) created for one measurement.
+#[derive(Clone)]
+pub(crate) struct BenchStore {
+    pub(crate) kind: StoreKind,
+    pub(crate) table: String,
+    store: Any,
+    /// The SQLite file's directory, removed with the tables.
+    dir: Option<std::path::PathBuf>,
+}
+
+/// The business table next to outbox table `table`.
+fn orders(table: &str) -> String {
+    format!("{table}_orders")
+}
+
+impl BenchStore {
+    /// Creates outbox table `table` (migrated) and its business table, on a pool of
+    /// `connections`.
+    pub(crate) async fn create(
+        kind: StoreKind,
+        services: &Services,
+        table: &str,
+        connections: u32,
+    ) -> Res<Self> {
+        let config = StoreConfig::new().table(table).max_connections(connections);
+        let (store, dir) = match kind {
+            StoreKind::Postgres => {
+                reachable("PostgreSQL", &services.postgres, 5432).await?;
+                let store = PostgresStore::connect(config.url(services.postgres.as_str())).await?;
+                (Any::Postgres(store), None)
+            }
+            StoreKind::MySql => {
+                reachable("MariaDB", &services.mysql, 3306).await?;
+                let store = MySqlStore::connect(config.url(services.mysql.as_str())).await?;
+                (Any::MySql(store), None)
+            }
+            StoreKind::Sqlite => {
+                let dir = std::env::temp_dir().join(table);
+                std::fs::create_dir_all(&dir)?;
+                let url = format!("sqlite://{}", dir.join("outbox.db").display());
+                let store = SqliteStore::connect(config.url(url)).await?;
+                (Any::Sqlite(store), Some(dir))
+            }
+        };
+        let this = Self {
+            kind,
+            table: table.to_owned(),
+            store,
+            dir,
+        };
+        this.migrate().await?;
+        Ok(this)
+    }
+
+    async fn migrate(&self) -> Res<()> {
+        let orders = orders(&self.table);
+        match &self.store {
+            Any::Postgres(s) => {
+                s.migrate().await?;
+                sqlx::query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {orders} (id BIGINT GENERATED ALWAYS AS IDENTITY \
+                     PRIMARY KEY, customer TEXT NOT NULL, amount BIGINT NOT NULL, \
+                     created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ))
+                .execute(s.pool())
+                .await?;
+            }
+            Any::MySql(s) => {
+                s.migrate().await?;
+                sqlx::query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {orders} (id BIGINT NOT NULL AUTO_INCREMENT \
+                     PRIMARY KEY, customer VARCHAR(64) NOT NULL, amount BIGINT NOT NULL, \
+                     created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE = InnoDB"
+                ))
+                .execute(s.pool())
+                .await?;
+            }
+            Any::Sqlite(s) => {
+                s.migrate().await?;
+                sqlx::query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {orders} (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+                     customer TEXT NOT NULL, amount INTEGER NOT NULL, \
+                     created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+                ))
+                .execute(s.pool())
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The store behind the dyn-compatible trait, for a relay.
+    pub(crate) fn dyn_store(&self) -> Arc<dyn DynStore> {
+        match &self.store {
+            Any::Postgres(s) => Arc::new(s.clone()),
+            Any::MySql(s) => Arc::new(s.clone()),
+            Any::Sqlite(s) => Arc::new(s.clone()),
+        }
+    }
+
+    /// Enqueues messages `0..n` of a backlog with `keys` keys, 1,000 per transaction, then
+    /// refreshes the planner's statistics. Returns the time the enqueue took.
+    pub(crate) async fn fill(&self, destination: &str, n: u64, keys: u64) -> Res<Duration> {
+        const CHUNK: u64 = 1000;
+        let started = Instant::now();
+        let mut seq = 0;
+        while seq < n {
+            let end = (seq + CHUNK).min(n);
+            let batch: Vec<NewMessage> = (seq..end)
+                .map(|i| workload::message(destination, i, keys))
+                .collect();
+            match &self.store {
+                Any::Postgres(s) => {
+                    let mut tx = s.pool().begin().await?;
+                    s.enqueue_batch(&mut *tx, batch).await?;
+                    tx.commit().await?;
+                }
+                Any::MySql(s) => {
+                    let mut tx = s.pool().begin().await?;
+                    s.enqueue_batch(&mut *tx, batch).await?;
+                    tx.commit().await?;
+                }
+                Any::Sqlite(s) => {
+                    let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
+                    s.enqueue_batch(&mut *tx, batch).await?;
+                    tx.commit().await?;
+                }
+            }
+            seq = end;
+        }
+        let took = started.elapsed();
+        self.analyze().await?;
+        Ok(took)
+    }
+
+    /// Refreshes the planner's statistics (as autovacuum would after a large insert).
+    pub(crate) async fn analyze(&self) -> Res<()> {
+        let t = &self.table;
+        match &self.store {
+            Any::Postgres(s) => {
+                sqlx::query(&format!("VACUUM ANALYZE {t}"))
+                    .execute(s.pool())
+                    .await?;
+            }
+            Any::MySql(s) => {
+                sqlx::query(&format!("ANALYZE TABLE {t}"))
+                    .execute(s.pool())
+                    .await?;
+            }
+            Any::Sqlite(s) => {
+                sqlx::query("ANALYZE").execute(s.pool()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Messages not yet published.
+    pub(crate) async fn pending(&self) -> Res<u64> {
+        let stats = match &self.store {
+            Any::Postgres(s) => s.stats().await?,
+            Any::MySql(s) => s.stats().await?,
+            Any::Sqlite(s) => s.stats().await?,
+        };
+        Ok(stats.pending)
+    }
+
+    /// The raw drain baseline: claims and deletes the whole table in batches of `batch`,
+    /// reading every row back as the relay does, without publishing anything, on one
+    /// connection. Returns the rows drained.
+    pub(crate) async fn raw_drain(&self, batch: usize) -> Res<u64> {
+        let t = &self.table;
+        let limit = i64::try_from(batch)?;
+        let mut drained = 0u64;
+        loop {
+            let rows = match &self.store {
+                Any::Postgres(s) => {
+                    let rows = sqlx::query(&format!(
+                        "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = 0 \
+                         ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                         RETURNING seq, id, destination, \"key\", payload, headers, created_at"
+                    ))
+                    .bind(limit)
+                    .fetch_all(s.pool())
+                    .await?;
+                    for row in &rows {
+                        let _: (i64, uuid::Uuid, String, Option<String>, Vec<u8>, String) = (
+                            row.try_get(0)?,
+                            row.try_get(1)?,
+                            row.try_get(2)?,
+                            row.try_get(3)?,
+                            row.try_get(4)?,
+                            row.try_get(5)?,
+                        );
+                    }
+                    rows.len()
+                }
+                Any::MySql(s) => {
+                    let mut tx = s.pool().begin().await?;
+                    let rows = sqlx::query(&format!(
+                        "SELECT seq, id, destination, `key`, payload, headers, created_at FROM {t} \
+                         WHERE state = 0 ORDER BY seq LIMIT ? FOR UPDATE SKIP LOCKED"
+                    ))
+                    .bind(limit)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let mut seqs = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let seq: i64 = row.try_get(0)?;
+                        // utf8mb4_bin columns come back as binary strings.
+                        let _: Vec<u8> = row.try_get(1)?;
+                        let _: Vec<u8> = row.try_get(2)?;
+                        let _: Option<Vec<u8>> = row.try_get(3)?;
+                        let _: Vec<u8> = row.try_get(4)?;
+                        let _: Vec<u8> = row.try_get(5)?;
+                        seqs.push(seq.to_string());
+                    }
+                    if !seqs.is_empty() {
+                        sqlx::query(&format!(
+                            "DELETE FROM {t} WHERE seq IN ({})",
+                            seqs.join(",")
+                        ))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    tx.commit().await?;
+                    rows.len()
+                }
+                Any::Sqlite(s) => {
+                    let rows = sqlx::query(&format!(
+                        "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = 0 \
+                         ORDER BY seq LIMIT ?) \
+                         RETURNING seq, id, destination, \"key\", payload, headers, created_at"
+                    ))
+                    .bind(limit)
+                    .fetch_all(s.pool())
+                    .await?;
+                    for row in &rows {
+                        let _: (i64, Vec<u8>, String, Option<String>, Vec<u8>, String) = (
+                            row.try_get(0)?,
+                            row.try_get(1)?,
+                            row.try_get(2)?,
+                            row.try_get(3)?,
+                            row.try_get(4)?,
+                            row.try_get(5)?,
+                        );
+                    }
+                    rows.len()
+                }
+            };
+            if rows == 0 {
+                return Ok(drained);
+            }
+            drained += rows as u64;
+        }
+    }
+
+    /// One business transaction: an order row, and with `outbox` its event in the outbox.
+    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>) -> Res<()> {
+        let orders = orders(&self.table);
+        let customer = format!("customer-{}", i % 1000);
+        let event = outbox.map(|destination| {
+            let mut payload = format!(
+                "{{\"type\":\"OrderCreated\",\"order\":{i},\"customer\":\"{customer}\",\"amount\":{}}}",
+                i % 997
+            )
+            .into_bytes();
+            payload.resize(workload::PAYLOAD, b' ');
+            NewMessage::new(destination, payload)
+                .key(format!("order-{i}"))
+                .header("type", "OrderCreated")
+        });
+        let amount = i64::try_from(i % 997)?;
+        match &self.store {
+            Any::Postgres(s) => {
+                let mut tx = s.pool().begin().await?;
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES ($1, $2)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(event) = event {
+                    s.enqueue(&mut *tx, event).await?;
+                }
+                tx.commit().await?;
+            }
+            Any::MySql(s) => {
+                let mut tx = s.pool().begin().await?;
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(event) = event {
+                    s.enqueue(&mut *tx, event).await?;
+                }
+                tx.commit().await?;
+            }
+            Any::Sqlite(s) => {
+                let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(event) = event {
+                    s.enqueue(&mut *tx, event).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the tables (and the SQLite file).
+    pub(crate) async fn drop_all(&self) {
+        let orders = orders(&self.table);
+        let result: Res<()> = async {
+            match &self.store {
+                Any::Postgres(s) => {
+                    s.drop_tables().await?;
+                    sqlx::query(&format!("DROP TABLE IF EXISTS {orders}"))
+                        .execute(s.pool())
+                        .await?;
+                    s.pool().close().await;
+                }
+                Any::MySql(s) => {
+                    s.drop_tables().await?;
+                    sqlx::query(&format!("DROP TABLE IF EXISTS {orders}"))
+                        .execute(s.pool())
+                        .await?;
+                    s.pool().close().await;
+                }
+                Any::Sqlite(s) => s.pool().close().await,
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            eprintln!("cleaning up {}: {err}", self.table);
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
