@@ -351,3 +351,18 @@ async fn a_queue_that_stays_full_fails_transiently() {
     assert_eq!(queue_full, 3, "the three that found no room: {outcomes:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// TLS and zstd exist only with the crate features that build librdkafka with them.
+#[test]
+fn tls_and_zstd_follow_the_crate_features() {
+    let tls = KafkaPublisher::new(
+        KafkaConfig::default()
+            .property("security.protocol", "SASL_SSL")
+            .property("sasl.mechanisms", "SCRAM-SHA-512")
+            .property("sasl.username", "relay")
+            .property("sasl.password", "secret"),
+    );
+    assert_eq!(tls.is_ok(), cfg!(feature = "ssl"), "{tls:?}");
+    let zstd = KafkaPublisher::new(KafkaConfig::default().property("compression.type", "zstd"));
+    assert_eq!(zstd.is_ok(), cfg!(feature = "zstd"), "{zstd:?}");
+}
