@@ -1,0 +1,36 @@
+//! Jepsen-style checks of the outbox guarantee, against real servers and the real relay
+//! program: producers commit (and roll back) business rows with their messages while several
+//! relay processes publish them; relays are killed with SIGKILL and restarted, broker
+//! connections are cut, database connections are terminated and the broker is restarted; then
+//! a checker reads everything back from the broker and verifies that every committed message
+//! arrived at least once, that no rolled-back message did, and that the first deliveries of a
+//! key follow its enqueue order. Duplicates are counted.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_chaos::{Combination, Options, Profile, run};
+//!
+//! let options = Options {
+//!     relay_bin: "target/debug/chaos-relay".into(),
+//!     profile: Profile::short(),
+//!     seed: 42,
+//! };
+//! let report = run(Combination::PostgresNats, &options).await?;
+//! println!("{report}");
+//! assert!(report.passed());
+//! # Ok(()) }
+//! ```
+//!
+//! The tests (`tests/chaos.rs`) run the short profile of every combination; the
+//! `outbox-chaos` binary runs any profile and prints the figures. See `docs/reliability.md`.
+
+pub mod broker;
+pub mod db;
+pub mod history;
+pub mod profile;
+pub mod relays;
+mod run;
+
+pub use history::{Delivery, History, Outcome, Verdict, Written, check};
+pub use profile::{Profile, seed_from_env};
+pub use run::{Combination, Fault, Options, Report, Unavailable, run};

@@ -1,0 +1,50 @@
+//! The chaos harness on every combination, short profile (`OUTBOX_CHAOS_PROFILE=long` for the
+//! soak): the guarantee must hold through killed relays, cut and restarted brokers and killed
+//! database connections.
+
+use outbox_chaos::{Combination, Options, Profile, run, seed_from_env};
+use outbox_testkit::env::or_skip;
+
+/// Runs are heavy (a broker, three relay processes, producers): one at a time, so that a run
+/// on this two-core machine measures faults rather than starvation.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn chaos(combination: Combination) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let options = Options {
+        relay_bin: env!("CARGO_BIN_EXE_chaos-relay").into(),
+        profile: Profile::from_env(),
+        seed: seed_from_env(),
+    };
+    let Some(report) = or_skip(combination.servers(), run(combination, &options).await) else {
+        return;
+    };
+    println!("{report}");
+    println!("{}", report.markdown_row());
+    assert!(report.passed(), "{report}");
+    assert!(
+        report.verdict.committed > 0,
+        "the producers committed nothing: {report}"
+    );
+    assert!(report.fault_total() > 0, "no fault was injected: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_nats_survives_chaos() {
+    chaos(Combination::PostgresNats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_kafka_survives_chaos() {
+    chaos(Combination::PostgresKafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_to_amqp_survives_chaos() {
+    chaos(Combination::MysqlAmqp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_to_nats_survives_chaos() {
+    chaos(Combination::SqliteNats).await;
+}
