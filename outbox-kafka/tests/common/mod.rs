@@ -290,8 +290,13 @@ impl PublisherHarness for KafkaHarness {
 
 /// The tansu executable: `TANSU_BIN`, else `tansu` on the `PATH`, else `~/.cargo/bin/tansu`.
 fn tansu_bin() -> Result<PathBuf, String> {
-    if let Ok(bin) = std::env::var("TANSU_BIN") {
-        return Ok(PathBuf::from(bin));
+    if let Some(bin) = std::env::var_os("TANSU_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("TANSU_BIN={} is not a file", bin.display()))
+        };
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|path| {
