@@ -73,8 +73,9 @@ pub trait PublisherHarness: Send + Sync + 'static {
     /// a limit small enough to test (publishing more must fail permanently).
     fn max_payload(&self) -> Option<usize>;
 
-    /// Reads `count` messages from [`PublisherHarness::destination`], waiting at most `timeout`;
-    /// returns what arrived in arrival order (fewer on timeout).
+    /// Reads the next `count` messages from [`PublisherHarness::destination`], waiting at most
+    /// `timeout`; returns what arrived in arrival order (fewer on timeout). A later call goes on
+    /// after what earlier calls returned.
     fn read(&self, count: usize, timeout: Duration) -> impl Future<Output = Vec<Received>> + Send;
 
     /// Removes what the harness created.

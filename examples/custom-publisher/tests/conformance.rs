@@ -11,6 +11,8 @@ const MAX_BODY: usize = 64 * 1024;
 
 struct Harness {
     receiver: Receiver,
+    /// Deliveries already returned by `read`.
+    cursor: std::sync::Mutex<usize>,
     publisher: WebhookPublisher,
     destination: String,
 }
@@ -36,10 +38,19 @@ impl PublisherHarness for Harness {
 
     async fn read(&self, count: usize, timeout: Duration) -> Vec<Received> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut cursor = self
+            .cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_owned();
         loop {
             let got = self.receiver.deliveries(&self.destination);
-            if got.len() >= count || tokio::time::Instant::now() >= deadline {
-                return got
+            let fresh = got.len().saturating_sub(cursor);
+            if fresh >= count || tokio::time::Instant::now() >= deadline {
+                let taken: Vec<_> = got.into_iter().skip(cursor).take(count).collect();
+                cursor += taken.len();
+                *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = cursor;
+                return taken
                     .into_iter()
                     .filter_map(|d| {
                         Some(Received {
@@ -65,6 +76,7 @@ async fn harness() -> Option<Harness> {
     let publisher = WebhookPublisher::new(format!("http://{}", receiver.addr)).expect("publisher");
     Some(Harness {
         receiver,
+        cursor: std::sync::Mutex::new(0),
         publisher,
         destination,
     })
