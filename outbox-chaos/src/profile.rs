@@ -31,11 +31,11 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// The CI profile: about 20 s of faults per combination.
+    /// The CI profile: 15 s of faults per combination.
     pub fn short() -> Self {
         Self {
             name: "short",
-            fault_phase: Duration::from_secs(20),
+            fault_phase: Duration::from_secs(15),
             producers: 3,
             pause: Duration::from_millis(8),
             keys: 8,
