@@ -1,11 +1,12 @@
 //! The databases under test: an outbox table and a business table of one run, producers'
 //! transactions, and the fault of killing the run's connections.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use outbox_core::{Enqueue, NewMessage, Stats, Store, StoreError};
+use outbox_core::{Enqueue, MessageId, NewMessage, Stats, Store, StoreError};
 use outbox_sqlx::sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use outbox_sqlx::sqlx::sqlite::SqlitePool;
@@ -301,6 +302,39 @@ impl Db {
                 )
             })
             .collect())
+    }
+
+    /// The ids of the messages still pending in the outbox.
+    pub async fn pending_ids(&self, table: &str) -> Result<HashSet<MessageId>, BoxError> {
+        Ok(match self {
+            Db::Postgres { store, .. } => {
+                let ids: Vec<uuid::Uuid> =
+                    sqlx::query_scalar(&format!("SELECT id FROM \"{table}\" WHERE state = 0"))
+                        .fetch_all(store.pool())
+                        .await?;
+                ids.into_iter().map(MessageId::from_uuid).collect()
+            }
+            Db::MySql { store, .. } => {
+                let ids: Vec<Vec<u8>> =
+                    sqlx::query_scalar(&format!("SELECT id FROM `{table}` WHERE state = 0"))
+                        .fetch_all(store.pool())
+                        .await?;
+                ids.iter()
+                    .filter_map(|b| uuid::Uuid::from_slice(b).ok())
+                    .map(MessageId::from_uuid)
+                    .collect()
+            }
+            Db::Sqlite { store, .. } => {
+                let ids: Vec<Vec<u8>> =
+                    sqlx::query_scalar(&format!("SELECT id FROM \"{table}\" WHERE state = 0"))
+                        .fetch_all(store.pool())
+                        .await?;
+                ids.iter()
+                    .filter_map(|b| uuid::Uuid::from_slice(b).ok())
+                    .map(MessageId::from_uuid)
+                    .collect()
+            }
+        })
     }
 
     /// The final version of each key's business row.

@@ -135,8 +135,11 @@ pub struct Verdict {
     pub deliveries: usize,
     /// Deliveries of a message already delivered.
     pub duplicates: usize,
-    /// Committed messages that never arrived: ids, first few.
+    /// Committed messages that never arrived and are no longer in the outbox.
     pub lost: Vec<MessageId>,
+    /// Committed messages that had not arrived when the drain bound passed but are still
+    /// pending in the outbox: late, not lost.
+    pub still_pending: Vec<MessageId>,
     /// Rolled-back or aborted messages that arrived.
     pub phantoms: Vec<MessageId>,
     /// Messages nobody wrote.
@@ -160,8 +163,9 @@ impl Verdict {
     }
 }
 
-/// Checks `deliveries` (in broker order) against `history`.
-pub fn check(history: &History, deliveries: &[Delivery]) -> Verdict {
+/// Checks `deliveries` (in broker order) against `history`; `pending` holds the ids still
+/// pending in the outbox, so that late messages are told from lost ones.
+pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<MessageId>) -> Verdict {
     let index = history.index();
     let mut verdict = Verdict::default();
     for (outcome, _) in index.values() {
@@ -209,6 +213,10 @@ pub fn check(history: &History, deliveries: &[Delivery]) -> Verdict {
         .map(|(id, _)| *id)
         .collect();
     verdict.lost.sort();
+    let (late, lost): (Vec<MessageId>, Vec<MessageId>) =
+        verdict.lost.iter().partition(|id| pending.contains(id));
+    verdict.lost = lost;
+    verdict.still_pending = late;
     verdict
 }
 
@@ -217,8 +225,8 @@ impl fmt::Display for Verdict {
         write!(
             f,
             "committed {}, rolled back {}, aborted {}, indeterminate {} ({} delivered), \
-             deliveries {}, duplicates {}, lost {}, phantoms {}, unknown {}, out of order {}, \
-             corrupted {}",
+             deliveries {}, duplicates {}, lost {}, still pending {}, phantoms {}, unknown {}, \
+             out of order {}, corrupted {}",
             self.committed,
             self.rolled_back,
             self.aborted,
@@ -227,6 +235,7 @@ impl fmt::Display for Verdict {
             self.deliveries,
             self.duplicates,
             self.lost.len(),
+            self.still_pending.len(),
             self.phantoms.len(),
             self.unknown,
             self.out_of_order.len(),
@@ -271,10 +280,22 @@ mod tests {
                 delivered(&a1),
                 delivered(&a2),
             ],
+            &HashSet::new(),
         );
         assert!(verdict.holds(), "{verdict}");
         assert_eq!(verdict.duplicates, 1);
         assert_eq!(verdict.committed, 3);
+    }
+
+    #[test]
+    fn late_messages_are_not_lost() {
+        let history = History::default();
+        let (a1, a2) = (written("a", 1), written("a", 2));
+        history.record(Outcome::Committed, vec![a1.clone()]);
+        history.record(Outcome::Committed, vec![a2.clone()]);
+        let verdict = check(&history, &[delivered(&a1)], &HashSet::from([a2.id]));
+        assert!(verdict.lost.is_empty());
+        assert_eq!(verdict.still_pending, vec![a2.id]);
     }
 
     #[test]
@@ -288,7 +309,11 @@ mod tests {
         history.record(Outcome::RolledBack, vec![rolled.clone()]);
         let mut changed = delivered(&a1);
         changed.payload = b"other".to_vec();
-        let verdict = check(&history, &[delivered(&a2), changed, delivered(&rolled)]);
+        let verdict = check(
+            &history,
+            &[delivered(&a2), changed, delivered(&rolled)],
+            &HashSet::new(),
+        );
         assert!(!verdict.holds());
         assert_eq!(verdict.lost, vec![a3.id]);
         assert_eq!(verdict.phantoms, vec![rolled.id]);

@@ -149,8 +149,8 @@ impl Report {
         self.faults.values().sum()
     }
 
-    /// One Markdown table row: combination, profile, messages, faults, lost, out of order,
-    /// duplicates.
+    /// One Markdown table row: combination, profile, messages, faults, lost, late (still
+    /// pending at the drain bound), phantoms, out of order, duplicates, time.
     pub fn markdown_row(&self) -> String {
         let faults = self
             .faults
@@ -159,7 +159,7 @@ impl Report {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "| {} | {} | {} committed ({} rolled back, {} aborted, {} indeterminate) | {} ({faults}) | {} | {} | {} | {} | {:.0} s |",
+            "| {} | {} | {} committed ({} rolled back, {} aborted, {} indeterminate) | {} ({faults}) | {} | {} | {} | {} | {} | {:.0} s |",
             self.combination.name(),
             self.profile,
             self.verdict.committed,
@@ -168,6 +168,7 @@ impl Report {
             self.verdict.indeterminate,
             self.fault_total(),
             self.verdict.lost.len(),
+            self.verdict.still_pending.len(),
             self.verdict.phantoms.len(),
             self.verdict.out_of_order.len(),
             self.verdict.duplicates,
@@ -202,10 +203,18 @@ impl fmt::Display for Report {
             self.db_connections_killed,
             self.relay_starts
         )?;
-        let lists: [(&str, Vec<String>); 7] = [
+        let lists: [(&str, Vec<String>); 8] = [
             (
                 "lost",
                 self.verdict.lost.iter().map(ToString::to_string).collect(),
+            ),
+            (
+                "late (still pending when the drain bound passed)",
+                self.verdict
+                    .still_pending
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             ),
             (
                 "phantoms",
@@ -467,7 +476,12 @@ max_attempts = 100000
         Ok(deliveries) => (deliveries, None),
         Err(err) => (Vec::new(), Some(err.to_string())),
     };
-    let verdict = check(&history, &deliveries);
+    let pending_ids = if pending == 0 {
+        HashSet::new()
+    } else {
+        db.pending_ids(&table).await.unwrap_or_default()
+    };
+    let verdict = check(&history, &deliveries, &pending_ids);
     let versions = db.versions(&table).await.unwrap_or_default();
     let mut business_mismatches = business_check(&history, &deliveries, &versions);
     if let Some(err) = read_error {

@@ -318,7 +318,6 @@ proptest! {
 /// A pool size no machine can hold must be refused as a configuration error, not abort the
 /// process (a crash loop under a supervisor).
 #[test]
-#[ignore = "bug: store.max_connections = 4294967295 passes validation and the relay aborts with SIGABRT (memory allocation of 309237645240 bytes failed) when the pool is built; nothing bounds StoreConfig::max_connections"]
 fn a_huge_pool_size_is_refused_not_an_abort() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}/outbox.db?mode=rwc", dir.path().display());
