@@ -213,6 +213,9 @@ impl Config {
             ConfigFileError("store.url: missing (postgres://, mysql:// or sqlite: URL)".into())
         })?;
         crate::backends::StoreKind::from_url(url).map_err(ConfigFileError)?;
+        self.store
+            .validate()
+            .map_err(|err| ConfigFileError(format!("store.{}", err.message())))?;
         Ok(())
     }
 }

@@ -7,6 +7,10 @@ use std::time::Duration;
 use outbox_core::{Limits, StoreError, StoreErrorKind};
 use serde::Deserialize;
 
+/// Largest pool a store opens: far above what one relay or service needs, far below what
+/// would exhaust memory (each pooled connection reserves buffers up front).
+const MAX_CONNECTIONS: u32 = 1000;
+
 /// Longest identifier part PostgreSQL keeps (`NAMEDATALEN - 1`); MySQL allows 64.
 const MAX_IDENT: usize = 63;
 
@@ -119,8 +123,34 @@ impl StoreConfig {
         self.notify_channel.as_deref().unwrap_or(&self.table)
     }
 
-    /// The URL for `connect`, or a configuration error naming the store.
+    /// Checks the settings that do not depend on the database: the table name (schema
+    /// qualification is checked by each store, since SQLite takes none), the pool size and the
+    /// notification channel. The stores' constructors call it; configuration loaders may call
+    /// it earlier to report errors before connecting.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        // Each message starts with the name of the setting at fault.
+        split_table(&self.table, true)
+            .map_err(|err| config_error(format!("table: {}", err.message())))?;
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(config_error(format!(
+                "max_connections: {} is not between 1 and {MAX_CONNECTIONS}",
+                self.max_connections
+            )));
+        }
+        if let Some(channel) = &self.notify_channel
+            && !is_identifier(channel)
+        {
+            return Err(config_error(format!(
+                "notify_channel: {channel:?} does not match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The URL for `connect` after [`StoreConfig::validate`], or a configuration error naming
+    /// the store.
     pub(crate) fn require_url(&self, store: &str) -> Result<&str, StoreError> {
+        self.validate()?;
         match self.url.as_deref() {
             Some(url) if !url.is_empty() => Ok(url),
             _ => Err(config_error(format!(
@@ -302,6 +332,28 @@ mod tests {
         );
         assert!(Names::new(&"a".repeat(52), PLAIN).is_ok());
         assert!(Names::new(&format!("{}.t", "s".repeat(63)), SCHEMAS).is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_setting_at_fault() {
+        let message = |config: StoreConfig| config.validate().map_err(|e| e.message().to_owned());
+        assert_eq!(message(StoreConfig::new()), Ok(()));
+        assert!(
+            message(StoreConfig::new().table("a; DROP TABLE b"))
+                .is_err_and(|m| m.starts_with("table: "))
+        );
+        assert!(
+            message(StoreConfig::new().max_connections(0))
+                .is_err_and(|m| m.starts_with("max_connections: "))
+        );
+        assert!(
+            message(StoreConfig::new().max_connections(u32::MAX))
+                .is_err_and(|m| m.starts_with("max_connections: "))
+        );
+        assert!(
+            message(StoreConfig::new().notify_channel("a'b"))
+                .is_err_and(|m| m.starts_with("notify_channel: "))
+        );
     }
 
     #[test]
