@@ -260,7 +260,6 @@ async fn kafka_property_secrets_stay_hidden() {
 /// At debug level, async-nats logs each connection attempt with the server's `Url` as parsed,
 /// password included, and the relay passes the URL with its credentials to async-nats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with RUST_LOG=debug the relay's log shows the NATS password (async_nats::connector \"attempting connection\" prints the Url); outbox-nats hands credentials to async-nats inside the URL"]
 async fn nats_credentials_stay_hidden_at_debug_level() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!(

@@ -65,15 +65,36 @@ impl NatsPublisher {
     /// so this succeeds while the servers are unreachable (publishing then fails transiently).
     pub async fn new(config: NatsConfig) -> Result<Self, NatsError> {
         config.validate()?;
-        let servers: Vec<ServerAddr> = config
-            .servers()?
-            .iter()
-            .map(|server| ServerAddr::from_str(server))
-            .collect::<Result<_, _>>()
-            .map_err(|err| NatsError::config("url", err.to_string()))?;
+        // Credentials travel in the connect options, never inside the server addresses: the
+        // client logs those addresses (at debug level) as it connects.
+        let mut credentials: Option<(String, Option<String>)> = None;
+        let mut servers: Vec<ServerAddr> = Vec::new();
+        for server in config.servers()? {
+            let mut parsed = url::Url::parse(&server).map_err(|err| {
+                NatsError::config("url", format!("{}: {err}", config.redacted_url()))
+            })?;
+            if !parsed.username().is_empty() && credentials.is_none() {
+                let user = percent_decode(parsed.username());
+                let password = parsed.password().map(percent_decode);
+                credentials = Some((user, password));
+            }
+            // Infallible for the URLs `servers()` accepted (they have a host).
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            servers.push(
+                ServerAddr::from_str(parsed.as_str())
+                    .map_err(|err| NatsError::config("url", err.to_string()))?,
+            );
+        }
         let url = config.redacted_url();
         let log_url = url.clone();
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new();
+        options = match credentials {
+            Some((user, Some(password))) => options.user_and_password(user, password),
+            Some((token, None)) => options.token(token),
+            None => options,
+        };
+        let options = options
             .name(&config.connection_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -459,4 +480,11 @@ impl Publisher for NatsPublisher {
     async fn flush(&self) -> Result<(), PublishError> {
         self.inner.flush().await
     }
+}
+
+/// Decodes the `%XX` escapes of a URL's user or password part.
+fn percent_decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
