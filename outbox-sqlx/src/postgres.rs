@@ -57,7 +57,20 @@ const PG: Dialect = Dialect {
 /// Starts a claim transaction. The planner's estimate of the claim statement can exceed
 /// `jit_above_cost` on large tables, and compiling it then takes hundreds of milliseconds for
 /// a statement that runs in one or two: no JIT for claims (for this transaction only).
-const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off";
+///
+/// Claims and settles commit without waiting for their WAL to reach the disk
+/// (`synchronous_commit = off`, for these transactions only): the flush costs up to several
+/// milliseconds on a loaded disk, on the path of every message. A database crash can lose the
+/// last few of them (at most about three times `wal_writer_delay`), and nothing else: a lost
+/// lease or settle leaves its messages pending, leased at most until the lease ends, so they
+/// are published again (a duplicate, which at-least-once allows), never lost. Per-key order
+/// holds as well: a message is published only after the earlier ones of its key were
+/// acknowledged, and the WAL is replayed in order, so no later claim survives a lost one.
+/// Enqueues are the caller's transactions and keep the caller's setting.
+const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off; SET LOCAL synchronous_commit = off";
+
+/// Starts a settle transaction: asynchronous commit, as claims (see [`BEGIN_CLAIM`]).
+const BEGIN_SETTLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
 /// The transactional outbox on PostgreSQL 12 or later.
 ///
@@ -313,22 +326,37 @@ impl Store for PostgresStore {
             ..
         } = &*self.inner;
         let token = LeaseToken::new();
-        let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
-        // over waits until this claim committed: its own claim then sees these leases.
-        let owned: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT \"partition\" FROM {} WHERE owner = $1 AND expires_at > now() \
-             ORDER BY \"partition\" FOR UPDATE",
-            names.partitions
-        ))
-        .bind(relay.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .doing(DOING)?;
-        if owned.is_empty() || limit == 0 {
-            tx.rollback().await.doing(DOING)?;
-            return Ok(sql::assemble_claim(token, Vec::new()));
-        }
+        // over waits until this claim committed: its own claim then sees these leases. The
+        // lock goes with the BEGIN, in one round trip, when the relay id can be written as a
+        // literal as it is (a UUID, a host name); the claim itself only takes rows of the
+        // partitions the relay owns.
+        let lock = |owner: &str| {
+            format!(
+                "SELECT \"partition\" FROM {} WHERE owner = {owner} AND expires_at > now() \
+                 ORDER BY \"partition\" FOR UPDATE",
+                names.partitions
+            )
+        };
+        let mut tx = match plain_literal(relay.as_str()) {
+            Some(literal) if limit > 0 => {
+                let begin = format!("{BEGIN_CLAIM}; {}", lock(&literal));
+                sql::begin_with(pool, Some(begin.into()), DOING).await?
+            }
+            _ => {
+                let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
+                let owned: Vec<i16> = sqlx::query_scalar(&lock("$1"))
+                    .bind(relay.as_str())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .doing(DOING)?;
+                if owned.is_empty() || limit == 0 {
+                    tx.rollback().await.doing(DOING)?;
+                    return Ok(sql::assemble_claim(token, Vec::new()));
+                }
+                tx
+            }
+        };
         // `claimable` locks the next rows in enqueue order; `kept` drops those with an earlier
         // pending message of their key outside `claimable`: a row some other transaction held
         // locked, which SKIP LOCKED passed over although it is not leased. `first_left` finds,
@@ -337,7 +365,7 @@ impl Store for PostgresStore {
         let key = "\"key\"";
         let mut statement = Sql::new(&PG);
         statement.push(&format!(
-            "WITH claimable AS (SELECT o.seq, o.{key} FROM {} o WHERE ",
+            "WITH claimable AS (SELECT o.ctid AS row_id, o.seq, o.{key} FROM {} o WHERE ",
             names.table
         ));
         sql::push_claimable(&mut statement, &PG, names, relay);
@@ -350,7 +378,7 @@ impl Store for PostgresStore {
                      WHERE e.{key} = k.{key} AND e.state = {PENDING} \
                      AND e.seq NOT IN (SELECT seq FROM claimable) ORDER BY e.seq LIMIT 1) AS seq \
                    FROM (SELECT DISTINCT {key} FROM claimable WHERE {key} IS NOT NULL) k), \
-                 kept AS (SELECT c.seq FROM claimable c LEFT JOIN first_left f ON f.{key} = c.{key} \
+                 kept AS (SELECT c.row_id FROM claimable c LEFT JOIN first_left f ON f.{key} = c.{key} \
                    WHERE f.seq IS NULL OR c.seq < f.seq) \
                  UPDATE {t} u SET lease_token = ",
                 t = names.table
@@ -359,7 +387,7 @@ impl Store for PostgresStore {
             .push(", lease_until = ");
         now_plus(&mut statement, sql::micros(lease));
         statement.push(&format!(
-            " FROM kept WHERE u.seq = kept.seq RETURNING {}",
+            " FROM kept WHERE u.ctid = kept.row_id RETURNING {}",
             sql::qualified_columns(columns, "u")
         ));
         let rows = bound(&statement.text, statement.args)?
@@ -399,7 +427,7 @@ impl Store for PostgresStore {
             format!("o.state = {PENDING} AND o.lease_token = $2 AND o.lease_until > now()");
         let token = *token.as_uuid();
         let mut applied = 0;
-        let mut tx = sql::begin(pool, None, DOING).await?;
+        let mut tx = sql::begin(pool, Some(BEGIN_SETTLE), DOING).await?;
         if !settlement.published.is_empty() {
             let ids = uuids(&settlement.published);
             let text = if config.retention.is_some() {
@@ -680,6 +708,16 @@ impl Store for PostgresStore {
     }
 }
 
+/// `text` as an SQL string literal when it needs no escaping (letters, digits and `-_.:@`
+/// only), so that it can be written into a statement that takes no parameters.
+fn plain_literal(text: &str) -> Option<String> {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
+    plain.then(|| format!("'{text}'"))
+}
+
 /// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n FOR UPDATE)`: the subquery selecting the
 /// dead letters to replay or purge.
 fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
@@ -692,4 +730,21 @@ fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
 
 fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
     ids.iter().map(|id| *id.as_uuid()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_literal;
+
+    #[test]
+    fn only_plain_relay_ids_are_written_as_literals() {
+        assert_eq!(
+            plain_literal("0198f2c4-7d1e-7c3a-9d6b-1f2e3d4c5b6a").as_deref(),
+            Some("'0198f2c4-7d1e-7c3a-9d6b-1f2e3d4c5b6a'")
+        );
+        assert_eq!(plain_literal("host-1:42").as_deref(), Some("'host-1:42'"));
+        for id in ["", "a'b", "a\\b", "a b", "é", "a;b"] {
+            assert_eq!(plain_literal(id), None, "{id:?}");
+        }
+    }
 }

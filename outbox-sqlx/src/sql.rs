@@ -169,6 +169,15 @@ pub(crate) async fn begin<DB: sqlx::Database>(
     statement: Option<&'static str>,
     doing: &str,
 ) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+    begin_with(pool, statement.map(std::borrow::Cow::Borrowed), doing).await
+}
+
+/// [`begin`] with a statement built at run time.
+pub(crate) async fn begin_with<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    statement: Option<std::borrow::Cow<'static, str>>,
+    doing: &str,
+) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
     let pool = pool.clone();
     let begun = tokio::spawn(async move {
         match statement {
@@ -755,22 +764,63 @@ impl RowParts {
             .map_err(|error| Malformed { id, key, error })
     }
 
-    /// The message as a dead letter. Headers that cannot be decoded are left out instead of
-    /// hiding the whole dead letter (its `last_error` says why it died); any other column
-    /// that cannot be decoded is an error.
+    /// The message as a dead letter. Columns that cannot be decoded are shown as such
+    /// (destination `<undecodable>`, empty payload, no headers) with the reason added to
+    /// `last_error`, instead of hiding this dead letter or the others listed with it:
+    /// operators list dead letters to decide what to replay or purge.
     pub(crate) fn into_dead_letter(
-        self,
+        mut self,
         dead_at: Result<DateTime<Utc>, String>,
     ) -> Result<DeadLetter, StoreError> {
+        let mut damage: Vec<String> = Vec::new();
+        let mut take = |result: Result<(), String>| {
+            if let Err(error) = result {
+                damage.push(error);
+            }
+        };
+        if let Err(error) = &self.destination {
+            take(Err(error.clone()));
+            self.destination = Ok(String::from("<undecodable>"));
+        }
+        if let Err(error) = &self.key {
+            take(Err(error.clone()));
+            self.key = Ok(None);
+        }
+        if let Err(error) = &self.payload {
+            take(Err(error.clone()));
+            self.payload = Ok(Vec::new());
+        }
+        if let Err(error) = &self.attempts {
+            take(Err(error.clone()));
+            self.attempts = Ok(0);
+        }
+        if let Err(error) = &self.last_error {
+            take(Err(error.clone()));
+            self.last_error = Ok(None);
+        }
+        let dead_at = dead_at.unwrap_or_else(|error| {
+            damage.push(error);
+            DateTime::<Utc>::UNIX_EPOCH
+        });
+        if let Err(error) = &self.created_at {
+            damage.push(error.clone());
+            self.created_at = Ok(dead_at);
+        }
+        if !damage.is_empty() {
+            let last = self.last_error.clone().ok().flatten();
+            let note = format!("stored row damaged: {}", damage.join("; "));
+            self.last_error = Ok(Some(match last {
+                Some(last) => format!("{last} ({note})"),
+                None => note,
+            }));
+        }
         let id = self.id;
-        let decode = |error: String| {
+        let message = self.decode(false).map_err(|error| {
             StoreError::new(
                 outbox_core::StoreErrorKind::Decode,
                 format!("dead letter {id}: {error}"),
             )
-        };
-        let dead_at = dead_at.map_err(decode)?;
-        let message = self.decode(false).map_err(decode)?;
+        })?;
         Ok(DeadLetter::new(message, dead_at))
     }
 
@@ -816,6 +866,27 @@ pub(crate) fn assemble_claim(token: LeaseToken, mut rows: Vec<RowParts>) -> Clai
         }
     }
     claim
+}
+
+/// The parts of a dead row whose id cannot be read, under a stand-in id made of its sequence
+/// number, so that listing dead letters still shows it.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) fn unreadable_id_parts(
+    seq: i64,
+    error: String,
+    created_at: Result<DateTime<Utc>, String>,
+) -> RowParts {
+    RowParts {
+        seq,
+        id: MessageId::from_uuid(uuid::Uuid::from_u64_pair(0, seq.unsigned_abs())),
+        destination: Err(error),
+        key: Ok(None),
+        payload: Ok(Vec::new()),
+        headers: Ok(String::from("{}")),
+        created_at,
+        attempts: Ok(0),
+        last_error: Ok(None),
+    }
 }
 
 /// A MessageId from 16 stored bytes.
