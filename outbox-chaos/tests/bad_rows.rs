@@ -406,7 +406,6 @@ async fn invalid_utf8_in_sqlite_headers_is_a_dead_letter_with_a_clear_error() {
 /// One dead letter whose destination cannot be decoded must not hide the others: operators
 /// list dead letters to decide what to replay or purge.
 #[tokio::test]
-#[ignore = "bug: SqliteStore::dead_letters fails as a whole when one dead row has an undecodable column (outbox-sqlx, into_dead_letter errors are collected into one Result)"]
 async fn one_undecodable_dead_letter_does_not_hide_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = sqlite_store(dir.path()).await;
@@ -457,7 +456,6 @@ async fn an_unreadable_id_does_not_hold_its_key_back() {
 /// The same row must not stay pending for ever either: it is re-leased at every lease
 /// expiry, counted in the backlog for good, and never dead-lettered.
 #[tokio::test]
-#[ignore = "bug: a SQLite row whose id is not 16 bytes is leased, dropped from the claim with a log line, and stays pending for ever (outbox-sqlx sqlite.rs claim: row_parts errors are filtered out)"]
 async fn an_unreadable_id_does_not_stay_pending_for_ever() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = sqlite_store(dir.path()).await;

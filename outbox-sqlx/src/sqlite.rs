@@ -28,7 +28,7 @@ use sqlx::{Arguments as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))];
@@ -324,6 +324,28 @@ fn bound(text: &str, args: Vec<Arg>) -> Result<Query<'_, Sqlite, SqliteArguments
     Ok(sqlx::query_with(text, arguments(args)?))
 }
 
+impl SqliteStore {
+    /// Dead-letters claimed rows whose id cannot be read (a SQLite column holds any bytes).
+    /// Without an id the relay cannot address them, so the store does it here; left alone they
+    /// would be leased again at every lease expiry and stay pending for ever.
+    async fn bury(&self, rows: &[(i64, String)]) -> Result<(), StoreError> {
+        for (seq, error) in rows {
+            tracing::error!(seq, %error, "dead-lettering an outbox row whose id cannot be read");
+            sqlx::query(&format!(
+                "UPDATE {} SET state = {DEAD}, dead_at = {NOW}, attempts = attempts + 1, \
+                 last_error = ?, lease_token = NULL, lease_until = NULL WHERE seq = ?",
+                self.inner.names.table
+            ))
+            .bind(format!("the stored id cannot be read: {error}"))
+            .bind(seq)
+            .execute(&self.inner.pool)
+            .await
+            .doing("dead-lettering a row whose id cannot be read")?;
+        }
+        Ok(())
+    }
+}
+
 fn row_parts(row: &SqliteRow) -> Result<RowParts, sqlx::Error> {
     let id: Vec<u8> = row.try_get("id")?;
     let id = sql::id_from_bytes(&id).map_err(|err| sqlx::Error::Decode(err.into()))?;
@@ -376,14 +398,21 @@ impl Store for SqliteStore {
             .fetch_all(pool)
             .await
             .doing("claiming outbox messages")?;
-        let parts = rows.iter().filter_map(|row| match row_parts(row) {
-            Ok(parts) => Some(parts),
-            Err(err) => {
-                tracing::error!(error = %err, "a claimed outbox row has no readable id");
-                None
+        let mut unreadable: Vec<(i64, String)> = Vec::new();
+        let mut parts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match row_parts(row) {
+                Ok(row) => parts.push(row),
+                Err(err) => match row.try_get::<i64, _>("seq") {
+                    Ok(seq) => unreadable.push((seq, err.to_string())),
+                    Err(_) => tracing::error!(error = %err, "a claimed outbox row cannot be read"),
+                },
             }
-        });
-        Ok(sql::assemble_claim(token, parts.collect()))
+        }
+        if !unreadable.is_empty() {
+            self.bury(&unreadable).await?;
+        }
+        Ok(sql::assemble_claim(token, parts))
     }
 
     async fn settle(
@@ -531,7 +560,16 @@ impl Store for SqliteStore {
             .doing("listing dead letters")?;
         rows.iter()
             .map(|row| {
-                let parts = row_parts(row).doing("listing dead letters")?;
+                let parts = match row_parts(row) {
+                    Ok(parts) => parts,
+                    // A dead row whose id cannot be read is still listed, under a stand-in id
+                    // made of its sequence number; `purge` of all dead letters removes it.
+                    Err(err) => sql::unreadable_id_parts(
+                        row.try_get::<i64, _>("seq").doing("listing dead letters")?,
+                        err.to_string(),
+                        column::<_, i64>(row, "created_at").map(time),
+                    ),
+                };
                 parts.into_dead_letter(column::<_, i64>(row, "dead_at").map(time))
             })
             .collect()
