@@ -326,37 +326,26 @@ impl Store for PostgresStore {
             ..
         } = &*self.inner;
         let token = LeaseToken::new();
+        let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
         // over waits until this claim committed: its own claim then sees these leases. The
-        // lock goes with the BEGIN, in one round trip, when the relay id can be written as a
-        // literal as it is (a UUID, a host name); the claim itself only takes rows of the
-        // partitions the relay owns.
-        let lock = |owner: &str| {
-            format!(
-                "SELECT \"partition\" FROM {} WHERE owner = {owner} AND expires_at > now() \
-                 ORDER BY \"partition\" FOR UPDATE",
-                names.partitions
-            )
-        };
-        let mut tx = match plain_literal(relay.as_str()) {
-            Some(literal) if limit > 0 => {
-                let begin = format!("{BEGIN_CLAIM}; {}", lock(&literal));
-                sql::begin_with(pool, Some(begin.into()), DOING).await?
-            }
-            _ => {
-                let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
-                let owned: Vec<i16> = sqlx::query_scalar(&lock("$1"))
-                    .bind(relay.as_str())
-                    .fetch_all(&mut *tx)
-                    .await
-                    .doing(DOING)?;
-                if owned.is_empty() || limit == 0 {
-                    tx.rollback().await.doing(DOING)?;
-                    return Ok(sql::assemble_claim(token, Vec::new()));
-                }
-                tx
-            }
-        };
+        // lock is a statement of its own, not part of the BEGIN: a failure there (a deadlock
+        // while relays rebalance, a lock timeout) must come back as an error with the
+        // transaction, which rolls it back, not leave the pooled connection inside an aborted
+        // transaction.
+        let owned: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT \"partition\" FROM {} WHERE owner = $1 AND expires_at > now() \
+             ORDER BY \"partition\" FOR UPDATE",
+            names.partitions
+        ))
+        .bind(relay.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .doing(DOING)?;
+        if owned.is_empty() || limit == 0 {
+            tx.rollback().await.doing(DOING)?;
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
         // `claimable` locks the next rows in enqueue order; `kept` drops those with an earlier
         // pending message of their key outside `claimable`: a row some other transaction held
         // locked, which SKIP LOCKED passed over although it is not leased. `first_left` finds,
@@ -708,16 +697,6 @@ impl Store for PostgresStore {
     }
 }
 
-/// `text` as an SQL string literal when it needs no escaping (letters, digits and `-_.:@`
-/// only), so that it can be written into a statement that takes no parameters.
-fn plain_literal(text: &str) -> Option<String> {
-    let plain = !text.is_empty()
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
-    plain.then(|| format!("'{text}'"))
-}
-
 /// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n FOR UPDATE)`: the subquery selecting the
 /// dead letters to replay or purge.
 fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
@@ -730,21 +709,4 @@ fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
 
 fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
     ids.iter().map(|id| *id.as_uuid()).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plain_literal;
-
-    #[test]
-    fn only_plain_relay_ids_are_written_as_literals() {
-        assert_eq!(
-            plain_literal("0198f2c4-7d1e-7c3a-9d6b-1f2e3d4c5b6a").as_deref(),
-            Some("'0198f2c4-7d1e-7c3a-9d6b-1f2e3d4c5b6a'")
-        );
-        assert_eq!(plain_literal("host-1:42").as_deref(), Some("'host-1:42'"));
-        for id in ["", "a'b", "a\\b", "a b", "é", "a;b"] {
-            assert_eq!(plain_literal(id), None, "{id:?}");
-        }
-    }
 }

@@ -169,15 +169,6 @@ pub(crate) async fn begin<DB: sqlx::Database>(
     statement: Option<&'static str>,
     doing: &str,
 ) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
-    begin_with(pool, statement.map(std::borrow::Cow::Borrowed), doing).await
-}
-
-/// [`begin`] with a statement built at run time.
-pub(crate) async fn begin_with<DB: sqlx::Database>(
-    pool: &sqlx::Pool<DB>,
-    statement: Option<std::borrow::Cow<'static, str>>,
-    doing: &str,
-) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
     let pool = pool.clone();
     let begun = tokio::spawn(async move {
         match statement {
