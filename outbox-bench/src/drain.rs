@@ -13,6 +13,7 @@ use crate::brokers::{Broker, BrokerKind, RAW_WINDOW};
 use crate::report::Report;
 use crate::services::Services;
 use crate::stores::{BenchStore, StoreKind};
+use crate::timing::TimedStore;
 use crate::{Options, Res, Scenario, cpu, probe};
 
 /// The pairs measured unless `--pairs` says otherwise.
@@ -57,6 +58,16 @@ pub(crate) fn relay_config(options: &Options) -> RelayConfig {
         .concurrency(options.concurrency)
 }
 
+/// What a relay run came to.
+pub(crate) struct Run {
+    pub(crate) took: Duration,
+    pub(crate) delta: probe::Delta,
+    pub(crate) cpu_before: cpu::Sample,
+    pub(crate) cpu_after: cpu::Sample,
+    /// Claim and settle durations.
+    pub(crate) store_timings: serde_json::Value,
+}
+
 /// Runs a relay in this process until it has published `n` messages; returns the time it took
 /// and the relay's metrics over it.
 pub(crate) async fn relay_until(
@@ -65,8 +76,11 @@ pub(crate) async fn relay_until(
     config: RelayConfig,
     n: u64,
     limit: Duration,
-) -> Res<(Duration, probe::Delta, cpu::Sample, cpu::Sample)> {
-    let relay = Relay::builder(store, publisher).config(config).build()?;
+) -> Res<Run> {
+    let store = TimedStore::new(store);
+    let relay = Relay::builder(store.clone(), publisher)
+        .config(config)
+        .build()?;
     let before = probe::Reading::now();
     let cpu_before = cpu::sample(&[]);
     let started = Instant::now();
@@ -95,7 +109,13 @@ pub(crate) async fn relay_until(
         Err(err) => return Err(format!("relay task: {err}").into()),
     }
     let took = result?;
-    Ok((took, delta, cpu_before, cpu_after))
+    Ok(Run {
+        took,
+        delta,
+        cpu_before,
+        cpu_after,
+        store_timings: store.report(took),
+    })
 }
 
 /// Starts `relay.run` in a task; sending on the channel stops it gracefully.
@@ -203,7 +223,7 @@ async fn measure(
     let publisher = broker.publisher(5).await?;
     let limit = Duration::from_secs(60).max(Duration::from_millis(n));
     let load = cpu::load();
-    let (took, delta, cpu_before, cpu_after) = relay_until(
+    let run = relay_until(
         store.dyn_store(),
         publisher,
         relay_config(options),
@@ -211,13 +231,23 @@ async fn measure(
         limit,
     )
     .await?;
-    let relay_cpu = cpu_after.cores_since(&cpu_before);
+    let (took, delta) = (run.took, run.delta);
+    let relay_cpu = run.cpu_after.cores_since(&run.cpu_before);
     let pending = store.pending().await?;
     let stored = broker.stored().await?;
     if stored.is_some_and(|stored| stored != n) {
         return Err(format!("the broker holds {stored:?} messages, {n} expected").into());
     }
 
+    let per_msg = |cores: &std::collections::BTreeMap<String, f64>, secs: f64| {
+        cores
+            .iter()
+            .map(|(group, c)| (group.clone(), (c * secs / n as f64 * 1e7).round() / 10.0))
+            .collect::<std::collections::BTreeMap<String, f64>>()
+    };
+    let cpu_us_relay = per_msg(&relay_cpu, took.as_secs_f64());
+    let cpu_us_raw_drain = per_msg(&raw_drain_cpu, raw_drain_took.as_secs_f64());
+    let cpu_us_raw_publish = per_msg(&raw_publish_cpu, raw_publish_took.as_secs_f64());
     let relay_rate = rate(n, took);
     let raw_drain = rate(n, raw_drain_took);
     let raw_publish = rate(n, raw_publish_took);
@@ -240,11 +270,15 @@ async fn measure(
         "mean_batch": (delta.mean_batch * 10.0).round() / 10.0,
         "publish_calls": delta.calls,
         "mean_publish_call_ms": (delta.mean_call_ms * 100.0).round() / 100.0,
+        "store_calls": run.store_timings,
         "pending_after": pending,
         "broker_holds": stored,
         "cpu_cores_relay_run": relay_cpu,
         "cpu_cores_raw_drain": raw_drain_cpu,
         "cpu_cores_raw_publish": raw_publish_cpu,
+        "cpu_us_per_msg_relay_run": cpu_us_relay,
+        "cpu_us_per_msg_raw_drain": cpu_us_raw_drain,
+        "cpu_us_per_msg_raw_publish": cpu_us_raw_publish,
         "load_before": load,
     }))
 }

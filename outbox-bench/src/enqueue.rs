@@ -32,6 +32,7 @@ async fn rate(
     writers: usize,
     duration: Duration,
     outbox: Option<&str>,
+    raw: bool,
 ) -> Res<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -43,7 +44,7 @@ async fn rate(
         tasks.spawn(async move {
             let mut i = writer as u64 * 1_000_000_000;
             while Instant::now() < deadline {
-                store.business_tx(i, outbox.as_deref()).await?;
+                store.business_tx(i, outbox.as_deref(), raw).await?;
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -69,19 +70,29 @@ async fn measure(
         let destination = "orders.events";
         // Warm the connections and caches, then alternate without / with / with / without so
         // that a drift of the machine weighs on both sides alike.
-        rate(&store, writers, duration / 4, None).await?;
-        rate(&store, writers, duration / 4, Some(destination)).await?;
+        rate(&store, writers, duration / 4, None, false).await?;
+        rate(&store, writers, duration / 4, Some(destination), false).await?;
         let load = cpu::load();
         let cpu0 = cpu::sample(&[]);
-        let a = rate(&store, writers, duration, None).await?;
-        let b = rate(&store, writers, duration, Some(destination)).await?;
-        let c = rate(&store, writers, duration, Some(destination)).await?;
-        let d = rate(&store, writers, duration, None).await?;
+        let a = rate(&store, writers, duration, None, false).await?;
+        let b = rate(&store, writers, duration, Some(destination), false).await?;
+        let c = rate(&store, writers, duration, Some(destination), false).await?;
+        let d = rate(&store, writers, duration, None, false).await?;
         let cores = cpu::sample(&[]).cores_since(&cpu0);
+        // PostgreSQL: the same row without the store's pg_notify, to tell the two costs apart.
+        let raw = if kind == StoreKind::Postgres {
+            let e = rate(&store, writers, duration, Some(destination), true).await?;
+            let f = rate(&store, writers, duration, None, false).await?;
+            Some((e, f))
+        } else {
+            None
+        };
         let without = (a + d) / 2.0;
         let with = (b + c) / 2.0;
         let overhead = without / with.max(1e-9);
         Ok::<_, crate::BoxError>(json!({
+            "tx_per_s_row_without_notify": raw.map(|(e, _)| e.round()),
+            "overhead_row_without_notify": raw.map(|(e, f)| (f / e.max(1e-9) * 1000.0).round() / 1000.0),
             "store": kind.name(),
             "writers": writers,
             "tx_per_s_without": without.round(),

@@ -209,7 +209,8 @@ async fn run_steady(
         inner: broker.publisher(0).await?,
         stamps: Arc::clone(&stamps),
     };
-    let relay = Relay::builder(store.dyn_store(), publisher)
+    let timed_store = crate::timing::TimedStore::new(store.dyn_store());
+    let relay = Relay::builder(timed_store.clone(), publisher)
         .config(RelayConfig::default())
         .build()?;
     let (stop, running) = crate::drain::spawn_relay(relay);
@@ -275,6 +276,7 @@ async fn run_steady(
     );
     value["commit_to_publish_call"] = summary(&hists.to_call);
     value["publish_call"] = summary(&hists.call);
+    value["store_calls"] = timed_store.report(produced_in);
     value["kafka_linger_ms"] = json!(if broker.kind == BrokerKind::Kafka {
         Some(0)
     } else {

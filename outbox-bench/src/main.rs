@@ -24,6 +24,7 @@ mod report;
 mod scaling;
 mod services;
 mod stores;
+mod timing;
 mod workload;
 
 use std::path::PathBuf;

@@ -31,6 +31,7 @@ const ENQUEUE: &[Column] = &[
     ("tx/s without", "tx_per_s_without"),
     ("tx/s with outbox", "tx_per_s_with"),
     ("overhead", "overhead"),
+    ("without NOTIFY", "overhead_row_without_notify"),
     ("target", "target_overhead"),
     ("met", "met"),
 ];
@@ -44,7 +45,8 @@ const DRAIN: &[Column] = &[
     ("target", "target_ratio"),
     ("met", "met"),
     ("mean batch", "mean_batch"),
-    ("cores during relay run", "cpu_cores_relay_run"),
+    ("claim ms (busy)", "claim_summary"),
+    ("CPU µs/msg in relay run", "cpu_us_per_msg_relay_run"),
 ];
 const LATENCY: &[Column] = &[
     ("pair", "pair"),
@@ -54,6 +56,7 @@ const LATENCY: &[Column] = &[
     ("p99 ms", "p99_ms"),
     ("max ms", "max_ms"),
     ("commit to call p50", "commit_to_publish_call/p50_ms"),
+    ("claim p50", "store_calls/claims/p50_ms"),
     ("publish call p50", "publish_call/p50_ms"),
     ("target p50/p99", "target"),
     ("met", "met"),
@@ -88,6 +91,13 @@ fn columns(scenario: Scenario) -> &'static [Column] {
 
 /// A value as a table cell; `path` may go into objects with `/`.
 fn cell(value: &Value, path: &str) -> String {
+    if path == "claim_summary" {
+        let claims = &value["store_calls"]["claims"];
+        return match (claims.get("mean_ms"), claims.get("busy")) {
+            (Some(mean), Some(busy)) => format!("{mean} ({busy})"),
+            _ => "-".into(),
+        };
+    }
     if path == "target" {
         return match (value.get("target_p50_ms"), value.get("target_p99_ms")) {
             (Some(a), Some(b)) => format!("{a}/{b}"),

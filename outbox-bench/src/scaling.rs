@@ -145,7 +145,7 @@ async fn drain_with(
     relays.tell("go").await?;
     let limit = Duration::from_secs(120).max(Duration::from_millis(n));
     let result = loop {
-        if store.pending().await? == 0 {
+        if !store.any_pending().await? {
             break Ok(started.elapsed());
         }
         if started.elapsed() > limit {

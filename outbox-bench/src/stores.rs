@@ -212,6 +212,27 @@ impl BenchStore {
         Ok(stats.pending)
     }
 
+    /// Whether any message is pending: one index probe, cheap enough to poll while relays
+    /// drain (the store's stats count the whole backlog).
+    pub(crate) async fn any_pending(&self) -> Res<bool> {
+        let query = format!("SELECT seq FROM {} WHERE state = 0 LIMIT 1", self.table);
+        let found = match &self.store {
+            Any::Postgres(s) => sqlx::query(&query)
+                .fetch_optional(s.pool())
+                .await?
+                .is_some(),
+            Any::MySql(s) => sqlx::query(&query)
+                .fetch_optional(s.pool())
+                .await?
+                .is_some(),
+            Any::Sqlite(s) => sqlx::query(&query)
+                .fetch_optional(s.pool())
+                .await?
+                .is_some(),
+        };
+        Ok(found)
+    }
+
     /// The raw drain baseline: claims and deletes the whole table in batches of `batch`,
     /// reading every row back as the relay does, without publishing anything, on one
     /// connection. Returns the rows drained.
@@ -303,7 +324,10 @@ impl BenchStore {
     }
 
     /// One business transaction: an order row, and with `outbox` its event in the outbox.
-    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>) -> Res<()> {
+    /// With `raw`, the event row is written by a plain INSERT instead of the store (on
+    /// PostgreSQL: without the `pg_notify` the store adds), to tell the cost of the row from
+    /// the cost of the wake-up.
+    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, raw: bool) -> Res<()> {
         let orders = orders(&self.table);
         let customer = format!("customer-{}", i % 1000);
         let event = outbox.map(|destination| {
@@ -328,8 +352,29 @@ impl BenchStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                if let Some(event) = event {
-                    s.enqueue(&mut *tx, event).await?;
+                match event {
+                    Some(event) if raw => {
+                        let partition = i16::try_from(event.partition())?;
+                        let (id, destination, key, payload, headers) = event.into_parts();
+                        sqlx::query(&format!(
+                            "INSERT INTO {} (id, \"partition\", destination, \"key\", payload, \
+                             headers, created_at, available_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, now(), now())",
+                            self.table
+                        ))
+                        .bind(*id.as_uuid())
+                        .bind(partition)
+                        .bind(destination)
+                        .bind(key)
+                        .bind(payload)
+                        .bind(outbox_core::encode_headers(&headers))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    Some(event) => {
+                        s.enqueue(&mut *tx, event).await?;
+                    }
+                    None => {}
                 }
                 tx.commit().await?;
             }
