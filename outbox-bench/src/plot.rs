@@ -121,6 +121,7 @@ where
     let mut chart = ChartBuilder::on(area)
         .caption("Commit-to-ack latency (ms)", ("sans-serif", 22))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(
