@@ -58,6 +58,14 @@ pub struct StoreConfig {
     /// PostgreSQL only: the `NOTIFY` channel enqueues signal on and
     /// [`Store::listen`](outbox_core::Store::listen) listens to. Defaults to the table name.
     pub notify_channel: Option<String>,
+    /// PostgreSQL only: whether an enqueue sends a `NOTIFY` that wakes a listening relay when
+    /// its transaction commits (default true). PostgreSQL commits notifying transactions one
+    /// at a time (it holds a cluster-wide lock while it queues their notifications), so with
+    /// many concurrent writers they no longer share disk flushes: measured with 8 writers,
+    /// 1.6x to 2.0x slower than without the outbox, against 1.1x to 1.4x without the
+    /// `NOTIFY`. Without it the relay finds new messages by polling, between its `poll_min`
+    /// and `poll_max` (a busy relay polls every `poll_min`).
+    pub notify: bool,
     /// Connections of the pool the `connect` constructors open (default 5).
     pub max_connections: u32,
 }
@@ -70,6 +78,7 @@ impl Default for StoreConfig {
             retention: None,
             limits: Limits::default(),
             notify_channel: None,
+            notify: true,
             max_connections: 5,
         }
     }
@@ -108,6 +117,12 @@ impl StoreConfig {
     /// Sets [`StoreConfig::notify_channel`].
     pub fn notify_channel(mut self, channel: impl Into<String>) -> Self {
         self.notify_channel = Some(channel.into());
+        self
+    }
+
+    /// Sets [`StoreConfig::notify`].
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
         self
     }
 
@@ -168,6 +183,7 @@ impl fmt::Debug for StoreConfig {
             .field("retention", &self.retention)
             .field("limits", &self.limits)
             .field("notify_channel", &self.notify_channel)
+            .field("notify", &self.notify)
             .field("max_connections", &self.max_connections)
             .finish()
     }

@@ -228,7 +228,7 @@ impl PostgresStore {
         let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
         for (i, chunk) in sql::insert_chunks(&messages).into_iter().enumerate() {
             let mut statement = sql::insert(&PG, &self.inner.names, chunk);
-            if i == 0 {
+            if i == 0 && self.inner.config.notify {
                 // Delivered on commit, once per transaction and channel whatever the count.
                 let insert = std::mem::take(&mut statement.text);
                 statement

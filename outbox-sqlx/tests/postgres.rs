@@ -355,6 +355,55 @@ async fn notifications_wake_on_commit_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueues_without_notify_wake_nobody_and_are_still_relayed() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    let quiet = PostgresStore::new(
+        store.pool().clone(),
+        StoreConfig::new().table(h.table.clone()).notify(false),
+    )
+    .expect("store");
+    let wakeup = Wakeup::new();
+    let listening = tokio::spawn({
+        let (store, wakeup) = (store.clone(), wakeup.clone());
+        async move { store.listen(wakeup).await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
+        .await
+        .expect("woken once listening");
+    let mut tx = quiet.pool().begin().await.expect("begin");
+    quiet
+        .enqueue(&mut *tx, NewMessage::new("orders", "quiet"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), wakeup.woken())
+            .await
+            .is_err(),
+        "no NOTIFY, no wake-up"
+    );
+    listening.abort();
+
+    // The relay polls instead.
+    let publisher = MemoryPublisher::new();
+    let relay = outbox_testkit::relay::RunningRelay::spawn(
+        Relay::builder(quiet.clone(), publisher.clone())
+            .config(scenarios::relay_config())
+            .build()
+            .expect("config"),
+    );
+    assert!(
+        publisher.wait_for(1, Duration::from_secs(5)).await,
+        "published by polling"
+    );
+    relay.stop(Duration::from_secs(10)).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_and_versioned() {
     let Some(pool) = pool().await else {
         return;
