@@ -79,7 +79,7 @@ async fn measure(
         let c = rate(&store, writers, duration, Some(destination), false).await?;
         let d = rate(&store, writers, duration, None, false).await?;
         let cores = cpu::sample(&[]).cores_since(&cpu0);
-        // PostgreSQL: the same row without the store's pg_notify, to tell the two costs apart.
+        // PostgreSQL: the same enqueue with `notify = false`, to tell the row from the NOTIFY.
         let raw = if kind == StoreKind::Postgres {
             let e = rate(&store, writers, duration, Some(destination), true).await?;
             let f = rate(&store, writers, duration, None, false).await?;

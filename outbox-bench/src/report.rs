@@ -31,7 +31,7 @@ const ENQUEUE: &[Column] = &[
     ("tx/s without", "tx_per_s_without"),
     ("tx/s with outbox", "tx_per_s_with"),
     ("overhead", "overhead"),
-    ("without NOTIFY", "overhead_row_without_notify"),
+    ("notify = false", "overhead_row_without_notify"),
     ("target", "target_overhead"),
     ("met", "met"),
 ];

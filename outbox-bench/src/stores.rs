@@ -52,6 +52,8 @@ pub(crate) struct BenchStore {
     pub(crate) kind: StoreKind,
     pub(crate) table: String,
     store: Any,
+    /// PostgreSQL: the same outbox with `notify = false`, on the same pool.
+    quiet: Option<PostgresStore>,
     /// The SQLite file's directory, removed with the tables.
     dir: Option<std::path::PathBuf>,
 }
@@ -90,10 +92,18 @@ impl BenchStore {
                 (Any::Sqlite(store), Some(dir))
             }
         };
+        let quiet = match &store {
+            Any::Postgres(s) => Some(PostgresStore::new(
+                s.pool().clone(),
+                StoreConfig::new().table(table).notify(false),
+            )?),
+            _ => None,
+        };
         let this = Self {
             kind,
             table: table.to_owned(),
             store,
+            quiet,
             dir,
         };
         this.migrate().await?;
@@ -324,10 +334,9 @@ impl BenchStore {
     }
 
     /// One business transaction: an order row, and with `outbox` its event in the outbox.
-    /// With `raw`, the event row is written by a plain INSERT instead of the store (on
-    /// PostgreSQL: without the `pg_notify` the store adds), to tell the cost of the row from
-    /// the cost of the wake-up.
-    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, raw: bool) -> Res<()> {
+    /// With `quiet`, PostgreSQL enqueues with `StoreConfig::notify(false)` (no `NOTIFY`), to
+    /// tell the cost of the row from the cost of the wake-up.
+    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, quiet: bool) -> Res<()> {
         let orders = orders(&self.table);
         let customer = format!("customer-{}", i % 1000);
         let event = outbox.map(|destination| {
@@ -353,23 +362,9 @@ impl BenchStore {
                 .execute(&mut *tx)
                 .await?;
                 match event {
-                    Some(event) if raw => {
-                        let partition = i16::try_from(event.partition())?;
-                        let (id, destination, key, payload, headers) = event.into_parts();
-                        sqlx::query(&format!(
-                            "INSERT INTO {} (id, \"partition\", destination, \"key\", payload, \
-                             headers, created_at, available_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, now(), now())",
-                            self.table
-                        ))
-                        .bind(*id.as_uuid())
-                        .bind(partition)
-                        .bind(destination)
-                        .bind(key)
-                        .bind(payload)
-                        .bind(outbox_core::encode_headers(&headers))
-                        .execute(&mut *tx)
-                        .await?;
+                    Some(event) if quiet => {
+                        let quiet = self.quiet.as_ref().ok_or("no quiet store")?;
+                        quiet.enqueue(&mut *tx, event).await?;
                     }
                     Some(event) => {
                         s.enqueue(&mut *tx, event).await?;
