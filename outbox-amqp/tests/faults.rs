@@ -140,7 +140,12 @@ async fn connections_cut_mid_batch_lose_nothing() {
     let sent = messages(&h.destination(), 4000, 400);
     enqueue(&store, &sent);
     let proxy = std::sync::Arc::new(proxy);
-    let cutting = common::Cutting::new(publisher.clone(), std::sync::Arc::clone(&proxy), 3, 4);
+    let cutting = outbox_testkit::CuttingPublisher::new(
+        publisher.clone(),
+        std::sync::Arc::clone(&proxy),
+        3,
+        4,
+    );
     let relay = Relay::builder(store.clone(), cutting.clone())
         .config(relay_config())
         .build()

@@ -92,7 +92,12 @@ async fn connections_cut_mid_batch_lose_nothing_and_store_each_id_once() {
     let sent = messages(&h.destination(), 4000, 400);
     enqueue(&store, &sent);
     let proxy = std::sync::Arc::new(proxy);
-    let cutting = common::Cutting::new(publisher.clone(), std::sync::Arc::clone(&proxy), 3, 4);
+    let cutting = outbox_testkit::CuttingPublisher::new(
+        publisher.clone(),
+        std::sync::Arc::clone(&proxy),
+        3,
+        4,
+    );
     let relay = Relay::builder(store.clone(), cutting.clone())
         .config(relay_config())
         .build()

@@ -27,6 +27,7 @@
 
 #[cfg(feature = "testcontainers")]
 pub mod containers;
+mod cutting;
 pub mod env;
 mod faulty;
 mod harness;
@@ -37,6 +38,7 @@ pub mod schedule;
 mod scripted;
 pub mod store;
 
+pub use cutting::CuttingPublisher;
 pub use faulty::FaultyStore;
 pub use harness::{PublisherHarness, Received, StoreHarness};
 pub use scripted::ScriptedPublisher;
