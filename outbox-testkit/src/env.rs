@@ -48,3 +48,11 @@ pub fn unique_name(prefix: &str) -> String {
         .unwrap_or(0);
     format!("{prefix}_{}_{nanos:x}_{n}", std::process::id())
 }
+
+/// A TCP port on `127.0.0.1` that was free a moment ago (bound, then released), for servers
+/// a test starts: retry on the rare clash with another process that took it in between.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -21,7 +21,8 @@
 //!
 //! With the `testcontainers` feature, [`containers`] starts the servers in Docker containers
 //! for developers who have a Docker engine; the workspace's own CI runs against servers on the
-//! machine and only compiles that feature.
+//! machine and only compiles that feature. With the `tls` feature, [`tls`] makes certificates
+//! for TLS tests and terminates TLS in front of servers that have none.
 //!
 //! This crate is for implementers and tests: its API may change between minor versions.
 
@@ -37,6 +38,8 @@ pub mod relay;
 pub mod schedule;
 mod scripted;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use cutting::CuttingPublisher;
 pub use faulty::FaultyStore;
