@@ -240,7 +240,15 @@ impl AmqpConfig {
 
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), AmqpError> {
-        self.parsed_uri()?;
+        let uri = self.parsed_uri()?;
+        // Without a TLS implementation lapin's transport connects in plain text, even to an
+        // `amqps://` URI.
+        if uri.scheme == lapin::uri::AMQPScheme::AMQPS && !cfg!(feature = "rustls") {
+            return Err(AmqpError::config(
+                "uri",
+                "amqps:// needs the `rustls` feature of outbox-amqp",
+            ));
+        }
         if self.connect_timeout.is_zero() {
             return Err(AmqpError::config("connect_timeout", "must be above zero"));
         }
@@ -335,6 +343,12 @@ mod tests {
         assert!(!text.contains("s3cr"), "{text}");
         assert!(text.contains("app:***@broker"), "{text}");
         assert_eq!(redact("not a uri with s3cret"), "<unparseable URI>");
+    }
+
+    #[test]
+    fn amqps_is_refused_without_a_tls_implementation_rather_than_sent_in_plain_text() {
+        let result = AmqpConfig::new("amqps://app:secret@broker:5671/%2f").validate();
+        assert_eq!(result.is_ok(), cfg!(feature = "rustls"), "{result:?}");
     }
 
     #[test]
