@@ -6,8 +6,8 @@
 //! OUTBOX_CHAOS_SEED=1234 outbox-chaos sqlite-nats    # replay a run's random choices
 //! ```
 //!
-//! The relay executable is `chaos-relay` next to this one (the `outbox-relay` program built
-//! in this package), or `OUTBOX_RELAY_BIN`. Exits 1 when a run found a violation, 2 on a bad
+//! The relay executable is `chaos-relay` next to this one (the `outbox-relay` program under
+//! this package's name), or `OUTBOX_RELAY_BIN`. Exits 1 when a run found a violation, 2 on a bad
 //! argument or a missing server.
 
 use std::path::PathBuf;

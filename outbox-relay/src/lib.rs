@@ -1,0 +1,455 @@
+#![doc = include_str!("../README.md")]
+
+mod backends;
+mod config;
+mod http;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use outbox_core::{DeadLetterFilter, DynStore, MessageId, Relay, Store};
+use tracing::{error, info};
+
+use crate::backends::AnyStore;
+use crate::config::{Config, LogFormat, redact};
+
+/// Exit status of a run that failed at run time (a server unreachable, a store error).
+const FAILURE: u8 = 1;
+/// Exit status of an invalid configuration or command line.
+const USAGE: u8 = 2;
+
+/// Publishes committed transactional-outbox messages from a database to a broker.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+struct Cli {
+    /// Configuration file (TOML); `OUTBOX_<SECTION>__<KEY>` variables override it.
+    #[arg(short, long, env = "OUTBOX_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format (overrides `log.format`).
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Relay from the configured store to the configured broker until SIGTERM or SIGINT.
+    Run,
+    /// Create or upgrade the outbox tables.
+    Migrate,
+    /// Backlog, age of the oldest pending message, dead letters, live relays and their share.
+    Status {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or purge dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// Validate the configuration and connect to the store and the broker.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters, the oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead letters pending again, to be published.
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show what would be purged, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Only this message id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<MessageId>,
+    /// Only this destination.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only dead letters older than this (for example `1h`, `7d`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+    /// At most this many.
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> DeadLetterFilter {
+        let mut filter = DeadLetterFilter::all().ids(self.ids.iter().copied());
+        if let Some(destination) = &self.destination {
+            filter = filter.destination(destination.clone());
+        }
+        if let Some(key) = &self.key {
+            filter = filter.key(key.clone());
+        }
+        if let Some(age) = self.older_than {
+            let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+            filter = filter.dead_before(chrono::Utc::now() - age);
+        }
+        if let Some(limit) = self.limit {
+            filter = filter.limit(limit);
+        }
+        filter
+    }
+}
+
+/// The `outbox-relay` program: parses the command line of the process, loads the configuration,
+/// runs the subcommand and returns the exit status (0 on success, 1 on a run-time failure, 2 on
+/// an invalid configuration or command line).
+///
+/// It installs process-wide state (the log subscriber, the TLS crypto provider, and for `run`
+/// the metrics recorder), so call it once per process, from `main`:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     outbox_relay::main()
+/// }
+/// ```
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("outbox-relay: invalid configuration: {err}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    init_logging(
+        cli.log_format.unwrap_or(config.log.format),
+        config.log.level.as_deref(),
+    );
+    #[cfg(feature = "tls-rustls")]
+    install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {err}");
+            return ExitCode::from(FAILURE);
+        }
+    };
+    match runtime.block_on(execute(cli.command, config)) {
+        Ok(code) => code,
+        Err(err) => {
+            error!("{err}");
+            eprintln!("outbox-relay: {err}");
+            ExitCode::from(FAILURE)
+        }
+    }
+}
+
+/// Makes ring the process's rustls crypto provider, unless one is installed already. The TLS
+/// clients of the databases and brokers that build their rustls configuration without naming a
+/// provider take the process's; when a build has both ring and aws-lc-rs (features unify across
+/// everything linked in), rustls cannot choose by itself and such a client would panic.
+#[cfg(feature = "tls-rustls")]
+fn install_crypto_provider() {
+    // An error means a provider is installed already, which is all that is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn execute(command: Command, config: Config) -> Result<ExitCode, BoxError> {
+    match command {
+        Command::Run => run(config).await,
+        Command::Migrate => {
+            let store = connect(&config).await?;
+            store.migrate().await?;
+            println!("migrated {}", describe_store(&config));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status(&config, json).await,
+        Command::DeadLetters(command) => dead_letters(&config, command).await,
+        Command::Check => check(&config).await,
+    }
+}
+
+fn describe_store(config: &Config) -> String {
+    format!(
+        "{} (table {})",
+        redact(config.store.url.as_deref().unwrap_or_default()),
+        config.store.table
+    )
+}
+
+async fn connect(config: &Config) -> Result<AnyStore, BoxError> {
+    AnyStore::connect(&config.store)
+        .await
+        .map_err(|err| format!("store {}: {err}", describe_store(config)).into())
+}
+
+async fn run(config: Config) -> Result<ExitCode, BoxError> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| format!("cannot install the metrics recorder: {err}"))?;
+    let store = connect(&config).await?.into_dyn();
+    let publisher = backends::publisher(&config.publisher).await?;
+    info!(
+        store = %describe_store(&config),
+        broker = %backends::describe_publisher(&config.publisher),
+        "outbox relay starting"
+    );
+    let relay = Relay::builder(Arc::clone(&store), Arc::clone(&publisher))
+        .config(config.relay.clone())
+        .build()?;
+    info!(relay = %relay.id(), "relay identity");
+
+    let mut background = tokio::task::JoinSet::new();
+    if let Some(addr) = config.http.listen {
+        let listener = http::bind(addr)
+            .await
+            .map_err(|err| format!("http.listen {addr}: {err}"))?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+        let (store, publisher, handle) =
+            (Arc::clone(&store), Arc::clone(&publisher), metrics.clone());
+        background.spawn(async move {
+            if let Err(err) = http::serve(listener, store, publisher, handle).await {
+                error!(error = %err, "http endpoints stopped");
+            }
+        });
+    }
+    background.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            metrics.run_upkeep();
+        }
+    });
+
+    relay.run(shutdown_signal()).await?;
+    background.abort_all();
+    info!("outbox relay stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM: shutting down"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                }
+            }
+            Err(err) => {
+                error!(error = %err, "cannot watch SIGTERM; only SIGINT stops the relay");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("interrupted: shutting down");
+    }
+}
+
+async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
+    let store = connect(config).await?.into_dyn();
+    let stats = store.stats().await?;
+    let members = store.members().await?;
+    let now = chrono::Utc::now();
+    let age = stats
+        .oldest_pending
+        .map(|t| (now - t).to_std().unwrap_or_default().as_secs_f64());
+    if json {
+        let relays: Vec<serde_json::Value> = members
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id.as_str(),
+                    "partitions": m.partitions.len(),
+                    "expires_at": m.expires_at,
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "store": describe_store(config),
+            "pending": stats.pending,
+            "oldest_pending": stats.oldest_pending,
+            "oldest_pending_age_seconds": age,
+            "dead": stats.dead,
+            "published_retained": stats.published_retained,
+            "relays": relays,
+        });
+        println!("{value}");
+    } else {
+        println!("store       {}", describe_store(config));
+        println!("pending     {}", stats.pending);
+        match (stats.oldest_pending, age) {
+            (Some(at), Some(age)) => println!("oldest      {} ({:.1}s ago)", at.to_rfc3339(), age),
+            _ => println!("oldest      -"),
+        }
+        println!("dead        {}", stats.dead);
+        println!("retained    {}", stats.published_retained);
+        println!("relays      {} live", members.len());
+        for member in &members {
+            println!(
+                "  {}  {} of {} partitions",
+                member.id,
+                member.partitions.len(),
+                outbox_core::PARTITIONS
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<ExitCode, BoxError> {
+    let store = connect(config).await?.into_dyn();
+    match command {
+        DeadLetterCommand::List { filter, json } => {
+            print_dead_letters(&store, &filter.filter(), json).await?;
+        }
+        DeadLetterCommand::Replay { filter, dry_run } => {
+            let filter = filter.filter();
+            if dry_run {
+                let n = print_dead_letters(&store, &filter, false).await?;
+                println!("would replay {n} dead letter(s)");
+            } else {
+                let n = store.replay(&filter).await?;
+                println!("replayed {n} dead letter(s)");
+            }
+        }
+        DeadLetterCommand::Purge { filter, dry_run } => {
+            let filter = filter.filter();
+            if dry_run {
+                let n = print_dead_letters(&store, &filter, false).await?;
+                println!("would purge {n} dead letter(s)");
+            } else {
+                let n = store.purge(&filter).await?;
+                println!("purged {n} dead letter(s)");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn print_dead_letters(
+    store: &Arc<dyn DynStore>,
+    filter: &DeadLetterFilter,
+    json: bool,
+) -> Result<usize, BoxError> {
+    let dead = store.dead_letters(filter).await?;
+    for d in &dead {
+        let m = &d.message;
+        if json {
+            let value = serde_json::json!({
+                "id": m.id,
+                "destination": m.destination,
+                "key": m.key,
+                "attempts": m.attempts,
+                "created_at": m.created_at,
+                "dead_at": d.dead_at,
+                "last_error": m.last_error,
+                "headers": m.headers,
+                "payload_bytes": m.payload.len(),
+            });
+            println!("{value}");
+        } else {
+            println!(
+                "{}  {}  key={}  attempts={}  dead_at={}  error={}",
+                m.id,
+                m.destination,
+                m.key.as_deref().unwrap_or("-"),
+                m.attempts,
+                d.dead_at.to_rfc3339(),
+                m.last_error.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(dead.len())
+}
+
+async fn check(config: &Config) -> Result<ExitCode, BoxError> {
+    println!("config      ok");
+    let mut healthy = true;
+    match AnyStore::connect(&config.store).await {
+        Ok(store) => match store.into_dyn().stats().await {
+            Ok(stats) => println!(
+                "store       ok: {} ({} pending)",
+                describe_store(config),
+                stats.pending
+            ),
+            Err(err) => {
+                healthy = false;
+                println!("store       FAILED: {}: {err}", describe_store(config));
+            }
+        },
+        Err(err) => {
+            healthy = false;
+            println!("store       FAILED: {}: {err}", describe_store(config));
+        }
+    }
+    let broker = backends::describe_publisher(&config.publisher);
+    match backends::publisher(&config.publisher).await {
+        Ok(publisher) => {
+            match tokio::time::timeout(Duration::from_secs(10), publisher.check_dyn()).await {
+                Ok(Ok(())) => println!("broker      ok: {broker}"),
+                Ok(Err(err)) => {
+                    healthy = false;
+                    println!("broker      FAILED: {broker}: {err}");
+                }
+                Err(_) => {
+                    healthy = false;
+                    println!("broker      FAILED: {broker}: no answer within 10s");
+                }
+            }
+        }
+        Err(err) => {
+            healthy = false;
+            println!("broker      FAILED: {broker}: {err}");
+        }
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(FAILURE)
+    })
+}
