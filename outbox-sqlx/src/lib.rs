@@ -33,16 +33,22 @@ pub use sqlite::SqliteStore;
 /// from the same version.
 pub use sqlx;
 
-/// The schema version the stores of this release migrate to and expect.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The version of the last of `migrations`: the schema a store of this release migrates to
+/// and expects. Each dialect has its own sequence.
+pub(crate) const fn latest_version(migrations: &[(i32, &str)]) -> i32 {
+    match migrations.last() {
+        Some((version, _)) => *version,
+        None => 0,
+    }
+}
 
 /// Refuses a database migrated by a newer release: this one would misread its rows.
-pub(crate) fn check_version(found: i32) -> Result<(), outbox_core::StoreError> {
-    if found > SCHEMA_VERSION {
+pub(crate) fn check_version(found: i32, latest: i32) -> Result<(), outbox_core::StoreError> {
+    if found > latest {
         return Err(outbox_core::StoreError::new(
             outbox_core::StoreErrorKind::Schema,
             format!(
-                "the outbox schema is at version {found}, newer than the {SCHEMA_VERSION} this \
+                "the outbox schema is at version {found}, newer than the {latest} this \
                  release of outbox-sqlx knows: upgrade the library"
             ),
         ));

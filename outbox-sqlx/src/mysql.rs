@@ -30,9 +30,9 @@ use sqlx::{Arguments as _, Connection as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{self, Arg, Base, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column};
 
-/// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
+/// The migrations, in order; the last one's version is [`MySqlStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))];
 
 const QUOTING: Quoting = Quoting {
@@ -47,8 +47,10 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 }
 
 const MY: Dialect = Dialect {
-    held: "e.held = 1",
-    force_held_index: true,
+    key_check: KeyCheck::HeldIndex {
+        held: "e.held = 1",
+        force_index: true,
+    },
     numbered: false,
     quote: '`',
     now: "UTC_TIMESTAMP(6)",
@@ -87,6 +89,10 @@ pub struct MySqlStore {
 }
 
 impl MySqlStore {
+    /// The schema version this release migrates the outbox tables to and expects; a database
+    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
+    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
+
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name is not a plain identifier (`database.table` is accepted).
     ///
@@ -127,7 +133,7 @@ impl MySqlStore {
         }
     }
 
-    /// Creates or upgrades the outbox tables to [`crate::SCHEMA_VERSION`]. MySQL commits DDL
+    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
     /// statement by statement, so every statement is idempotent, and a named lock
     /// (`GET_LOCK`) keeps relays starting together from migrating at the same time.
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -173,7 +179,7 @@ impl MySqlStore {
         .await
         .doing(DOING)?;
         let current = i32::try_from(current).unwrap_or(i32::MAX);
-        crate::check_version(current)?;
+        crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             sqlx::raw_sql(&sql::render(template, names))
                 .execute(&mut *conn)

@@ -7,6 +7,9 @@
 //!   Candidates with an earlier pending message of their key that `SKIP LOCKED` passed over
 //!   (a row another transaction held locked) are dropped from the claim: that message must
 //!   go first.
+//! - No index mentions the lease columns, and pages are half empty at insert (schema version
+//!   2), so the lease `UPDATE` writes heap-only tuples: no index entry, a quarter of the WAL.
+//!   Claims tell a held key by its first pending message instead of an index of held rows.
 //! - Settles are one transaction of set-based statements over arrays (`id = ANY($1)`,
 //!   `unnest(...)`), one per outcome.
 //! - Enqueue sends `pg_notify` in the caller's transaction: the relay's
@@ -27,10 +30,18 @@ use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{
+    self, Arg, Base, DEAD, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column,
+};
 
-/// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/postgres/0001_outbox.sql"))];
+/// The migrations, in order; the last one's version is [`PostgresStore::SCHEMA_VERSION`].
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_outbox.sql")),
+    (
+        2,
+        include_str!("../migrations/postgres/0002_hot_claims.sql"),
+    ),
+];
 
 const QUOTING: Quoting = Quoting {
     quote: '"',
@@ -46,8 +57,7 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 /// `now()` is the transaction's start: every statement of one claim or settle sees the
 /// same instant.
 const PG: Dialect = Dialect {
-    held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
-    force_held_index: false,
+    key_check: KeyCheck::FirstPending,
     numbered: true,
     quote: '"',
     now: "now()",
@@ -83,6 +93,10 @@ pub struct PostgresStore {
 type Inner = Base<Postgres>;
 
 impl PostgresStore {
+    /// The schema version this release migrates the outbox tables to and expects; a database
+    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
+    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
+
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name or the notify channel is not a plain identifier.
     ///
@@ -130,7 +144,7 @@ impl PostgresStore {
         }
     }
 
-    /// Creates or upgrades the outbox tables to [`crate::SCHEMA_VERSION`], in one transaction
+    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
     /// under an advisory lock, so that relays starting together migrate once. Idempotent.
     ///
     /// The schema of a `schema.table` name must exist.
@@ -158,7 +172,7 @@ impl PostgresStore {
         .fetch_one(&mut *tx)
         .await
         .doing(DOING)?;
-        crate::check_version(current)?;
+        crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             sqlx::raw_sql(&sql::render(template, names))
                 .execute(&mut *tx)

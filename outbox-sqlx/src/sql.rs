@@ -76,12 +76,32 @@ pub(crate) struct Dialect {
     pub(crate) now: &'static str,
     /// Writes "now plus the bound number of microseconds".
     pub(crate) now_plus: fn(&mut Sql, i64),
-    /// The condition that pending row `e` can hold back later messages of its key (leased,
-    /// or retried), as the dialect's index on those rows needs it written.
-    pub(crate) held: &'static str,
-    /// Name the index on those rows in the per-key check (MySQL's optimizer prefers the
-    /// plain key index, which walks the key's whole backlog: hundreds of times slower).
-    pub(crate) force_held_index: bool,
+    /// How a claim tells that a key's earlier messages hold a candidate back.
+    pub(crate) key_check: KeyCheck,
+}
+
+/// The per-key check of a claim, in one of two forms.
+#[derive(Debug)]
+pub(crate) enum KeyCheck {
+    /// No earlier pending message of the key is held (leased or retried), looked up in an index
+    /// of the held rows only. `held` is the condition that pending row `e` is held, as that
+    /// index's predicate needs it written; `force_index` names the index in the statement
+    /// (MySQL's optimizer prefers the plain key index, which walks the key's whole backlog:
+    /// hundreds of times slower).
+    HeldIndex {
+        /// The index predicate.
+        held: &'static str,
+        /// Name the index in the statement.
+        force_index: bool,
+    },
+    /// The key's first pending message is not held: one step into the index of pending rows
+    /// by key, and no index mentions the lease columns, so that a claim's `UPDATE` of the
+    /// lease touches no index at all (PostgreSQL's heap-only tuples). A claim leases a prefix
+    /// of a key's pending messages and a settle removes, retries or releases from the front,
+    /// so a key whose first message is free has no held message behind it; where a lapsed
+    /// lease or a released message breaks that, the claim still drops every candidate after
+    /// the first message of its key it did not take.
+    FirstPending,
 }
 
 impl Dialect {
@@ -462,18 +482,33 @@ pub(crate) fn limit_of(filter: &DeadLetterFilter) -> i64 {
 }
 
 /// The rows `relay` may claim (alias `o`), in the partitions it owns under an unexpired lease:
-/// pending, available, not under an unexpired lease, and with no earlier pending message of
-/// the same key that is leased or waiting for a retry (per-key order). Only rows that were
-/// leased or retried can be either (`Dialect::held`, implied by the time condition), and an
-/// index holds just those: the check does not walk a key's whole backlog. The subquery over the
-/// earlier messages is a plain consistent read in every dialect, also inside a locking
-/// `SELECT ... FOR UPDATE SKIP LOCKED`, so a row another transaction holds still blocks its key.
+/// pending, available, not under an unexpired lease, and not held back by an earlier pending
+/// message of the same key that is leased or waiting for a retry (per-key order), checked as
+/// [`Dialect::key_check`] says: either way without walking a key's whole backlog. The
+/// subquery over the earlier messages is a plain consistent read in every dialect, also inside
+/// a locking `SELECT ... FOR UPDATE SKIP LOCKED`, so a row another transaction holds still
+/// blocks its key.
 pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &RelayId) {
     let (now, partition, key) = (d.now, d.col("partition"), d.col("key"));
-    let hint = if d.force_held_index {
-        format!(" FORCE INDEX ({})", names.index("held"))
-    } else {
-        String::new()
+    let table = &names.table;
+    let key_check = match d.key_check {
+        KeyCheck::HeldIndex { held, force_index } => {
+            let hint = if force_index {
+                format!(" FORCE INDEX ({})", names.index("held"))
+            } else {
+                String::new()
+            };
+            format!(
+                "NOT EXISTS (SELECT 1 FROM {table} e{hint} \
+                 WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
+                 AND (e.available_at > {now} OR e.lease_until > {now}))"
+            )
+        }
+        KeyCheck::FirstPending => format!(
+            "NOT EXISTS (SELECT 1 FROM (SELECT e.available_at, e.lease_until FROM {table} e \
+             WHERE e.{key} = o.{key} AND e.state = {PENDING} ORDER BY e.seq LIMIT 1) f \
+             WHERE f.available_at > {now} OR f.lease_until > {now})"
+        ),
     };
     sql.push(&format!(
         "o.state = {PENDING} AND o.{partition} IN (SELECT {partition} FROM {parts} WHERE owner = ",
@@ -484,11 +519,7 @@ pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &
         " AND expires_at > {now}) \
          AND o.available_at <= {now} \
          AND (o.lease_until IS NULL OR o.lease_until <= {now}) \
-         AND (o.{key} IS NULL OR NOT EXISTS (SELECT 1 FROM {table} e{hint} \
-             WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
-             AND (e.available_at > {now} OR e.lease_until > {now})))",
-        table = names.table,
-        held = d.held,
+         AND (o.{key} IS NULL OR {key_check})"
     ));
 }
 
@@ -896,8 +927,10 @@ mod tests {
     const QMARK: Dialect = Dialect {
         numbered: false,
         quote: '`',
-        held: "e.held = 1",
-        force_held_index: true,
+        key_check: KeyCheck::HeldIndex {
+            held: "e.held = 1",
+            force_index: true,
+        },
         now: "NOW()",
         now_plus: |sql, micros| {
             sql.push("NOW() + ").bind(Arg::Int(micros));

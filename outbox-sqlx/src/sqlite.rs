@@ -28,9 +28,11 @@ use sqlx::{Arguments as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{
+    self, Arg, Base, DEAD, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column,
+};
 
-/// The migrations, in order; the last one's version is [`crate::SCHEMA_VERSION`].
+/// The migrations, in order; the last one's version is [`SqliteStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))];
 
 const QUOTING: Quoting = Quoting {
@@ -49,8 +51,10 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 }
 
 const LITE: Dialect = Dialect {
-    held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
-    force_held_index: false,
+    key_check: KeyCheck::HeldIndex {
+        held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
+        force_index: false,
+    },
     numbered: false,
     quote: '"',
     now: NOW,
@@ -92,6 +96,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// The schema version this release migrates the outbox tables to and expects; a database
+    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
+    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
+
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name is not a plain identifier (SQLite takes no `schema.table`).
     ///
@@ -143,7 +151,7 @@ impl SqliteStore {
     }
 
     /// Puts the database in WAL mode (readers and the writer then do not block each other)
-    /// and creates or upgrades the outbox tables to [`crate::SCHEMA_VERSION`] in one
+    /// and creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`] in one
     /// `BEGIN IMMEDIATE` transaction. Idempotent.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
@@ -170,7 +178,7 @@ impl SqliteStore {
         .await
         .doing(DOING)?;
         let current = i32::try_from(current).unwrap_or(i32::MAX);
-        crate::check_version(current)?;
+        crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             sqlx::raw_sql(&sql::render(template, names))
                 .execute(&mut *tx)

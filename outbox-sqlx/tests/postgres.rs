@@ -415,7 +415,7 @@ async fn migrations_are_idempotent_and_versioned() {
     store.migrate().await.expect("again");
     assert_eq!(
         store.schema_version().await.expect("version"),
-        outbox_sqlx::SCHEMA_VERSION
+        PostgresStore::SCHEMA_VERSION
     );
     let partitions: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM \"{}_partitions\"",

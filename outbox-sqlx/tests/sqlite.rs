@@ -156,7 +156,7 @@ async fn connect_creates_the_file_in_wal_mode_and_migrations_are_idempotent() {
     store.migrate().await.expect("again");
     assert_eq!(
         store.schema_version().await.expect("version"),
-        outbox_sqlx::SCHEMA_VERSION
+        SqliteStore::SCHEMA_VERSION
     );
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(store.pool())
