@@ -289,7 +289,7 @@ impl PublisherHarness for KafkaHarness {
 }
 
 /// The tansu executable: `TANSU_BIN`, else `tansu` on the `PATH`, else `~/.cargo/bin/tansu`.
-fn tansu_bin() -> Result<PathBuf, String> {
+pub fn tansu_bin() -> Result<PathBuf, String> {
     if let Some(bin) = std::env::var_os("TANSU_BIN") {
         let bin = PathBuf::from(bin);
         return if bin.is_file() {
