@@ -322,7 +322,12 @@ async fn stranger(uri: &str, queue: &str) {
     );
     let publisher = AmqpPublisher::new(config(uri)).expect("valid configuration");
     let check = publisher.check().await.expect_err("check fails");
-    println!("stranger: check: {}", chain(&check));
+    let text = chain(&check);
+    println!("stranger: check: {text}");
+    assert!(
+        check.is_transient() && text.contains("certificate"),
+        "{text}"
+    );
     match publisher.publish(&batch(queue)).await {
         Ok(outcomes) => {
             assert_eq!(outcomes.len(), MESSAGES);
@@ -336,7 +341,11 @@ async fn stranger(uri: &str, queue: &str) {
             }
             println!("stranger: publish: every message failed");
         }
-        Err(err) => println!("stranger: publish: {}", chain(&err)),
+        Err(err) => {
+            let text = chain(&err);
+            println!("stranger: publish: {text}");
+            assert!(err.is_transient() && text.contains("certificate"), "{text}");
+        }
     }
 }
 

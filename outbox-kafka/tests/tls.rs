@@ -1,11 +1,12 @@
-//! KafkaPublisher over TLS (`security.protocol=ssl`, the `ssl` feature): tansu speaks no TLS, so
-//! a private tansu broker stands behind a TLS terminator of the test (rustls, with a certificate
-//! made by the test) and advertises the terminator's address: every connection of every
-//! client, after bootstrap too, is TLS up to the terminator and plaintext on loopback behind
-//! it. What this checks is the client side: librdkafka's TLS with `ssl.ca.location`, the
-//! certificate verified, acknowledgements received through TLS. Trusting another authority,
-//! the publisher reaches nothing, reports nothing as published, and the reason (the
-//! certificate) is logged.
+//! KafkaPublisher over TLS (`security.protocol=ssl`, the `ssl` feature). tansu 0.6 serves
+//! plaintext only (its `--cert` and `--key` options cannot be given together, and its broker
+//! never uses the TLS acceptor it builds), so a private tansu broker stands behind a TLS
+//! terminator of the test (rustls, with a certificate made by the test) and advertises the
+//! terminator's address: every connection of every client, after bootstrap too, is TLS up to
+//! the terminator and plaintext on loopback behind it. What this checks is the client side:
+//! librdkafka's TLS with `ssl.ca.location`, the certificate verified, acknowledgements received
+//! through TLS. Trusting another authority, the publisher reaches nothing, reports nothing as
+//! published, and the reason (the certificate) is logged.
 //!
 //! Needs tansu (`TANSU_BIN`, else `PATH`, else `~/.cargo/bin/tansu`); skipped without it unless
 //! `OUTBOX_TEST_REQUIRE=1`.
