@@ -33,7 +33,12 @@ impl Drop for PrivateMariaDb {
 
 fn program(var: &str, candidates: &[&str]) -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("{var}={} is not a file", path.display()))
+        };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     candidates
