@@ -68,6 +68,12 @@ const PG: Dialect = Dialect {
 /// `jit_above_cost` on large tables, and compiling it then takes hundreds of milliseconds for
 /// a statement that runs in one or two: no JIT for claims (for this transaction only).
 ///
+/// The claim statement has one good plan: read the pending index in enqueue order and stop
+/// after the batch. On a table written faster than it is analyzed, the planner takes a deep
+/// backlog for a few rows and sorts the whole of it instead; on any table it misjudges how many
+/// candidates the per-key join lets through. Sequential scans and sorts are off for claims, so
+/// the index plan is the one taken whatever the statistics say.
+///
 /// Claims and settles commit without waiting for their WAL to reach the disk
 /// (`synchronous_commit = off`, for these transactions only): the flush costs up to several
 /// milliseconds on a loaded disk, on the path of every message. A database crash can lose the
@@ -77,7 +83,8 @@ const PG: Dialect = Dialect {
 /// holds as well: a message is published only after the earlier ones of its key were
 /// acknowledged, and the WAL is replayed in order, so no later claim survives a lost one.
 /// Enqueues are the caller's transactions and keep the caller's setting.
-const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off; SET LOCAL synchronous_commit = off";
+const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off; SET LOCAL synchronous_commit = off; \
+     SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off";
 
 /// Starts a settle transaction: asynchronous commit, as claims (see [`BEGIN_CLAIM`]).
 const BEGIN_SETTLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
@@ -360,16 +367,25 @@ impl Store for PostgresStore {
             tx.rollback().await.doing(DOING)?;
             return Ok(sql::assemble_claim(token, Vec::new()));
         }
-        // `claimable` locks the next rows in enqueue order; `kept` drops those with an earlier
-        // pending message of their key outside `claimable`: a row some other transaction held
-        // locked, which SKIP LOCKED passed over although it is not leased. `first_left` finds,
-        // per key, the first pending message not claimed, walking the key's messages in order
-        // (the claimed ones come first): linear in the batch, whatever the key's backlog.
+        // `claimable` locks the next rows in enqueue order, each with the first pending
+        // message of its key (`f`, one step into the key index), which must not be held.
+        // `kept` drops the rows with an earlier pending message of their key outside
+        // `claimable`: a row some other transaction held locked, which SKIP LOCKED passed over
+        // although it is not leased, or a held row behind a free first one. A key whose
+        // claimed rows are exactly its first pending messages is checked by a count over the
+        // key index up to its last claimed row; a single claimed row, by its `first_seq`
+        // alone (most keys of most batches: no lookup at all). Only a key that fails its check
+        // has `first_left` walk its messages in order for the first one not claimed: linear
+        // in the batch, whatever the key's backlog.
         let key = "\"key\"";
+        let t = &names.table;
         let mut statement = Sql::new(&PG);
         statement.push(&format!(
-            "WITH claimable AS (SELECT o.ctid AS row_id, o.seq, o.{key} FROM {} o WHERE ",
-            names.table
+            "WITH claimable AS (SELECT o.ctid AS row_id, o.seq, o.{key}, f.seq AS first_seq \
+             FROM {t} o LEFT JOIN LATERAL (SELECT e.seq, e.available_at, e.lease_until \
+                 FROM {t} e WHERE e.{key} = o.{key} AND e.state = {PENDING} \
+                 ORDER BY e.seq LIMIT 1) f ON true \
+             WHERE "
         ));
         sql::push_claimable(&mut statement, &PG, names, relay);
         statement
@@ -377,14 +393,18 @@ impl Store for PostgresStore {
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
             .push(&format!(
                 " FOR UPDATE OF o SKIP LOCKED), \
-                 first_left AS MATERIALIZED (SELECT k.{key}, (SELECT e.seq FROM {t} e \
-                     WHERE e.{key} = k.{key} AND e.state = {PENDING} \
+                 per_key AS MATERIALIZED (SELECT {key}, MIN(seq) AS lo, MAX(seq) AS hi, \
+                     COUNT(*) AS n, MIN(first_seq) AS first_seq \
+                   FROM claimable WHERE {key} IS NOT NULL GROUP BY {key}), \
+                 first_left AS MATERIALIZED (SELECT p.{key}, (SELECT e.seq FROM {t} e \
+                     WHERE e.{key} = p.{key} AND e.state = {PENDING} \
                      AND e.seq NOT IN (SELECT seq FROM claimable) ORDER BY e.seq LIMIT 1) AS seq \
-                   FROM (SELECT DISTINCT {key} FROM claimable WHERE {key} IS NOT NULL) k), \
+                   FROM per_key p WHERE p.lo IS DISTINCT FROM p.first_seq OR (p.n > 1 AND \
+                     (SELECT COUNT(*) FROM {t} e WHERE e.{key} = p.{key} \
+                       AND e.state = {PENDING} AND e.seq <= p.hi) <> p.n)), \
                  kept AS (SELECT c.row_id FROM claimable c LEFT JOIN first_left f ON f.{key} = c.{key} \
                    WHERE f.seq IS NULL OR c.seq < f.seq) \
-                 UPDATE {t} u SET lease_token = ",
-                t = names.table
+                 UPDATE {t} u SET lease_token = "
             ))
             .bind(Arg::Token(token))
             .push(", lease_until = ");

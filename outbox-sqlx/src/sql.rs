@@ -94,13 +94,13 @@ pub(crate) enum KeyCheck {
         /// Name the index in the statement.
         force_index: bool,
     },
-    /// The key's first pending message is not held: one step into the index of pending rows
-    /// by key, and no index mentions the lease columns, so that a claim's `UPDATE` of the
-    /// lease touches no index at all (PostgreSQL's heap-only tuples). A claim leases a prefix
-    /// of a key's pending messages and a settle removes, retries or releases from the front,
-    /// so a key whose first message is free has no held message behind it; where a lapsed
-    /// lease or a released message breaks that, the claim still drops every candidate after
-    /// the first message of its key it did not take.
+    /// The key's first pending message is not held. The statement joins that message as
+    /// `f` (one step into the index of pending rows by key). No index mentions the lease
+    /// columns, so that a claim's `UPDATE` of the lease touches no index at all (PostgreSQL's
+    /// heap-only tuples). A claim leases a prefix of a key's pending messages and a settle
+    /// removes, retries or releases from the front, so a key whose first message is free has
+    /// no held message behind it; where a lapsed lease or a released message breaks that, the
+    /// claim still drops every candidate after the first message of its key it did not take.
     FirstPending,
 }
 
@@ -504,11 +504,9 @@ pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &
                  AND (e.available_at > {now} OR e.lease_until > {now}))"
             )
         }
-        KeyCheck::FirstPending => format!(
-            "NOT EXISTS (SELECT 1 FROM (SELECT e.available_at, e.lease_until FROM {table} e \
-             WHERE e.{key} = o.{key} AND e.state = {PENDING} ORDER BY e.seq LIMIT 1) f \
-             WHERE f.available_at > {now} OR f.lease_until > {now})"
-        ),
+        KeyCheck::FirstPending => {
+            format!("f.available_at <= {now} AND (f.lease_until IS NULL OR f.lease_until <= {now})")
+        }
     };
     sql.push(&format!(
         "o.state = {PENDING} AND o.{partition} IN (SELECT {partition} FROM {parts} WHERE owner = ",
