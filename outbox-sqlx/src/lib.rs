@@ -7,6 +7,9 @@
 )]
 
 mod config;
+// Only MySqlStore needs its calls detached from their callers.
+#[cfg(feature = "mysql")]
+mod detached;
 mod error;
 #[cfg(feature = "mysql")]
 mod mysql;

@@ -447,7 +447,9 @@ fn row_parts(row: &MySqlRow) -> Result<RowParts, sqlx::Error> {
     })
 }
 
-impl Store for MySqlStore {
+crate::detached::detached_store!(MySqlStore);
+
+impl Store for crate::detached::Direct<MySqlStore> {
     async fn claim(
         &self,
         relay: &RelayId,

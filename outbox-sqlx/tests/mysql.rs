@@ -329,3 +329,13 @@ async fn cancelled_calls_never_leave_anything_locked() {
     scenarios::cancelled_calls_leave_nothing_locked(&h).await;
     h.teardown().await;
 }
+
+/// A call cancelled while its rows arrive leaves its connection in step with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_reads_leave_connections_in_step() {
+    let Some(h) = MyHarness::new().await else {
+        return;
+    };
+    scenarios::cancelled_reads_leave_connections_in_step(&h).await;
+    h.teardown().await;
+}

@@ -208,6 +208,14 @@ async fn cancelled_calls_never_leave_anything_locked() {
     h.teardown().await;
 }
 
+/// A call cancelled while its rows arrive leaves its connection in step with the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_reads_leave_connections_in_step() {
+    let h = LiteHarness::new().await;
+    scenarios::cancelled_reads_leave_connections_in_step(&h).await;
+    h.teardown().await;
+}
+
 /// sqlx checks a custom `BEGIN IMMEDIATE` with one more await after SQLite ran it: a
 /// heartbeat cancelled right there must not leave its connection holding the write lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

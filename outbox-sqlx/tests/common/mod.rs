@@ -20,6 +20,23 @@ pub fn fresh_config() -> StoreConfig {
     StoreConfig::new().table(unique_name("outbox"))
 }
 
+/// Closes `pool`, which waits until every connection came back to it: one that never does (a
+/// call that never ended, a connection that lost step with its server and waits for an answer
+/// that never comes) fails the test instead of hanging it.
+pub async fn close<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) {
+    let (size, idle) = (pool.size(), pool.num_idle());
+    if tokio::time::timeout(Duration::from_secs(30), pool.close())
+        .await
+        .is_err()
+    {
+        panic!(
+            "the pool did not close in 30 s: {} connections never came back to it \
+             ({size} open, {idle} idle when the test ended)",
+            pool.size()
+        );
+    }
+}
+
 #[cfg(feature = "postgres")]
 pub mod pg {
     use super::*;
@@ -111,8 +128,11 @@ pub mod pg {
         }
 
         async fn teardown(self) {
-            self.store.drop_tables().await.expect("drop tables");
-            self.store.pool().close().await;
+            tokio::time::timeout(Duration::from_secs(30), self.store.drop_tables())
+                .await
+                .expect("dropping the tables never returned")
+                .expect("drop tables");
+            close(self.store.pool()).await;
         }
     }
 
@@ -205,8 +225,11 @@ pub mod my {
         }
 
         async fn teardown(self) {
-            self.store.drop_tables().await.expect("drop tables");
-            self.store.pool().close().await;
+            tokio::time::timeout(Duration::from_secs(30), self.store.drop_tables())
+                .await
+                .expect("dropping the tables never returned")
+                .expect("drop tables");
+            close(self.store.pool()).await;
         }
     }
 
@@ -313,8 +336,11 @@ pub mod lite {
         }
 
         async fn teardown(self) {
-            self.store.drop_tables().await.expect("drop tables");
-            self.store.pool().close().await;
+            tokio::time::timeout(Duration::from_secs(30), self.store.drop_tables())
+                .await
+                .expect("dropping the tables never returned")
+                .expect("drop tables");
+            close(self.store.pool()).await;
         }
     }
 
@@ -717,6 +743,9 @@ pub mod scenarios {
         let relay = RelayId::new("cancelled");
         let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
         let ttl = Duration::from_secs(30);
+        // Every call the test waits for is bounded: a call that never returns fails the test
+        // with the cancellation it followed instead of hanging it.
+        let bound = Duration::from_secs(30);
         h.enqueue((0..50).map(|j| produced(0, j)).collect())
             .await
             .expect("enqueue");
@@ -736,7 +765,10 @@ pub mod scenarios {
                     let _ = tokio::time::timeout(cancel_after, claim).await;
                 }
                 _ => {
-                    let claim = store.claim(&relay, 5, ttl).await.expect("claim");
+                    let claim = tokio::time::timeout(bound, store.claim(&relay, 5, ttl))
+                        .await
+                        .unwrap_or_else(|_| panic!("claim never returned (#{i})"))
+                        .unwrap_or_else(|e| panic!("claim before cancellation #{i}: {e:?}"));
                     let settlement = Settlement {
                         release: claim.messages.iter().map(|m| m.id).collect(),
                         ..Settlement::default()
@@ -746,23 +778,107 @@ pub mod scenarios {
                             .await;
                 }
             }
+            // A statement of the cancelled call may still be running and hold locks for a
+            // moment (its rollback follows it): a deadlock with it is retried, as the relay
+            // does.
             let writes = async {
-                store.acquire(&relay, &all, ttl).await.expect("acquire");
-                store.heartbeat(&relay, ttl).await.expect("heartbeat");
-                let claim = store.claim(&relay, 5, ttl).await.expect("claim");
+                retrying_deadlocks(|| store.acquire(&relay, &all, ttl))
+                    .await
+                    .unwrap_or_else(|e| panic!("acquire after cancellation #{i}: {e:?}"));
+                retrying_deadlocks(|| store.heartbeat(&relay, ttl))
+                    .await
+                    .unwrap_or_else(|e| panic!("heartbeat after cancellation #{i}: {e:?}"));
+                let claim = retrying_deadlocks(|| store.claim(&relay, 5, ttl))
+                    .await
+                    .unwrap_or_else(|e| panic!("claim after cancellation #{i}: {e:?}"));
                 let settlement = Settlement {
                     release: claim.messages.iter().map(|m| m.id).collect(),
                     ..Settlement::default()
                 };
-                store
-                    .settle(claim.token, &settlement)
+                retrying_deadlocks(|| store.settle(claim.token, &settlement))
                     .await
-                    .expect("settle");
+                    .unwrap_or_else(|e| panic!("settle after cancellation #{i}: {e:?}"));
             };
             tokio::time::timeout(Duration::from_secs(5), writes)
                 .await
                 .unwrap_or_else(|_| panic!("writes waited for a lock after cancellation #{i}"));
         }
-        store.leave(&relay).await.expect("leave");
+        tokio::time::timeout(bound, store.leave(&relay))
+            .await
+            .expect("leave never returned")
+            .expect("leave");
+    }
+
+    /// `call` until it succeeds or fails otherwise than with a transient database error (a
+    /// deadlock, a lock wait timeout): connection errors are not retried.
+    async fn retrying_deadlocks<T, F, Fut>(mut call: F) -> Result<T, outbox_core::StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, outbox_core::StoreError>>,
+    {
+        loop {
+            match call().await {
+                Err(err)
+                    if err.is_transient()
+                        && err.kind() == outbox_core::StoreErrorKind::Database =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Claims cancelled while their rows arrive (large payloads: many reads from the socket,
+    /// packets split across them) leave their connections in step with the server: the calls
+    /// after them neither wait for an answer that never comes nor read another statement's
+    /// answer.
+    pub async fn cancelled_reads_leave_connections_in_step<H: StoreHarness>(h: &H) {
+        const MESSAGES: usize = 16;
+        const PAYLOAD: usize = 200 * 1024;
+        let store = h.store();
+        let relay = RelayId::new("cancelled-reads");
+        let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
+        // Leases that lapse at once: every claim finds every message again.
+        let lease = Duration::from_millis(1);
+        let bound = Duration::from_secs(20);
+        h.enqueue(
+            (0..MESSAGES)
+                .map(|j| NewMessage::new("big", vec![j as u8; PAYLOAD]))
+                .collect(),
+        )
+        .await
+        .expect("enqueue");
+        store
+            .acquire(&relay, &all, Duration::from_secs(600))
+            .await
+            .expect("acquire");
+        let mut claimed = 0;
+        // Cancelled every 25 µs from 0 to 5 ms into its course, while its rows stream in.
+        for i in 0..200u64 {
+            let cancel_after = Duration::from_micros(i * 25);
+            let _ = tokio::time::timeout(cancel_after, store.claim(&relay, MESSAGES, lease)).await;
+            let claim = tokio::time::timeout(bound, store.claim(&relay, MESSAGES, lease))
+                .await
+                .unwrap_or_else(|_| panic!("claim never returned after cancellation #{i}"))
+                .unwrap_or_else(|e| panic!("claim after cancellation #{i}: {e:?}"));
+            claimed += claim.messages.len();
+            for message in &claim.messages {
+                assert_eq!(
+                    (message.destination.as_str(), message.payload.len()),
+                    ("big", PAYLOAD),
+                    "a message read after cancellation #{i}"
+                );
+            }
+            let stats = tokio::time::timeout(bound, store.stats())
+                .await
+                .unwrap_or_else(|_| panic!("stats never returned after cancellation #{i}"))
+                .unwrap_or_else(|e| panic!("stats after cancellation #{i}: {e:?}"));
+            assert_eq!(
+                stats.pending, MESSAGES as u64,
+                "stats after cancellation #{i}"
+            );
+        }
+        assert!(claimed > 0, "the claims read the messages");
     }
 }
