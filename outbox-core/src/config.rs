@@ -29,6 +29,12 @@ pub struct RelayConfig {
     /// Batches in flight at once (default 4). Per-key order holds whatever the value: a batch
     /// never holds a message whose key has an earlier message in flight.
     pub concurrency: usize,
+    /// Claims under way at once (default 2; 1 to 16, and never more than `concurrency`, which
+    /// lowers it). A second claim runs while
+    /// the first one waits for the store, on stores that can serve both (PostgreSQL); stores
+    /// that serialize claims make it wait its turn. Concurrent claims never return the same
+    /// message, nor two messages of one key out of order.
+    pub claims: usize,
     /// How long claimed messages stay leased to this relay (default 30 s). If the relay dies,
     /// another one takes them after this time.
     #[serde(with = "humantime_serde")]
@@ -69,6 +75,7 @@ impl Default for RelayConfig {
             relay_id: None,
             batch_size: 500,
             concurrency: 4,
+            claims: 2,
             lease: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
             partition_lease: Duration::from_secs(15),
@@ -101,6 +108,8 @@ impl RelayConfig {
         batch_size: usize,
         /// Sets [`RelayConfig::concurrency`].
         concurrency: usize,
+        /// Sets [`RelayConfig::claims`].
+        claims: usize,
         /// Sets [`RelayConfig::lease`].
         lease: Duration,
         /// Sets [`RelayConfig::publish_timeout`].
@@ -139,6 +148,9 @@ impl RelayConfig {
         }
         if self.concurrency == 0 || self.concurrency > 256 {
             return Err(ConfigError::new("concurrency", "must be between 1 and 256"));
+        }
+        if self.claims == 0 || self.claims > 16 {
+            return Err(ConfigError::new("claims", "must be between 1 and 16"));
         }
         if self.lease < Duration::from_millis(100) {
             return Err(ConfigError::new("lease", "must be at least 100ms"));
@@ -213,6 +225,13 @@ mod tests {
         assert_eq!(
             field(RelayConfig::default().concurrency(0)),
             Some("concurrency")
+        );
+        assert_eq!(field(RelayConfig::default().claims(0)), Some("claims"));
+        assert_eq!(field(RelayConfig::default().claims(17)), Some("claims"));
+        assert_eq!(
+            field(RelayConfig::default().concurrency(1).claims(2)),
+            None,
+            "claims are lowered to the batches in flight, not refused"
         );
     }
 }

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{Semaphore, watch};
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -444,7 +447,11 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         Ok(claim)
     }
 
-    /// Claims batches and hands them to workers until `stop` is set.
+    /// Claims batches and hands them to workers until `stop` is set. While claims come back
+    /// full (a backlog), up to [`RelayConfig::claims`] run at once, each holding the worker
+    /// permit its batch will use; otherwise one at a time. After an empty claim or an error no
+    /// new claim starts until the wait is over (or a wake-up comes), while the claims under
+    /// way complete.
     async fn claim_loop(
         self: &Arc<Self>,
         workers: &mut JoinSet<BatchReport>,
@@ -452,64 +459,86 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         abandon: watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let slots = self.config.claims.clamp(1, self.config.concurrency);
+        let mut claims: FuturesUnordered<BoxFuture<'static, ClaimDone>> = FuturesUnordered::new();
         let mut idle = self.config.poll_min;
         let mut error_backoff = Duration::from_millis(100);
+        // No new claim before this instant.
+        let mut paused_until: Option<Instant> = None;
+        let mut stopping = *stop.borrow();
+        // The last claim came back full: more claims at once pay off.
+        let mut backlog = false;
         loop {
             // Reap finished batches so the set does not grow.
             while workers.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                permit = Arc::clone(&permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return Ok(()),
-                },
-                _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
-            };
-            if *stop.borrow() {
+            if stopping && claims.is_empty() {
                 return Ok(());
             }
-            let started = Instant::now();
-            let wait = match self.claim().await {
-                Ok(claim) if claim.is_empty() => {
-                    drop(permit);
-                    let wait = idle;
-                    idle = (idle * 2).min(self.config.poll_max);
-                    wait
-                }
-                Ok(claim) => {
-                    error_backoff = Duration::from_millis(100);
-                    idle = self.config.poll_min;
-                    let full = claim.len() >= self.config.batch_size;
-                    let inner = Arc::clone(self);
-                    let abandon = abandon.clone();
-                    workers.spawn(async move {
-                        let report = process(&inner, claim, started, abandon).await;
-                        drop(permit);
-                        report
-                    });
-                    if full {
-                        continue;
-                    }
-                    // A partial batch: more may be committing right now; look again soon.
-                    self.config.poll_min
-                }
-                Err(err) if is_fatal(&err) => return Err(err),
-                Err(err) => {
-                    drop(permit);
-                    metrics::counter!(m::STORE_ERRORS).increment(1);
-                    warn!(error = %chain(&err), retry_in = ?error_backoff, "claim failed");
-                    let wait = error_backoff;
-                    error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
-                    wait
-                }
-            };
+            let may_start = !stopping
+                && paused_until.is_none()
+                && (claims.is_empty() || (backlog && claims.len() < slots));
+            let pause = paused_until.unwrap_or_else(Instant::now);
             tokio::select! {
-                () = self.wakeup.woken() => idle = self.config.poll_min,
-                () = tokio::time::sleep(wait) => {}
-                _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+                // A claim under way completes before the loop stops: its batch is published
+                // (or released) by the shutdown's drain.
+                Some((permit, started, result)) = claims.next(), if !claims.is_empty() => {
+                    match result {
+                        Ok(claim) if claim.is_empty() => {
+                            drop(permit);
+                            backlog = false;
+                            paused_until = Some(Instant::now() + idle);
+                            idle = (idle * 2).min(self.config.poll_max);
+                        }
+                        Ok(claim) => {
+                            error_backoff = Duration::from_millis(100);
+                            idle = self.config.poll_min;
+                            // A partial batch: more may be committing right now; look again
+                            // soon.
+                            backlog = claim.len() >= self.config.batch_size;
+                            paused_until = (!backlog).then(|| Instant::now() + self.config.poll_min);
+                            let inner = Arc::clone(self);
+                            let abandon = abandon.clone();
+                            workers.spawn(async move {
+                                let report = process(&inner, claim, started, abandon).await;
+                                drop(permit);
+                                report
+                            });
+                        }
+                        Err(err) if is_fatal(&err) => return Err(err),
+                        Err(err) => {
+                            drop(permit);
+                            backlog = false;
+                            metrics::counter!(m::STORE_ERRORS).increment(1);
+                            warn!(error = %chain(&err), retry_in = ?error_backoff, "claim failed");
+                            paused_until = Some(Instant::now() + error_backoff);
+                            error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+                permit = Arc::clone(&permits).acquire_owned(), if may_start => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    let inner = Arc::clone(self);
+                    claims.push(Box::pin(async move {
+                        let started = Instant::now();
+                        let result = inner.claim().await;
+                        (permit, started, result)
+                    }));
+                }
+                () = self.wakeup.woken(), if paused_until.is_some() && !stopping => {
+                    idle = self.config.poll_min;
+                    paused_until = None;
+                }
+                () = tokio::time::sleep_until(pause), if paused_until.is_some() && !stopping => {
+                    paused_until = None;
+                }
+                _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
             }
         }
     }
 }
+
+/// A finished claim: the worker permit its batch holds, when it started, what it returned.
+type ClaimDone = (OwnedSemaphorePermit, Instant, Result<Claim, StoreError>);
 
 /// Splits `messages` into what one publish call may carry and the rest. Without per-key order
 /// in the publisher, a call carries the first message of each key (and every keyless one).

@@ -1,6 +1,6 @@
 //! [`PostgresStore`]: the outbox on PostgreSQL.
 //!
-//! - Claims lock the relay's partition rows (`FOR UPDATE`), then lease the next rows with one
+//! - Claims lock the relay's partition rows (`FOR SHARE`), then lease the next rows with one
 //!   `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`: two relays never lease the same
 //!   row, a partition that changes hands waits for the old owner's claim to commit, and the
 //!   claim statement reads the leases of every claim committed before it (per-key order).
@@ -348,15 +348,16 @@ impl Store for PostgresStore {
         } = &*self.inner;
         let token = LeaseToken::new();
         let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
-        // Claims of one relay run one at a time, and a relay taking one of these partitions
-        // over waits until this claim committed: its own claim then sees these leases. The
-        // lock is a statement of its own, not part of the BEGIN: a failure there (a deadlock
-        // while relays rebalance, a lock timeout) must come back as an error with the
-        // transaction, which rolls it back, not leave the pooled connection inside an aborted
-        // transaction.
+        // A relay taking one of these partitions over waits until this claim committed: its
+        // own claim then sees these leases. Claims of one relay share the lock and run side by
+        // side: each skips the rows the other has locked, and drops the later messages of
+        // their keys (`first_left` below). The lock is a statement of its own, not part of the
+        // BEGIN: a failure there (a deadlock while relays rebalance, a lock timeout) must come
+        // back as an error with the transaction, which rolls it back, not leave the pooled
+        // connection inside an aborted transaction.
         let owned: Vec<i16> = sqlx::query_scalar(&format!(
             "SELECT \"partition\" FROM {} WHERE owner = $1 AND expires_at > now() \
-             ORDER BY \"partition\" FOR UPDATE",
+             ORDER BY \"partition\" FOR SHARE",
             names.partitions
         ))
         .bind(relay.as_str())

@@ -72,6 +72,7 @@ macro_rules! store_suite {
             claims_follow_enqueue_order_and_limit,
             claims_need_partition_ownership,
             concurrent_claims_never_share_a_message,
+            concurrent_claims_keep_key_order,
             expired_leases_return_messages,
             settles_are_fenced,
             later_messages_of_a_key_wait_for_earlier_ones,

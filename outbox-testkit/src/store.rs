@@ -182,6 +182,92 @@ pub async fn concurrent_claims_never_share_a_message<H: StoreHarness>(h: H) {
     h.teardown().await;
 }
 
+/// Concurrent claims of one relay over a few keys (as a relay with several claims under way
+/// makes them) hand out each key's messages in order: a claim gets a key's messages only when
+/// no other claim holds an earlier one, and then the next ones, with none skipped.
+pub async fn concurrent_claims_keep_key_order<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let relay = RelayId::random();
+    own_all(&store, &relay).await;
+    let (keys, total) = (5, 300);
+    let batch = (0..total)
+        .map(|i| message(Some(&format!("k{}", i % keys)), i))
+        .collect();
+    h.enqueue(batch).await.expect("enqueue");
+    // Per key: the index of its next message, and whether a claim holds some of it now.
+    let state = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..keys)
+            .map(|k| (format!("k{k}"), (k, false)))
+            .collect::<std::collections::HashMap<String, (usize, bool)>>(),
+    ));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let store = h.store();
+        let relay = relay.clone();
+        let state = std::sync::Arc::clone(&state);
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0;
+            let mut empty = 0;
+            while empty < 20 {
+                let claim = store.claim(&relay, 9, LEASE).await.expect("claim");
+                if claim.is_empty() {
+                    empty += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                let mut held = Vec::new();
+                {
+                    let mut state = state.lock().expect("state");
+                    for m in &claim.messages {
+                        let key = m.key.clone().expect("keyed");
+                        let n: usize = std::str::from_utf8(&m.payload)
+                            .expect("utf-8")
+                            .parse()
+                            .expect("index");
+                        let entry = state.get_mut(&key).expect("known key");
+                        assert!(
+                            !entry.1 || held.contains(&key),
+                            "message {n} of {key} claimed while another claim holds the key"
+                        );
+                        assert_eq!(n, entry.0, "{key}: message {n} handed out out of order");
+                        entry.0 += keys;
+                        entry.1 = true;
+                        if !held.contains(&key) {
+                            held.push(key);
+                        }
+                    }
+                }
+                // Publishing takes a while, and other claims run meanwhile.
+                tokio::task::yield_now().await;
+                {
+                    // Still leased until the settle below: no claim may get these keys' next
+                    // messages before it, whether the mark is down or not.
+                    let mut state = state.lock().expect("state");
+                    for key in &held {
+                        state.get_mut(key).expect("known key").1 = false;
+                    }
+                }
+                got += claim.messages.len();
+                let settlement = Settlement {
+                    published: ids(&claim),
+                    ..Settlement::default()
+                };
+                store
+                    .settle(claim.token, &settlement)
+                    .await
+                    .expect("settle");
+            }
+            got
+        }));
+    }
+    let mut published = 0;
+    for task in tasks {
+        published += task.await.expect("claimer");
+    }
+    assert_eq!(published, total, "every message claimed once");
+    h.teardown().await;
+}
+
 /// A message whose lease expired is claimed again, under a new token; the old token is fenced.
 pub async fn expired_leases_return_messages<H: StoreHarness>(h: H) {
     let store = h.store();
