@@ -56,6 +56,7 @@ pub(crate) fn relay_config(options: &Options) -> RelayConfig {
     RelayConfig::default()
         .batch_size(options.batch_size)
         .concurrency(options.concurrency)
+        .claims(options.claims)
 }
 
 /// What a relay run came to.
@@ -258,6 +259,7 @@ async fn measure(
         "payload_bytes": crate::workload::PAYLOAD,
         "batch_size": options.batch_size,
         "concurrency": options.concurrency,
+        "claims": options.claims,
         "relay_msgs_per_s": relay_rate,
         "raw_drain_msgs_per_s": raw_drain,
         "raw_publish_msgs_per_s": raw_publish,

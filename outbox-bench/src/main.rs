@@ -122,6 +122,9 @@ pub(crate) struct Options {
     /// Relay batches in flight in the drain, scaling and memory scenarios.
     #[arg(long, default_value_t = 4)]
     pub(crate) concurrency: usize,
+    /// Relay claims under way at once in the drain scenario (the relay's default: 2).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) claims: usize,
     /// Distinct keys per backlog, as messages per key (each key comes back every
     /// `messages / keys_every` messages).
     #[arg(long, default_value_t = 10)]
