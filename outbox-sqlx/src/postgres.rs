@@ -133,6 +133,27 @@ impl PostgresStore {
         Self::new(pool, config)
     }
 
+    /// Locks partition rows in partition order, the order claims take them in (`FOR SHARE`),
+    /// before an `UPDATE` changes them: an `UPDATE` alone locks in the order it finds the rows
+    /// (their place in the table), and could wait for a claim that waits for it.
+    async fn lock_partitions(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        partitions: &[i16],
+        doing: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "SELECT \"partition\" FROM {} WHERE \"partition\" = ANY($1) \
+             ORDER BY \"partition\" FOR UPDATE",
+            self.inner.names.partitions
+        ))
+        .bind(partitions)
+        .execute(&mut **tx)
+        .await
+        .doing(doing)
+        .map(drop)
+    }
+
     /// The pool, for the service's own queries and transactions.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
@@ -577,16 +598,20 @@ impl Store for PostgresStore {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
+        const DOING: &str = "acquiring partitions";
+        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
+        self.lock_partitions(&mut tx, &partitions, DOING).await?;
         let mut statement = sql::acquire(&PG, &self.inner.names, relay, &partitions, ttl);
         statement.push(" RETURNING \"partition\"");
         let owned: Vec<i16> = bound(&statement.text, statement.args)?
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&mut *tx)
             .await
-            .doing("acquiring partitions")?
+            .doing(DOING)?
             .iter()
             .map(|row| row.try_get(0))
             .collect::<Result<_, _>>()
-            .doing("acquiring partitions")?;
+            .doing(DOING)?;
+        tx.commit().await.doing(DOING)?;
         Ok(sql::partitions_from(owned))
     }
 
@@ -595,18 +620,25 @@ impl Store for PostgresStore {
         if partitions.is_empty() {
             return Ok(());
         }
+        const DOING: &str = "releasing partitions";
+        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
+        self.lock_partitions(&mut tx, &partitions, DOING).await?;
         let statement = sql::release(&PG, &self.inner.names, relay, Some(&partitions));
         bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
+            .execute(&mut *tx)
             .await
-            .doing("releasing partitions")
-            .map(drop)
+            .doing(DOING)?;
+        tx.commit().await.doing(DOING)
     }
 
     async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
         const DOING: &str = "leaving the relay group";
         let Inner { pool, names, .. } = &*self.inner;
         let mut tx = sql::begin(pool, None, DOING).await?;
+        let all: Vec<i16> = (0..outbox_core::PARTITIONS)
+            .filter_map(|p| i16::try_from(p).ok())
+            .collect();
+        self.lock_partitions(&mut tx, &all, DOING).await?;
         for statement in [
             sql::release(&PG, names, relay, None),
             sql::forget(&PG, names, relay),
