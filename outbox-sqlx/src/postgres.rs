@@ -635,10 +635,15 @@ impl Store for PostgresStore {
         const DOING: &str = "leaving the relay group";
         let Inner { pool, names, .. } = &*self.inner;
         let mut tx = sql::begin(pool, None, DOING).await?;
-        let all: Vec<i16> = (0..outbox_core::PARTITIONS)
-            .filter_map(|p| i16::try_from(p).ok())
-            .collect();
-        self.lock_partitions(&mut tx, &all, DOING).await?;
+        // The relay's own partition rows, in partition order, as `release` locks them.
+        sqlx::query(&format!(
+            "SELECT \"partition\" FROM {} WHERE owner = $1 ORDER BY \"partition\" FOR UPDATE",
+            names.partitions
+        ))
+        .bind(relay.as_str())
+        .execute(&mut *tx)
+        .await
+        .doing(DOING)?;
         for statement in [
             sql::release(&PG, names, relay, None),
             sql::forget(&PG, names, relay),
