@@ -1,6 +1,6 @@
 //! TLS to the database: a private PostgreSQL server that accepts TCP connections over TLS only,
-//! with a certificate made by the test, and the relay program connecting with
-//! `sslmode=verify-full` and the test's authority (`sslrootcert`). Without TLS, or trusting
+//! with a certificate made by the test (`outbox_testkit::tls`), and the relay program connecting
+//! with `sslmode=verify-full` and the test's authority (`sslrootcert`). Without TLS, or trusting
 //! another authority, the relay cannot connect and says so.
 
 use std::path::{Path, PathBuf};
@@ -11,32 +11,11 @@ use outbox_chaos::broker;
 use outbox_core::{Enqueue, MessageId, NewMessage};
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::env::or_skip;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use outbox_testkit::tls::Certificates;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chaos-relay");
-
-fn authority(dir: &Path, name: &str, server: Option<&Path>) -> PathBuf {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("outbox test CA {name}"));
-    let ca_key = KeyPair::generate().expect("key");
-    let ca = params.self_signed(&ca_key).expect("CA");
-    let ca_path = dir.join(format!("{name}-ca.pem"));
-    std::fs::write(&ca_path, ca.pem()).expect("write CA");
-    if let Some(data) = server {
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("params");
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-        std::fs::write(data.join("server.crt"), cert.pem()).expect("write");
-        std::fs::write(data.join("server.key"), key.serialize_pem()).expect("write");
-    }
-    ca_path
-}
 
 /// The PostgreSQL binaries of the machine (`pg_ctl` and `initdb`).
 fn pg_bin() -> Result<PathBuf, String> {
@@ -57,7 +36,7 @@ struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    async fn start(dir: &Path) -> Result<(Self, PathBuf), String> {
+    async fn start(dir: &Path) -> Result<(Self, Certificates), String> {
         let bin = pg_bin()?;
         let run = |program: &Path, args: Vec<String>| {
             let program = program.to_owned();
@@ -110,7 +89,8 @@ impl PrivatePostgres {
             ],
         )
         .await?;
-        let ca = authority(dir, "trusted", Some(&data));
+        // Into the data directory, so that the `chown` below gives the key to the server's user.
+        let certs = Certificates::generate(&data)?;
         std::fs::write(
             data.join("pg_hba.conf"),
             "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
@@ -119,7 +99,7 @@ impl PrivatePostgres {
         chown(&data)?;
         std::process::Command::new("chmod")
             .arg("600")
-            .arg(data.join("server.key"))
+            .arg(&certs.key)
             .status()
             .map_err(|e| e.to_string())?;
         let port = broker::free_port();
@@ -134,14 +114,16 @@ impl PrivatePostgres {
                 "-o".into(),
                 format!(
                     "-p {port} -k {} -c listen_addresses=127.0.0.1 -c ssl=on \
-                     -c ssl_cert_file=server.crt -c ssl_key_file=server.key -c fsync=off",
-                    data.display()
+                     -c ssl_cert_file={} -c ssl_key_file={} -c fsync=off",
+                    data.display(),
+                    certs.cert.display(),
+                    certs.key.display()
                 ),
                 "start".into(),
             ],
         )
         .await?;
-        Ok((Self { bin, data, port }, ca))
+        Ok((Self { bin, data, port }, certs))
     }
 
     async fn stop(self) {
@@ -192,13 +174,13 @@ fn config(dir: &Path, name: &str, url: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_talks_to_postgres_over_verified_tls_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some((server, ca)) = or_skip(
+    let Some((server, certs)) = or_skip(
         "a private PostgreSQL server (initdb, runuser)",
         PrivatePostgres::start(dir.path()).await,
     ) else {
         return;
     };
-    let stranger = authority(dir.path(), "stranger", None);
+    let (ca, stranger) = (&certs.ca, &certs.other_ca);
     let base = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port);
     let tls = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
     let verified = config(dir.path(), "tls.toml", &tls);

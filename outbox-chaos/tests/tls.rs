@@ -1,9 +1,10 @@
-//! TLS to the broker: a certificate authority and a server certificate made by the test, a
-//! private `nats-server` that requires TLS, and the relay program connecting with `tls://`
-//! (outbox-nats's `rustls` feature), trusting the test's authority through `SSL_CERT_FILE`.
-//! A relay that does not trust the server's certificate publishes nothing and loses nothing.
+//! TLS to the broker: a certificate authority and a server certificate made by the test
+//! (`outbox_testkit::tls`), a private `nats-server` that requires TLS, and the relay program
+//! connecting with `tls://` (outbox-nats's `rustls` feature), trusting the test's authority
+//! through `SSL_CERT_FILE`. A relay that does not trust the server's certificate publishes
+//! nothing and loses nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,34 +14,11 @@ use outbox_core::{Enqueue, MessageId, NewMessage, Store};
 use outbox_nats::async_nats;
 use outbox_sqlx::{SqliteStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use outbox_testkit::tls::Certificates;
 use tokio::process::Command;
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chaos-relay");
-
-/// Writes a CA (`name`-ca.pem) and, when `server`, a certificate for localhost and 127.0.0.1
-/// signed by it (server.pem, server-key.pem).
-fn authority(dir: &Path, name: &str, server: bool) -> PathBuf {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("outbox test CA {name}"));
-    let ca_key = KeyPair::generate().expect("key");
-    let ca = params.self_signed(&ca_key).expect("CA");
-    let ca_path = dir.join(format!("{name}-ca.pem"));
-    std::fs::write(&ca_path, ca.pem()).expect("write CA");
-    if server {
-        let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("params");
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
-        std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).expect("write");
-    }
-    ca_path
-}
 
 async fn tls_client(addr: std::net::SocketAddr, ca: &Path) -> async_nats::jetstream::Context {
     let client = async_nats::ConnectOptions::new()
@@ -73,14 +51,14 @@ async fn relay_output(config: &Path, ca: &Path, args: &[&str]) -> (Option<i32>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_publishes_over_tls_to_a_server_it_trusts_and_never_to_one_it_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = authority(dir.path(), "trusted", true);
-    let stranger = authority(dir.path(), "stranger", false);
+    let certs = Certificates::generate(dir.path()).expect("certificates");
+    let (ca, stranger) = (certs.ca.clone(), certs.other_ca.clone());
     let tls = [
         "--tls".to_owned(),
         "--tlscert".to_owned(),
-        dir.path().join("server.pem").display().to_string(),
+        certs.cert.display().to_string(),
         "--tlskey".to_owned(),
-        dir.path().join("server-key.pem").display().to_string(),
+        certs.key.display().to_string(),
     ];
     let Some(server) = or_skip("nats-server", NatsServer::start(dir.path(), &tls).await) else {
         return;
