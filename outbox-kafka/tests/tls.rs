@@ -15,7 +15,6 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_testkit::env::{free_port, or_skip, unique_name};
 use outbox_testkit::tls::{Certificates, TlsTerminator};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const MESSAGES: usize = 10;
 const PARTITIONS: i32 = 3;
@@ -78,31 +77,9 @@ impl TlsBroker {
         let terminator = TlsTerminator::start(broker, &certs)
             .await
             .map_err(|e| e.to_string())?;
-        let mut child = Command::new(bin)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{broker}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{}", terminator.addr()))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .arg("--silent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
+        let mut child = common::spawn_tansu(&bin, broker, terminator.addr())
             .map_err(|e| format!("tansu: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(broker).await.is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("tansu exited: {status}"));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("tansu did not listen on {broker} within 30 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_tansu(broker, &mut child).await?;
         Ok(Self {
             _child: child,
             terminator,

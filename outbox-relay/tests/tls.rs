@@ -126,13 +126,7 @@ async fn a_tls_nats_url_to_a_plain_server_fails_the_tls_handshake() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let publisher = format!("kind = \"nats\"\nurl = \"tls://{address}\"\nconnect_timeout = \"2s\"");
-    let (code, out) = run(
-        &config(dir.path(), &sqlite_url(dir.path()), "outbox", &publisher),
-        "check",
-    )
-    .await;
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("broker      FAILED"), "{out}");
+    broker_check_fails(dir.path(), &publisher).await;
 }
 
 #[tokio::test]
@@ -151,13 +145,7 @@ async fn an_amqps_uri_to_a_plain_server_fails_the_tls_handshake() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let publisher = format!("kind = \"amqp\"\nuri = \"amqps://{rest}\"");
-    let (code, out) = run(
-        &config(dir.path(), &sqlite_url(dir.path()), "outbox", &publisher),
-        "check",
-    )
-    .await;
-    assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("broker      FAILED"), "{out}");
+    broker_check_fails(dir.path(), &publisher).await;
 }
 
 #[tokio::test]
@@ -170,11 +158,13 @@ async fn kafka_over_ssl_is_accepted_by_the_build() {
         "kind = \"kafka\"\nbrokers = \"127.0.0.1:{port}\"\n\
          check_timeout = \"2s\"\nproperties = {{ \"security.protocol\" = \"SSL\" }}"
     );
-    let (code, out) = run(
-        &config(dir.path(), &sqlite_url(dir.path()), "outbox", &publisher),
-        "check",
-    )
-    .await;
+    broker_check_fails(dir.path(), &publisher).await;
+}
+
+/// `check` with `publisher` (TOML of the `[publisher]` section) and a SQLite store in `dir`
+/// exits 1 with the broker failed.
+async fn broker_check_fails(dir: &std::path::Path, publisher: &str) {
+    let (code, out) = run(&config(dir, &sqlite_url(dir), "outbox", publisher), "check").await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("broker      FAILED"), "{out}");
 }

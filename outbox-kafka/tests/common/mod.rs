@@ -326,6 +326,44 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Starts a private tansu, in memory, listening on `listen` and advertising `advertised` (a
+/// proxy or a TLS terminator in front of it); killed when the handle is dropped.
+pub fn spawn_tansu(
+    bin: &std::path::Path,
+    listen: SocketAddr,
+    advertised: SocketAddr,
+) -> std::io::Result<Child> {
+    Command::new(bin)
+        .arg("broker")
+        .arg("--listener-url")
+        .arg(format!("tcp://{listen}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://{advertised}"))
+        .arg("--storage-engine")
+        .arg("memory://tansu/")
+        .arg("--silent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Waits up to 30 s for `child`, a tansu started by [`spawn_tansu`], to listen on `listen`.
+pub async fn wait_for_tansu(listen: SocketAddr, child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("tansu exited: {status}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("tansu did not listen on {listen} within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A tansu broker of one test, in memory, reachable only through a [`FaultProxy`]: it
 /// advertises the proxy's address, so that every connection of every client, after bootstrap
 /// too, goes through the proxy.
@@ -345,28 +383,9 @@ impl PrivateBroker {
             .parse()
             .expect("address");
         let proxy = FaultProxy::start(broker).await.expect("proxy");
-        let child = Command::new(bin)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{broker}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{}", proxy.addr()))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .arg("--silent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("tansu starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(broker).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not listen on {broker}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut child = spawn_tansu(&bin, broker, proxy.addr()).expect("tansu starts");
+        if let Err(err) = wait_for_tansu(broker, &mut child).await {
+            panic!("{err}");
         }
         Some(Self {
             child,
