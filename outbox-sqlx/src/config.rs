@@ -241,6 +241,8 @@ pub(crate) struct Names {
     pub(crate) relays: String,
     /// `{table}_schema`: applied migrations.
     pub(crate) schema: String,
+    /// `{table}_claim`: the claim function (PostgreSQL).
+    pub(crate) claim: String,
     /// The table name without schema and quotes, for index names.
     pub(crate) base: String,
     /// Quote character of the dialect, for index names.
@@ -261,6 +263,7 @@ impl Names {
             partitions: qualify(&format!("{base}_partitions")),
             relays: qualify(&format!("{base}_relays")),
             schema: qualify(&format!("{base}_schema")),
+            claim: qualify(&format!("{base}_claim")),
             base: base.to_owned(),
             quote: q,
         })

@@ -78,8 +78,9 @@ fn classify_sqlstate(code: &str) -> (StoreErrorKind, bool) {
         // serialization_failure, deadlock_detected, lock_not_available, query_canceled
         // (statement_timeout), read_only_sql_transaction (a failover in progress)
         "40001" | "40P01" | "55P03" | "57014" | "25006" => (Database, true),
-        // undefined_table, undefined_column, undefined_object, invalid_schema_name
-        "42P01" | "42703" | "42704" | "3F000" | "42S02" | "42S22" => (Schema, false),
+        // undefined_table, undefined_column, undefined_object, invalid_schema_name,
+        // undefined_function (the claim function of a schema not migrated to version 3)
+        "42P01" | "42703" | "42704" | "3F000" | "42883" | "42S02" | "42S22" => (Schema, false),
         // admin_shutdown (pg_terminate_backend), crash_shutdown, cannot_connect_now
         "57P01" | "57P02" | "57P03" => (Connection, true),
         // connection_exception, insufficient_resources (too_many_connections, ...)
@@ -138,6 +139,7 @@ mod tests {
         assert_eq!(classify_sqlstate("40P01"), (Database, true));
         assert_eq!(classify_sqlstate("40001"), (Database, true));
         assert_eq!(classify_sqlstate("42P01"), (Schema, false));
+        assert_eq!(classify_sqlstate("42883"), (Schema, false));
         assert_eq!(classify_sqlstate("57P01"), (Connection, true));
         assert_eq!(classify_sqlstate("08006"), (Connection, true));
         assert_eq!(classify_sqlstate("23505"), (Database, false));

@@ -30,7 +30,7 @@ use sqlx::{Arguments as _, Connection as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{self, Arg, Base, Dialect, HeldIndex, PENDING, PUBLISHED, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`MySqlStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))];
@@ -46,11 +46,13 @@ fn now_plus(sql: &mut Sql, micros: i64) {
         .push(" MICROSECOND)");
 }
 
+/// The per-key check of claims.
+const HELD: HeldIndex = HeldIndex {
+    held: "e.held = 1",
+    force_index: true,
+};
+
 const MY: Dialect = Dialect {
-    key_check: KeyCheck::HeldIndex {
-        held: "e.held = 1",
-        force_index: true,
-    },
     numbered: false,
     quote: '`',
     now: "UTC_TIMESTAMP(6)",
@@ -486,7 +488,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
             sql::qualified_columns(columns, "o"),
             names.table
         ));
-        sql::push_claimable(&mut select, &MY, names, relay);
+        sql::push_claimable(&mut select, &MY, names, &HELD, relay);
         select
             .push(" ORDER BY o.seq LIMIT ")
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))

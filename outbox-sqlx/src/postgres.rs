@@ -1,6 +1,7 @@
 //! [`PostgresStore`]: the outbox on PostgreSQL.
 //!
-//! - Claims lock the relay's partition rows (`FOR SHARE`), then lease the next rows with one
+//! - A claim is one call of a PL/pgSQL function (schema version 3), one round trip. It locks
+//!   the relay's partition rows (`FOR SHARE`), then leases the next rows with one
 //!   `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`: two relays never lease the same
 //!   row, a partition that changes hands waits for the old owner's claim to commit, and the
 //!   claim statement reads the leases of every claim committed before it (per-key order).
@@ -30,9 +31,7 @@ use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
-use crate::sql::{
-    self, Arg, Base, DEAD, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column,
-};
+use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`PostgresStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -40,6 +39,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         2,
         include_str!("../migrations/postgres/0002_hot_claims.sql"),
+    ),
+    (
+        3,
+        include_str!("../migrations/postgres/0003_claim_function.sql"),
     ),
 ];
 
@@ -57,36 +60,22 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 /// `now()` is the transaction's start: every statement of one claim or settle sees the
 /// same instant.
 const PG: Dialect = Dialect {
-    key_check: KeyCheck::FirstPending,
     numbered: true,
     quote: '"',
     now: "now()",
     now_plus,
 };
 
-/// Starts a claim transaction. The planner's estimate of the claim statement can exceed
-/// `jit_above_cost` on large tables, and compiling it then takes hundreds of milliseconds for
-/// a statement that runs in one or two: no JIT for claims (for this transaction only).
-///
-/// The claim statement has one good plan: read the pending index in enqueue order and stop
-/// after the batch. On a table written faster than it is analyzed, the planner takes a deep
-/// backlog for a few rows and sorts the whole of it instead; on any table it misjudges how many
-/// candidates the per-key join lets through. Sequential scans and sorts are off for claims, so
-/// the index plan is the one taken whatever the statistics say.
-///
-/// Claims and settles commit without waiting for their WAL to reach the disk
-/// (`synchronous_commit = off`, for these transactions only): the flush costs up to several
-/// milliseconds on a loaded disk, on the path of every message. A database crash can lose the
-/// last few of them (at most about three times `wal_writer_delay`), and nothing else: a lost
-/// lease or settle leaves its messages pending, leased at most until the lease ends, so they
-/// are published again (a duplicate, which at-least-once allows), never lost. Per-key order
-/// holds as well: a message is published only after the earlier ones of its key were
-/// acknowledged, and the WAL is replayed in order, so no later claim survives a lost one.
-/// Enqueues are the caller's transactions and keep the caller's setting.
-const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL jit = off; SET LOCAL synchronous_commit = off; \
-     SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off";
-
-/// Starts a settle transaction: asynchronous commit, as claims (see [`BEGIN_CLAIM`]).
+/// Starts a settle transaction. Claims (in their function, schema version 3) and settles
+/// commit without waiting for their WAL to reach the disk (`synchronous_commit = off`, for
+/// these transactions only): the flush costs up to several milliseconds on a loaded disk, on
+/// the path of every message. A database crash can lose the last few of them (at most about
+/// three times `wal_writer_delay`), and nothing else: a lost lease or settle leaves its
+/// messages pending, leased at most until the lease ends, so they are published again (a
+/// duplicate, which at-least-once allows), never lost. Per-key order holds as well: a message
+/// is published only after the earlier ones of its key were acknowledged, and the WAL is
+/// replayed in order, so no later claim survives a lost one. Enqueues are the caller's
+/// transactions and keep the caller's setting.
 const BEGIN_SETTLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
 /// The transactional outbox on PostgreSQL 12 or later.
@@ -251,8 +240,9 @@ impl PostgresStore {
     pub async fn drop_tables(&self) -> Result<(), StoreError> {
         let names = &self.inner.names;
         sqlx::raw_sql(&format!(
-            "DROP TABLE IF EXISTS {}, {}, {}, {}",
-            names.table, names.partitions, names.relays, names.schema
+            "DROP FUNCTION IF EXISTS {}(TEXT, BIGINT, UUID, BIGINT); \
+             DROP TABLE IF EXISTS {}, {}, {}, {}",
+            names.claim, names.table, names.partitions, names.relays, names.schema
         ))
         .execute(&self.inner.pool)
         .await
@@ -368,78 +358,23 @@ impl Store for PostgresStore {
             ..
         } = &*self.inner;
         let token = LeaseToken::new();
-        let mut tx = sql::begin(pool, Some(BEGIN_CLAIM), DOING).await?;
-        // A relay taking one of these partitions over waits until this claim committed: its
-        // own claim then sees these leases. Claims of one relay share the lock and run side by
-        // side: each skips the rows the other has locked, and drops the later messages of
-        // their keys (`first_left` below). The lock is a statement of its own, not part of the
-        // BEGIN: a failure there (a deadlock while relays rebalance, a lock timeout) must come
-        // back as an error with the transaction, which rolls it back, not leave the pooled
-        // connection inside an aborted transaction.
-        let owned: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT \"partition\" FROM {} WHERE owner = $1 AND expires_at > now() \
-             ORDER BY \"partition\" FOR SHARE",
-            names.partitions
-        ))
-        .bind(relay.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .doing(DOING)?;
-        if owned.is_empty() || limit == 0 {
-            tx.rollback().await.doing(DOING)?;
+        if limit == 0 {
             return Ok(sql::assemble_claim(token, Vec::new()));
         }
-        // `claimable` locks the next rows in enqueue order, each with the first pending
-        // message of its key (`f`, one step into the key index), which must not be held.
-        // `kept` drops the rows with an earlier pending message of their key outside
-        // `claimable`: a row some other transaction held locked, which SKIP LOCKED passed over
-        // although it is not leased, or a held row behind a free first one. A key whose
-        // claimed rows are exactly its first pending messages is checked by a count over the
-        // key index up to its last claimed row; a single claimed row, by its `first_seq`
-        // alone (most keys of most batches: no lookup at all). Only a key that fails its check
-        // has `first_left` walk its messages in order for the first one not claimed: linear
-        // in the batch, whatever the key's backlog.
-        let key = "\"key\"";
-        let t = &names.table;
-        let mut statement = Sql::new(&PG);
-        statement.push(&format!(
-            "WITH claimable AS (SELECT o.ctid AS row_id, o.seq, o.{key}, f.seq AS first_seq \
-             FROM {t} o LEFT JOIN LATERAL (SELECT e.seq, e.available_at, e.lease_until \
-                 FROM {t} e WHERE e.{key} = o.{key} AND e.state = {PENDING} \
-                 ORDER BY e.seq LIMIT 1) f ON true \
-             WHERE "
-        ));
-        sql::push_claimable(&mut statement, &PG, names, relay);
-        statement
-            .push(" ORDER BY o.seq LIMIT ")
-            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
-            .push(&format!(
-                " FOR UPDATE OF o SKIP LOCKED), \
-                 per_key AS MATERIALIZED (SELECT {key}, MIN(seq) AS lo, MAX(seq) AS hi, \
-                     COUNT(*) AS n, MIN(first_seq) AS first_seq \
-                   FROM claimable WHERE {key} IS NOT NULL GROUP BY {key}), \
-                 first_left AS MATERIALIZED (SELECT p.{key}, (SELECT e.seq FROM {t} e \
-                     WHERE e.{key} = p.{key} AND e.state = {PENDING} \
-                     AND e.seq NOT IN (SELECT seq FROM claimable) ORDER BY e.seq LIMIT 1) AS seq \
-                   FROM per_key p WHERE p.lo IS DISTINCT FROM p.first_seq OR (p.n > 1 AND \
-                     (SELECT COUNT(*) FROM {t} e WHERE e.{key} = p.{key} \
-                       AND e.state = {PENDING} AND e.seq <= p.hi) <> p.n)), \
-                 kept AS (SELECT c.row_id FROM claimable c LEFT JOIN first_left f ON f.{key} = c.{key} \
-                   WHERE f.seq IS NULL OR c.seq < f.seq) \
-                 UPDATE {t} u SET lease_token = "
-            ))
-            .bind(Arg::Token(token))
-            .push(", lease_until = ");
-        now_plus(&mut statement, sql::micros(lease));
-        statement.push(&format!(
-            " FROM kept WHERE u.ctid = kept.row_id RETURNING {}",
-            sql::qualified_columns(columns, "u")
-        ));
-        let rows = bound(&statement.text, statement.args)?
-            .fetch_all(&mut *tx)
-            .await
-            .doing(DOING)?;
-        tx.commit().await.doing(DOING)?;
+        // One call, one round trip: the partition lock and the claim statement run in the
+        // claim function of schema version 3 (migrations/postgres/0003_claim_function.sql).
+        let rows = sqlx::query(&format!(
+            "SELECT {} FROM {}($1, $2, $3, $4) c",
+            sql::qualified_columns(columns, "c"),
+            names.claim
+        ))
+        .bind(relay.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(*token.as_uuid())
+        .bind(sql::micros(lease))
+        .fetch_all(pool)
+        .await
+        .doing(DOING)?;
         let parts = rows.iter().filter_map(|row| match row_parts(row) {
             Ok(parts) => Some(parts),
             Err(err) => {

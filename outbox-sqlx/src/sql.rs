@@ -76,32 +76,19 @@ pub(crate) struct Dialect {
     pub(crate) now: &'static str,
     /// Writes "now plus the bound number of microseconds".
     pub(crate) now_plus: fn(&mut Sql, i64),
-    /// How a claim tells that a key's earlier messages hold a candidate back.
-    pub(crate) key_check: KeyCheck,
 }
 
-/// The per-key check of a claim, in one of two forms.
+/// The per-key check of a MySQL or SQLite claim: no earlier pending message of the key is held
+/// (leased or retried), looked up in an index of the held rows only. (PostgreSQL claims check
+/// the key's first pending message instead, in the claim function of its schema version 3: no
+/// index there mentions the lease columns, so that a lease update writes heap-only tuples.)
 #[derive(Debug)]
-pub(crate) enum KeyCheck {
-    /// No earlier pending message of the key is held (leased or retried), looked up in an index
-    /// of the held rows only. `held` is the condition that pending row `e` is held, as that
-    /// index's predicate needs it written; `force_index` names the index in the statement
-    /// (MySQL's optimizer prefers the plain key index, which walks the key's whole backlog:
-    /// hundreds of times slower).
-    HeldIndex {
-        /// The index predicate.
-        held: &'static str,
-        /// Name the index in the statement.
-        force_index: bool,
-    },
-    /// The key's first pending message is not held. The statement joins that message as
-    /// `f` (one step into the index of pending rows by key). No index mentions the lease
-    /// columns, so that a claim's `UPDATE` of the lease touches no index at all (PostgreSQL's
-    /// heap-only tuples). A claim leases a prefix of a key's pending messages and a settle
-    /// removes, retries or releases from the front, so a key whose first message is free has
-    /// no held message behind it; where a lapsed lease or a released message breaks that, the
-    /// claim still drops every candidate after the first message of its key it did not take.
-    FirstPending,
+pub(crate) struct HeldIndex {
+    /// The condition that pending row `e` is held, as the index predicate needs it written.
+    pub(crate) held: &'static str,
+    /// Name the index in the statement (MySQL's optimizer prefers the plain key index, which
+    /// walks the key's whole backlog: hundreds of times slower).
+    pub(crate) force_index: bool,
 }
 
 impl Dialect {
@@ -483,31 +470,31 @@ pub(crate) fn limit_of(filter: &DeadLetterFilter) -> i64 {
 
 /// The rows `relay` may claim (alias `o`), in the partitions it owns under an unexpired lease:
 /// pending, available, not under an unexpired lease, and not held back by an earlier pending
-/// message of the same key that is leased or waiting for a retry (per-key order), checked as
-/// [`Dialect::key_check`] says: either way without walking a key's whole backlog. The
+/// message of the same key that is leased or waiting for a retry (per-key order), checked in
+/// the index of held rows (`check`): without walking a key's whole backlog. The
 /// subquery over the earlier messages is a plain consistent read in every dialect, also inside
 /// a locking `SELECT ... FOR UPDATE SKIP LOCKED`, so a row another transaction holds still
 /// blocks its key.
-pub(crate) fn push_claimable(sql: &mut Sql, d: &Dialect, names: &Names, relay: &RelayId) {
+pub(crate) fn push_claimable(
+    sql: &mut Sql,
+    d: &Dialect,
+    names: &Names,
+    check: &HeldIndex,
+    relay: &RelayId,
+) {
     let (now, partition, key) = (d.now, d.col("partition"), d.col("key"));
     let table = &names.table;
-    let key_check = match d.key_check {
-        KeyCheck::HeldIndex { held, force_index } => {
-            let hint = if force_index {
-                format!(" FORCE INDEX ({})", names.index("held"))
-            } else {
-                String::new()
-            };
-            format!(
-                "NOT EXISTS (SELECT 1 FROM {table} e{hint} \
-                 WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
-                 AND (e.available_at > {now} OR e.lease_until > {now}))"
-            )
-        }
-        KeyCheck::FirstPending => {
-            format!("f.available_at <= {now} AND (f.lease_until IS NULL OR f.lease_until <= {now})")
-        }
+    let HeldIndex { held, force_index } = check;
+    let hint = if *force_index {
+        format!(" FORCE INDEX ({})", names.index("held"))
+    } else {
+        String::new()
     };
+    let key_check = format!(
+        "NOT EXISTS (SELECT 1 FROM {table} e{hint} \
+         WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
+         AND (e.available_at > {now} OR e.lease_until > {now}))"
+    );
     sql.push(&format!(
         "o.state = {PENDING} AND o.{partition} IN (SELECT {partition} FROM {parts} WHERE owner = ",
         parts = names.partitions
@@ -721,7 +708,8 @@ pub(crate) fn render(template: &str, names: &Names) -> String {
     let mut text = template
         .replace("{table}", &names.table)
         .replace("{partitions}", &names.partitions)
-        .replace("{relays}", &names.relays);
+        .replace("{relays}", &names.relays)
+        .replace("{claim}", &names.claim);
     while let Some(start) = text.find("{ix_") {
         let Some(len) = text[start..].find('}') else {
             break;
@@ -925,10 +913,6 @@ mod tests {
     const QMARK: Dialect = Dialect {
         numbered: false,
         quote: '`',
-        key_check: KeyCheck::HeldIndex {
-            held: "e.held = 1",
-            force_index: true,
-        },
         now: "NOW()",
         now_plus: |sql, micros| {
             sql.push("NOW() + ").bind(Arg::Int(micros));

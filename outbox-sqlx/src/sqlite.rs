@@ -29,7 +29,7 @@ use sqlx::{Arguments as _, Row};
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
 use crate::sql::{
-    self, Arg, Base, DEAD, Dialect, KeyCheck, PENDING, PUBLISHED, RowParts, Sql, column,
+    self, Arg, Base, DEAD, Dialect, HeldIndex, PENDING, PUBLISHED, RowParts, Sql, column,
 };
 
 /// The migrations, in order; the last one's version is [`SqliteStore::SCHEMA_VERSION`].
@@ -50,11 +50,13 @@ fn now_plus(sql: &mut Sql, micros: i64) {
         .push(")");
 }
 
+/// The per-key check of claims.
+const HELD: HeldIndex = HeldIndex {
+    held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
+    force_index: false,
+};
+
 const LITE: Dialect = Dialect {
-    key_check: KeyCheck::HeldIndex {
-        held: "(e.lease_until IS NOT NULL OR e.available_at > e.created_at)",
-        force_index: false,
-    },
     numbered: false,
     quote: '"',
     now: NOW,
@@ -397,7 +399,7 @@ impl Store for SqliteStore {
             " WHERE seq IN (SELECT o.seq FROM {} o WHERE ",
             names.table
         ));
-        sql::push_claimable(&mut statement, &LITE, names, relay);
+        sql::push_claimable(&mut statement, &LITE, names, &HELD, relay);
         statement
             .push(" ORDER BY o.seq LIMIT ")
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))

@@ -430,6 +430,59 @@ async fn migrations_are_idempotent_and_versioned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
+    store.migrate().await.expect("migrate");
+    let table = store.config().table.clone();
+    // What schema version 2 left: no claim function.
+    sqlx::raw_sql(&format!(
+        "DROP FUNCTION \"{table}_claim\"; DELETE FROM \"{table}_schema\" WHERE version = 3"
+    ))
+    .execute(&pool)
+    .await
+    .expect("back to version 2");
+    assert_eq!(store.schema_version().await.expect("version"), 2);
+    let mut tx = pool.begin().await.expect("begin");
+    let ids = store
+        .enqueue_batch(
+            &mut *tx,
+            (0..3)
+                .map(|i| NewMessage::new("orders", format!("{i}")).key("k"))
+                .collect(),
+        )
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    let relay = RelayId::random();
+    own_everything(&store, &relay).await;
+    let err = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect_err("claims need version 3");
+    assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
+
+    store.migrate().await.expect("upgrade");
+    assert_eq!(store.schema_version().await.expect("version"), 3);
+    let claim = store
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    let claimed: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
+    assert_eq!(claimed, ids);
+    store.drop_tables().await.expect("drop");
+    let left: Option<String> = sqlx::query_scalar("SELECT to_regproc($1)::text")
+        .bind(format!("\"{table}_claim\""))
+        .fetch_one(&pool)
+        .await
+        .expect("function lookup");
+    assert_eq!(left, None, "drop_tables removes the claim function");
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_is_a_schema_error_that_stops_the_relay() {
     let Some(pool) = pool().await else {
         return;
