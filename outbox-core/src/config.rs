@@ -42,6 +42,11 @@ pub struct RelayConfig {
     /// Longest wait for one publish call (default 10 s); at most half the lease.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// Longest wait for one store call (default 30 s). A call with no answer by then (a
+    /// connection whose peer vanished without a reset, a server that stopped answering) fails
+    /// as a transient connection error and is retried like one, instead of stalling the relay.
+    #[serde(with = "humantime_serde")]
+    pub store_timeout: Duration,
     /// How long a relay owns its partitions without renewing them (default 15 s); the work of
     /// a relay that died is taken over after this time. Renewed every third of it.
     #[serde(with = "humantime_serde")]
@@ -78,6 +83,7 @@ impl Default for RelayConfig {
             claims: 2,
             lease: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
+            store_timeout: Duration::from_secs(30),
             partition_lease: Duration::from_secs(15),
             poll_min: Duration::from_millis(10),
             poll_max: Duration::from_secs(1),
@@ -120,6 +126,8 @@ impl RelayConfig {
         poll_min: Duration,
         /// Sets [`RelayConfig::poll_max`].
         poll_max: Duration,
+        /// Sets [`RelayConfig::store_timeout`].
+        store_timeout: Duration,
         /// Sets [`RelayConfig::shutdown_timeout`].
         shutdown_timeout: Duration,
         /// Sets [`RelayConfig::stats_interval`].
@@ -160,6 +168,9 @@ impl RelayConfig {
                 "publish_timeout",
                 "must be above zero and at most half the lease",
             ));
+        }
+        if self.store_timeout.is_zero() {
+            return Err(ConfigError::new("store_timeout", "must be above zero"));
         }
         if self.partition_lease < Duration::from_millis(300) {
             return Err(ConfigError::new(

@@ -249,7 +249,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         {
             warn!(error = %chain(&err), "publisher flush failed on shutdown");
         }
-        if let Err(err) = inner.store.leave(&inner.id).await {
+        if let Err(err) = inner.bounded(inner.store.leave(&inner.id)).await {
             warn!(error = %chain(&err), "could not give up partitions on shutdown; they free up when their lease expires");
         }
         inner.owned.store(0, Ordering::Relaxed);
@@ -333,9 +333,26 @@ fn score(partition: u16, relay: &str) -> u64 {
 }
 
 impl<S: Store, P: Publisher> Inner<S, P> {
+    /// Awaits one store call for at most [`RelayConfig::store_timeout`]. A call with no answer
+    /// by then is dropped (store calls must be cancel-safe) and fails as a transient
+    /// connection error: the caller retries it as it retries a refused connection.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.config.store_timeout;
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(StoreError::new(
+                StoreErrorKind::Connection,
+                format!("the store gave no answer within {limit:?}"),
+            )
+            .transient())
+        })
+    }
+
     async fn rebalance(&self) -> Result<Vec<u16>, StoreError> {
         let ttl = self.config.partition_lease;
-        let members = self.store.heartbeat(&self.id, ttl).await?;
+        let members = self.bounded(self.store.heartbeat(&self.id, ttl)).await?;
         let mine: Vec<u16> = (0..PARTITIONS)
             .filter(|p| owner_of(*p, &members).is_none_or(|owner| *owner == self.id))
             .collect();
@@ -347,9 +364,11 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         let surplus: Vec<u16> = held.iter().copied().filter(|p| !mine.contains(p)).collect();
         if !surplus.is_empty() {
             debug!(relay = %self.id, partitions = ?surplus, "handing partitions over");
-            self.store.release(&self.id, &surplus).await?;
+            self.bounded(self.store.release(&self.id, &surplus)).await?;
         }
-        let owned = self.store.acquire(&self.id, &mine, ttl).await?;
+        let owned = self
+            .bounded(self.store.acquire(&self.id, &mine, ttl))
+            .await?;
         let before = self.owned.swap(owned.len(), Ordering::Relaxed);
         if owned.len() > before {
             // New partitions may hold messages already: look at once.
@@ -407,7 +426,7 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stats.tick() => match self.store.stats().await {
+                _ = stats.tick() => match self.bounded(self.store.stats()).await {
                     Ok(stats) => {
                         metrics::gauge!(m::BACKLOG).set(stats.pending as f64);
                         metrics::gauge!(m::DEAD_LETTERS).set(stats.dead as f64);
@@ -422,7 +441,7 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                     }
                 },
                 _ = cleanup.tick() => loop {
-                    match self.store.cleanup(self.config.cleanup_batch).await {
+                    match self.bounded(self.store.cleanup(self.config.cleanup_batch)).await {
                         Ok(n) if (n as usize) < self.config.cleanup_batch => break,
                         Ok(_) => {}
                         Err(err) => {
@@ -438,8 +457,10 @@ impl<S: Store, P: Publisher> Inner<S, P> {
 
     async fn claim(&self) -> Result<Claim, StoreError> {
         let claim = self
-            .store
-            .claim(&self.id, self.config.batch_size, self.config.lease)
+            .bounded(
+                self.store
+                    .claim(&self.id, self.config.batch_size, self.config.lease),
+            )
             .await?;
         if !claim.is_empty() {
             metrics::histogram!(m::BATCH_SIZE).record(claim.len() as f64);
@@ -706,7 +727,7 @@ async fn settle<S: Store, P: Publisher>(
     }
     let mut backoff = Duration::from_millis(50);
     loop {
-        match inner.store.settle(token, settlement).await {
+        match inner.bounded(inner.store.settle(token, settlement)).await {
             Ok(settled) => {
                 if settled.fenced > 0 {
                     warn!(

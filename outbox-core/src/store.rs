@@ -308,6 +308,10 @@ impl DeadLetterFilter {
 ///   `token` with an unexpired lease (fencing): a relay whose lease expired changes nothing.
 /// - Time (lease expiry, retry delays, partition leases) is measured on the store's clock, so
 ///   relays on hosts with skewed clocks agree.
+/// - **Cancellation.** The relay drops a call that has not answered within
+///   [`RelayConfig::store_timeout`](crate::RelayConfig::store_timeout). A dropped call must
+///   leave nothing behind but what a completed or failed call could have: no lock held, no
+///   connection left in a half-read state for the next call.
 pub trait Store: Send + Sync + 'static {
     /// Leases up to `limit` available messages of the partitions `relay` owns, for `lease`.
     fn claim(

@@ -1,4 +1,4 @@
-//! [`FaultyStore`]: a store wrapper whose settle calls fail or stall on cue.
+//! [`FaultyStore`]: a store wrapper whose calls fail, stall or never answer on cue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -11,12 +11,15 @@ use outbox_core::{
 
 /// Wraps a store; [`FaultyStore::fail_settles`] makes the next settle calls fail with a
 /// transient connection error, [`FaultyStore::delay_settles`] makes them wait first (for
-/// example past the lease). Everything else goes straight through.
+/// example past the lease), [`FaultyStore::hang_calls`] makes the next calls never answer.
+/// Everything else goes straight through.
 #[derive(Clone, Debug)]
 pub struct FaultyStore<S> {
     inner: S,
     failing: Arc<AtomicU32>,
     delay_ms: Arc<AtomicU64>,
+    hanging: Arc<AtomicU32>,
+    hung: Arc<AtomicU32>,
 }
 
 impl<S: Store + Clone> FaultyStore<S> {
@@ -26,6 +29,32 @@ impl<S: Store + Clone> FaultyStore<S> {
             inner,
             failing: Arc::default(),
             delay_ms: Arc::default(),
+            hanging: Arc::default(),
+            hung: Arc::default(),
+        }
+    }
+
+    /// How many calls hung so far.
+    pub fn hung(&self) -> u32 {
+        self.hung.load(Ordering::SeqCst)
+    }
+
+    /// The next `calls` claim, settle, heartbeat and acquire calls, whichever come first, never
+    /// answer (a server that stopped answering, a connection whose peer vanished): they wait
+    /// until dropped, without reaching the wrapped store.
+    pub fn hang_calls(&self, calls: u32) {
+        self.hanging.store(calls, Ordering::SeqCst);
+    }
+
+    /// Waits for ever if a hung call is due.
+    async fn maybe_hang(&self) {
+        let due = self
+            .hanging
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if due {
+            self.hung.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
         }
     }
 
@@ -48,6 +77,7 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        self.maybe_hang().await;
         self.inner.claim(relay, limit, lease).await
     }
 
@@ -56,6 +86,7 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
+        self.maybe_hang().await;
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -78,6 +109,7 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         relay: &RelayId,
         ttl: Duration,
     ) -> Result<Vec<RelayMember>, StoreError> {
+        self.maybe_hang().await;
         self.inner.heartbeat(relay, ttl).await
     }
 
@@ -87,6 +119,7 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         partitions: &[u16],
         ttl: Duration,
     ) -> Result<Vec<u16>, StoreError> {
+        self.maybe_hang().await;
         self.inner.acquire(relay, partitions, ttl).await
     }
 

@@ -98,6 +98,7 @@ macro_rules! relay_suite {
             relay_publishes_every_committed_message,
             transient_failures_are_retried,
             failed_and_hung_calls_lose_nothing,
+            hung_store_calls_time_out_and_lose_nothing,
             failed_settles_mean_republish_not_loss,
             a_relay_dying_mid_batch_is_taken_over,
             key_order_holds_through_failures,

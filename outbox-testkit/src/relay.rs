@@ -239,6 +239,43 @@ pub async fn failed_and_hung_calls_lose_nothing<H: StoreHarness>(h: H) {
     h.teardown().await;
 }
 
+/// Store calls that never answer are abandoned after the store timeout and retried: the relay
+/// does not stall, and nothing is lost.
+pub async fn hung_store_calls_time_out_and_lose_nothing<H: StoreHarness>(h: H) {
+    let store = FaultyStore::new(h.store());
+    // The relay's first calls (its first renewals of membership and partitions) never answer:
+    // without a bound on store calls it would never start.
+    store.hang_calls(3);
+    let publisher = MemoryPublisher::new();
+    let sent = workload(60, 6);
+    h.enqueue(sent.clone()).await.expect("enqueue");
+    let running = RunningRelay::spawn(relay(
+        store.clone(),
+        publisher.clone(),
+        fast_config().store_timeout(Duration::from_millis(300)),
+    ));
+    assert!(
+        publisher.wait_for(10, Duration::from_secs(20)).await,
+        "the relay got past its hung calls"
+    );
+    // Then settles, claims and renewals, whichever come next.
+    store.hang_calls(3);
+    eventually("the outbox is drained", Duration::from_secs(30), || {
+        drained(h.store())
+    })
+    .await;
+    eventually(
+        "every scripted hang happened",
+        Duration::from_secs(10),
+        || std::future::ready(store.hung() == 6),
+    )
+    .await;
+    running.stop(Duration::from_secs(10)).await;
+    check_history(&publisher.published(), &sent);
+    assert_eq!(h.store().stats().await.expect("stats").dead, 0);
+    h.teardown().await;
+}
+
 /// When recording outcomes fails, the messages are published again after their lease: at
 /// least once, never lost.
 pub async fn failed_settles_mean_republish_not_loss<H: StoreHarness>(h: H) {
