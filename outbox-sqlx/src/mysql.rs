@@ -211,6 +211,14 @@ impl MySqlStore {
 
     /// The schema version of the outbox tables; 0 when they were never migrated.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        let store = self.clone();
+        crate::detached::detached("reading the outbox schema version", async move {
+            store.schema_version_direct().await
+        })
+        .await
+    }
+
+    async fn schema_version_direct(&self) -> Result<i32, StoreError> {
         const DOING: &str = "reading the outbox schema version";
         let (schema, base) = crate::config::split_table(&self.inner.config.table, true)?;
         let exists: i64 = sqlx::query_scalar(
@@ -237,15 +245,20 @@ impl MySqlStore {
 
     /// Drops the outbox tables and everything in them. For tests and uninstalls.
     pub async fn drop_tables(&self) -> Result<(), StoreError> {
-        let names = &self.inner.names;
-        sqlx::raw_sql(&format!(
-            "DROP TABLE IF EXISTS {}, {}, {}, {}",
-            names.table, names.partitions, names.relays, names.schema
-        ))
-        .execute(&self.inner.pool)
+        const DOING: &str = "dropping the outbox tables";
+        let store = self.clone();
+        crate::detached::detached(DOING, async move {
+            let names = &store.inner.names;
+            sqlx::raw_sql(&format!(
+                "DROP TABLE IF EXISTS {}, {}, {}, {}",
+                names.table, names.partitions, names.relays, names.schema
+            ))
+            .execute(&store.inner.pool)
+            .await
+            .doing(DOING)
+            .map(drop)
+        })
         .await
-        .doing("dropping the outbox tables")
-        .map(drop)
     }
 
     async fn insert(
