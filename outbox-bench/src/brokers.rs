@@ -184,88 +184,22 @@ impl Broker {
         })
     }
 
-    /// The raw publish baseline: messages `0..n` of a backlog with `keys` keys, with the
-    /// headers the publisher sets, [`RAW_WINDOW`] acks in flight, one connection. Returns
-    /// what was confirmed.
-    pub(crate) async fn raw_publish(&self, n: u64, keys: u64) -> Res<u64> {
-        let destination = self.destination();
-        match self.kind {
+    /// The raw publish baseline's client, connected and warmed by one acknowledged message
+    /// (a new Kafka producer takes about half a second over its first delivery, which is
+    /// start-up, not throughput); what it publishes is purged with the rest.
+    pub(crate) async fn raw_publisher(&self, keys: u64) -> Res<RawPublisher> {
+        let client = match self.kind {
             BrokerKind::Nats => {
                 let client = async_nats::connect(self.services.nats.as_str()).await?;
-                let context = jetstream::ContextBuilder::new()
-                    .max_ack_inflight(RAW_WINDOW * 8)
-                    .backpressure_on_inflight(true)
-                    .build(client);
-                let mut in_flight = FuturesOrdered::new();
-                let mut confirmed = 0;
-                for seq in 0..n {
-                    let msg = workload::message(&destination, seq, keys);
-                    let id = MessageId::new().to_string();
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(MESSAGE_ID_HEADER, id.as_str());
-                    headers.insert("Nats-Msg-Id", id.as_str());
-                    headers.insert("Outbox-Key", msg.ordering_key().unwrap_or_default());
-                    while in_flight.len() >= RAW_WINDOW {
-                        if let Some(ack) = in_flight.next().await {
-                            let _: async_nats::jetstream::publish::PublishAck = ack?;
-                            confirmed += 1;
-                        }
-                    }
-                    let ack = context
-                        .publish_with_headers(
-                            destination.clone(),
-                            headers,
-                            msg.payload().to_vec().into(),
-                        )
-                        .await?;
-                    in_flight.push_back(ack.into_future());
-                }
-                while let Some(ack) = in_flight.next().await {
-                    ack?;
-                    confirmed += 1;
-                }
-                Ok(confirmed)
+                RawClient::Nats(
+                    jetstream::ContextBuilder::new()
+                        .max_ack_inflight(RAW_WINDOW * 8)
+                        .backpressure_on_inflight(true)
+                        .build(client),
+                )
             }
             BrokerKind::Kafka => {
-                let producer: FutureProducer =
-                    kafka_properties(&self.services.kafka, 5).create()?;
-                let mut in_flight = VecDeque::new();
-                let mut confirmed = 0;
-                for seq in 0..n {
-                    let msg = workload::message(&destination, seq, keys);
-                    let id = MessageId::new().to_string();
-                    let record = FutureRecord::<str, [u8]>::to(&destination)
-                        .payload(msg.payload())
-                        .key(msg.ordering_key().unwrap_or_default())
-                        .headers(OwnedHeaders::new().insert(Header {
-                            key: MESSAGE_ID_HEADER,
-                            value: Some(id.as_str()),
-                        }));
-                    while in_flight.len() >= RAW_WINDOW * 8 {
-                        if let Some(delivery) = in_flight.pop_front() {
-                            confirmed += delivered(delivery.await)?;
-                        }
-                    }
-                    let mut record = record;
-                    loop {
-                        match producer.send_result(record) {
-                            Ok(delivery) => break in_flight.push_back(delivery),
-                            Err((err, back)) => {
-                                if in_flight.is_empty() {
-                                    return Err(format!("producer refused: {err}").into());
-                                }
-                                record = back;
-                                if let Some(delivery) = in_flight.pop_front() {
-                                    confirmed += delivered(delivery.await)?;
-                                }
-                            }
-                        }
-                    }
-                }
-                while let Some(delivery) = in_flight.pop_front() {
-                    confirmed += delivered(delivery.await)?;
-                }
-                Ok(confirmed)
+                RawClient::Kafka(kafka_properties(&self.services.kafka, 5).create()?)
             }
             BrokerKind::Amqp => {
                 let connection =
@@ -275,58 +209,20 @@ impl Broker {
                 channel
                     .confirm_select(ConfirmSelectOptions::default())
                     .await?;
-                let options = BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                };
-                let mut in_flight = FuturesOrdered::new();
-                let mut confirmed = 0;
-                for seq in 0..n {
-                    let msg = workload::message(&destination, seq, keys);
-                    let id = MessageId::new().to_string();
-                    let mut headers = FieldTable::default();
-                    headers.insert(
-                        MESSAGE_ID_HEADER.into(),
-                        AMQPValue::LongString(id.as_str().into()),
-                    );
-                    headers.insert(
-                        "outbox-key".into(),
-                        AMQPValue::LongString(msg.ordering_key().unwrap_or_default().into()),
-                    );
-                    let properties = BasicProperties::default()
-                        .with_message_id(id.into())
-                        .with_delivery_mode(2)
-                        .with_headers(headers);
-                    while in_flight.len() >= RAW_WINDOW {
-                        if let Some(confirm) = in_flight.next().await {
-                            let confirm: lapin::Result<lapin::Confirmation> = confirm;
-                            if !confirm?.is_ack() {
-                                return Err("nack".into());
-                            }
-                            confirmed += 1;
-                        }
-                    }
-                    let confirm = channel
-                        .basic_publish(
-                            self.name.as_str().into(),
-                            "events".into(),
-                            options,
-                            msg.payload(),
-                            properties,
-                        )
-                        .await?;
-                    in_flight.push_back(confirm);
-                }
-                while let Some(confirm) = in_flight.next().await {
-                    if !confirm?.is_ack() {
-                        return Err("nack".into());
-                    }
-                    confirmed += 1;
-                }
-                let _ = connection.close(200, "done".into()).await;
-                Ok(confirmed)
+                RawClient::Amqp(connection, channel)
             }
+        };
+        let raw = RawPublisher {
+            client,
+            destination: self.destination(),
+            exchange: self.name.clone(),
+            keys,
+        };
+        let confirmed = raw.publish(0..1).await?;
+        if confirmed != 1 {
+            return Err("the warm-up message was not confirmed".into());
         }
+        Ok(raw)
     }
 
     /// Messages the destination holds (NATS: the stream; AMQP: the queue), `None` for Kafka
@@ -465,5 +361,156 @@ fn delivered<T, M, C>(report: Result<Result<T, (rdkafka::error::KafkaError, M)>,
         Ok(Ok(_)) => Ok(1),
         Ok(Err((err, _))) => Err(format!("delivery failed: {err}").into()),
         Err(_) => Err("delivery canceled".into()),
+    }
+}
+
+enum RawClient {
+    Nats(jetstream::Context),
+    Kafka(FutureProducer),
+    Amqp(Connection, lapin::Channel),
+}
+
+/// The raw publish baseline: the workload's messages with the headers the publisher sets,
+/// acks pipelined ([`RAW_WINDOW`] in flight, 8 times that for Kafka), one connection.
+pub(crate) struct RawPublisher {
+    client: RawClient,
+    destination: String,
+    exchange: String,
+    keys: u64,
+}
+
+impl RawPublisher {
+    /// Publishes messages `seqs` of the backlog; returns how many were confirmed.
+    pub(crate) async fn publish(&self, seqs: std::ops::Range<u64>) -> Res<u64> {
+        let (destination, keys) = (self.destination.as_str(), self.keys);
+        match &self.client {
+            RawClient::Nats(context) => {
+                let mut in_flight = FuturesOrdered::new();
+                let mut confirmed = 0;
+                for seq in seqs {
+                    let msg = workload::message(destination, seq, keys);
+                    let id = MessageId::new().to_string();
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(MESSAGE_ID_HEADER, id.as_str());
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    headers.insert("Outbox-Key", msg.ordering_key().unwrap_or_default());
+                    while in_flight.len() >= RAW_WINDOW {
+                        if let Some(ack) = in_flight.next().await {
+                            let _: async_nats::jetstream::publish::PublishAck = ack?;
+                            confirmed += 1;
+                        }
+                    }
+                    let ack = context
+                        .publish_with_headers(
+                            destination.to_owned(),
+                            headers,
+                            msg.payload().to_vec().into(),
+                        )
+                        .await?;
+                    in_flight.push_back(ack.into_future());
+                }
+                while let Some(ack) = in_flight.next().await {
+                    ack?;
+                    confirmed += 1;
+                }
+                Ok(confirmed)
+            }
+            RawClient::Kafka(producer) => {
+                let mut in_flight = VecDeque::new();
+                let mut confirmed = 0;
+                for seq in seqs {
+                    let msg = workload::message(destination, seq, keys);
+                    let id = MessageId::new().to_string();
+                    let mut record = FutureRecord::<str, [u8]>::to(destination)
+                        .payload(msg.payload())
+                        .key(msg.ordering_key().unwrap_or_default())
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: MESSAGE_ID_HEADER,
+                            value: Some(id.as_str()),
+                        }));
+                    while in_flight.len() >= RAW_WINDOW * 8 {
+                        if let Some(delivery) = in_flight.pop_front() {
+                            confirmed += delivered(delivery.await)?;
+                        }
+                    }
+                    loop {
+                        match producer.send_result(record) {
+                            Ok(delivery) => break in_flight.push_back(delivery),
+                            Err((err, back)) => {
+                                if in_flight.is_empty() {
+                                    return Err(format!("producer refused: {err}").into());
+                                }
+                                record = back;
+                                if let Some(delivery) = in_flight.pop_front() {
+                                    confirmed += delivered(delivery.await)?;
+                                }
+                            }
+                        }
+                    }
+                }
+                while let Some(delivery) = in_flight.pop_front() {
+                    confirmed += delivered(delivery.await)?;
+                }
+                Ok(confirmed)
+            }
+            RawClient::Amqp(_, channel) => {
+                let options = BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                };
+                let mut in_flight = FuturesOrdered::new();
+                let mut confirmed = 0;
+                for seq in seqs {
+                    let msg = workload::message(destination, seq, keys);
+                    let id = MessageId::new().to_string();
+                    let mut headers = FieldTable::default();
+                    headers.insert(
+                        MESSAGE_ID_HEADER.into(),
+                        AMQPValue::LongString(id.as_str().into()),
+                    );
+                    headers.insert(
+                        "outbox-key".into(),
+                        AMQPValue::LongString(msg.ordering_key().unwrap_or_default().into()),
+                    );
+                    let properties = BasicProperties::default()
+                        .with_message_id(id.into())
+                        .with_delivery_mode(2)
+                        .with_headers(headers);
+                    while in_flight.len() >= RAW_WINDOW {
+                        if let Some(confirm) = in_flight.next().await {
+                            let confirm: lapin::Result<lapin::Confirmation> = confirm;
+                            if !confirm?.is_ack() {
+                                return Err("nack".into());
+                            }
+                            confirmed += 1;
+                        }
+                    }
+                    let confirm = channel
+                        .basic_publish(
+                            self.exchange.as_str().into(),
+                            "events".into(),
+                            options,
+                            msg.payload(),
+                            properties,
+                        )
+                        .await?;
+                    in_flight.push_back(confirm);
+                }
+                while let Some(confirm) = in_flight.next().await {
+                    if !confirm?.is_ack() {
+                        return Err("nack".into());
+                    }
+                    confirmed += 1;
+                }
+                Ok(confirmed)
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub(crate) async fn close(self) {
+        if let RawClient::Amqp(connection, _) = self.client {
+            let _ = connection.close(200, "done".into()).await;
+        }
     }
 }
