@@ -117,7 +117,7 @@ fn cell(value: &Value, path: &str) -> String {
         Value::Bool(true) => "yes".into(),
         Value::Bool(false) => "NO".into(),
         Value::Number(n) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() >= 1000.0 => thousands(f as i64),
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => thousands(f as i64),
             _ => n.to_string(),
         },
         Value::Object(map) => map
