@@ -1,5 +1,6 @@
 //! The relay processes of a run: started, killed with SIGKILL, restarted, and watched for exits
-//! nobody asked for.
+//! nobody asked for. Relays can run with their clocks skewed (libfaketime): leases, retries and
+//! partition ownership are on the database's clock, so skewed relays must still agree.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -23,6 +24,10 @@ pub struct Relays {
     dir: PathBuf,
     log_level: String,
     slots: Vec<Slot>,
+    /// Clock offset of each relay, in seconds (0: the host's clock).
+    skews: Vec<i64>,
+    /// libfaketime, when some relay's clock is skewed.
+    faketime: Option<PathBuf>,
     /// Processes started, restarts included.
     pub starts: u64,
     /// SIGKILLs sent.
@@ -32,14 +37,32 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// Starts `count` relays of `bin` on `config`, logging into `dir`.
-    pub fn start(bin: &Path, config: &Path, dir: &Path, count: usize) -> std::io::Result<Self> {
+    /// Starts `count` relays of `bin` on `config`, logging into `dir`; relay `i` runs with its
+    /// clock `skews[i]` seconds off (none when missing or 0), which needs libfaketime
+    /// ([`faketime_library`]).
+    pub fn start(
+        bin: &Path,
+        config: &Path,
+        dir: &Path,
+        count: usize,
+        skews: &[i64],
+    ) -> std::io::Result<Self> {
+        let skews: Vec<i64> = (0..count)
+            .map(|i| skews.get(i).copied().unwrap_or(0))
+            .collect();
+        let faketime = if skews.iter().any(|s| *s != 0) {
+            Some(faketime_library()?)
+        } else {
+            None
+        };
         let mut relays = Self {
             bin: bin.to_owned(),
             config: config.to_owned(),
             dir: dir.to_owned(),
             log_level: std::env::var("OUTBOX_CHAOS_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
             slots: Vec::new(),
+            skews,
+            faketime,
             starts: 0,
             killed: 0,
             unexpected_exits: Vec::new(),
@@ -64,7 +87,19 @@ impl Relays {
             .append(true)
             .open(self.log_path(i))?;
         self.starts += 1;
-        Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        let skew = self.skews[i];
+        if let Some(library) = &self.faketime
+            && skew != 0
+        {
+            // The wall clock only, as on a host whose clock is off: timers run on the monotonic
+            // clock, which skew does not touch.
+            command
+                .env("LD_PRELOAD", library)
+                .env("FAKETIME", format!("{skew:+}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        command
             .arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -187,4 +222,34 @@ async fn terminate_or_dump(
         }
     }
     terminate(child, Duration::from_secs(1)).await
+}
+
+/// libfaketime's multithreaded library: `OUTBOX_CHAOS_FAKETIME` if set, else where Debian's
+/// `faketime` package puts it.
+pub fn faketime_library() -> std::io::Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("OUTBOX_CHAOS_FAKETIME") {
+        Some(path) => vec![path.into()],
+        None => [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+            "/usr/lib/faketime/libfaketimeMT.so.1",
+            "/usr/local/lib/faketime/libfaketimeMT.so.1",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect(),
+    };
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "libfaketime, for relays with skewed clocks, is not at {candidates:?} \
+                     (install the faketime package or set OUTBOX_CHAOS_FAKETIME)"
+                ),
+            )
+        })
 }

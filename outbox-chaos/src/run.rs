@@ -62,10 +62,25 @@ impl Combination {
     /// The server a run needs, for skipping when it is missing.
     pub fn servers(self) -> &'static str {
         match self {
-            Combination::PostgresNats => "PostgreSQL and nats-server",
+            Combination::PostgresNats => "PostgreSQL, nats-server and libfaketime",
             Combination::PostgresKafka => "PostgreSQL and tansu",
-            Combination::MysqlAmqp => "MySQL/MariaDB and RabbitMQ",
+            Combination::MysqlAmqp => "MySQL/MariaDB, RabbitMQ and libfaketime",
             Combination::SqliteNats => "nats-server",
+        }
+    }
+
+    /// How far each relay's wall clock is set off, in seconds: the second relay 90 s ahead, the
+    /// third 90 s behind, on the server databases, whose clock is the one leases, retries and
+    /// partition ownership are measured on. SQLite has no server: its clock is the host's, one
+    /// for every process on the host, and its relays keep theirs. Kafka relays keep theirs too:
+    /// under libfaketime (90 s ahead or behind, the wall clock only) librdkafka stops
+    /// delivering: the relay's publishes time out, and outbox-kafka's publisher suite, which
+    /// passes under libfaketime with no offset, hangs. That is the fake clock inside
+    /// librdkafka, not skew, which the other combinations cover.
+    pub fn clock_skews(self) -> &'static [i64] {
+        match self {
+            Combination::PostgresNats | Combination::MysqlAmqp => &[0, 90, -90],
+            Combination::PostgresKafka | Combination::SqliteNats => &[],
         }
     }
 }
@@ -117,6 +132,8 @@ pub struct Report {
     pub db_connections_killed: u64,
     /// Relay processes started (restarts included).
     pub relay_starts: u64,
+    /// Each relay's clock offset in seconds.
+    pub clock_skews: Vec<i64>,
     /// The checker's verdict.
     pub verdict: Verdict,
     /// Relays that exited while nobody asked.
@@ -203,6 +220,12 @@ impl fmt::Display for Report {
             self.db_connections_killed,
             self.relay_starts
         )?;
+        let clocks: Vec<String> = self
+            .clock_skews
+            .iter()
+            .map(|s| format!("{s:+} s"))
+            .collect();
+        writeln!(f, "  relay clocks: {}", clocks.join(", "))?;
         let lists: [(&str, Vec<String>); 8] = [
             (
                 "lost",
@@ -298,6 +321,9 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
         .prefix("outbox-chaos-")
         .tempdir()
         .map_err(|e| unavailable("temporary directory", e.into()))?;
+    if !combination.clock_skews().is_empty() {
+        crate::relays::faketime_library().map_err(|e| unavailable("skewed clocks", e.into()))?;
+    }
     let run_name = unique_name("chaos");
     let table = run_name.clone();
     let keys: Vec<String> = (0..profile.keys).map(key_name).collect();
@@ -356,8 +382,15 @@ max_attempts = 100000
     let history = Arc::new(History::default());
     let db = Arc::new(db);
     let stop = Arc::new(AtomicBool::new(false));
-    let mut relays = Relays::start(&options.relay_bin, &config, dir.path(), profile.relays)
-        .map_err(|e| unavailable("relay executable", e.into()))?;
+    let skews = combination.clock_skews();
+    let mut relays = Relays::start(
+        &options.relay_bin,
+        &config,
+        dir.path(),
+        profile.relays,
+        skews,
+    )
+    .map_err(|e| unavailable("relay processes", e.into()))?;
 
     // Producers.
     let mut producers = tokio::task::JoinSet::new();
@@ -499,6 +532,9 @@ max_attempts = 100000
         faults,
         db_connections_killed: db_killed,
         relay_starts: relays.starts,
+        clock_skews: (0..profile.relays)
+            .map(|i| skews.get(i).copied().unwrap_or(0))
+            .collect(),
         verdict,
         unexpected_exits,
         unclean_stops,
