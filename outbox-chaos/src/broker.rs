@@ -232,28 +232,7 @@ pub struct Tansu {
 impl Tansu {
     /// Starts one on a free port.
     pub async fn start(addr: SocketAddr, advertised: SocketAddr) -> Result<Self, BoxError> {
-        let home = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-            .map(|d| d.join("bin").join("tansu"))
-            .into_iter()
-            .collect::<Vec<_>>();
-        let bin = find_program("TANSU_BIN", "tansu", &home)?;
-        let child = Command::new(bin)
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://{addr}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{advertised}"))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .arg("--silent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        wait_listening(addr, Duration::from_secs(30)).await?;
+        let child = outbox_testkit::tansu::start(addr, advertised).await?;
         Ok(Self { child, addr })
     }
 

@@ -68,7 +68,6 @@ struct TlsBroker {
 
 impl TlsBroker {
     async fn start() -> Result<Self, String> {
-        let bin = common::tansu_bin()?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let certs = Certificates::generate(dir.path())?;
         let broker: SocketAddr = format!("127.0.0.1:{}", free_port().map_err(|e| e.to_string())?)
@@ -77,9 +76,7 @@ impl TlsBroker {
         let terminator = TlsTerminator::start(broker, &certs)
             .await
             .map_err(|e| e.to_string())?;
-        let mut child = common::spawn_tansu(&bin, broker, terminator.addr())
-            .map_err(|e| format!("tansu: {e}"))?;
-        common::wait_for_tansu(broker, &mut child).await?;
+        let child = outbox_testkit::tansu::start(broker, terminator.addr()).await?;
         Ok(Self {
             _child: child,
             terminator,

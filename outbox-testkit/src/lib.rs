@@ -38,6 +38,7 @@ pub mod relay;
 pub mod schedule;
 mod scripted;
 pub mod store;
+pub mod tansu;
 #[cfg(feature = "tls")]
 pub mod tls;
 

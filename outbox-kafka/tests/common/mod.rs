@@ -5,8 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_core::{Headers, MESSAGE_ID_HEADER, MessageId};
@@ -18,8 +16,8 @@ use outbox_kafka::rdkafka::message::{BorrowedMessage, Headers as _, Message as _
 use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_testkit::proxy::FaultProxy;
-use outbox_testkit::{PublisherHarness, Received, env};
-use tokio::process::{Child, Command};
+use outbox_testkit::{PublisherHarness, Received, env, tansu};
+use tokio::process::Child;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -288,80 +286,11 @@ impl PublisherHarness for KafkaHarness {
     }
 }
 
-/// The tansu executable: `TANSU_BIN`, else `tansu` on the `PATH`, else `~/.cargo/bin/tansu`.
-pub fn tansu_bin() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("TANSU_BIN") {
-        let bin = PathBuf::from(bin);
-        return if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!("TANSU_BIN={} is not a file", bin.display()))
-        };
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("tansu"))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
-        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo").into_os_string())
-    }) {
-        candidates.push(PathBuf::from(home).join("bin").join("tansu"));
-    }
-    candidates
-        .into_iter()
-        .find(|path| path.is_file())
-        .ok_or_else(|| {
-            "no tansu executable (set TANSU_BIN or run outbox-kafka/scripts/start-tansu.sh)"
-                .to_owned()
-        })
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// Starts a private tansu, in memory, listening on `listen` and advertising `advertised` (a
-/// proxy or a TLS terminator in front of it); killed when the handle is dropped.
-pub fn spawn_tansu(
-    bin: &std::path::Path,
-    listen: SocketAddr,
-    advertised: SocketAddr,
-) -> std::io::Result<Child> {
-    Command::new(bin)
-        .arg("broker")
-        .arg("--listener-url")
-        .arg(format!("tcp://{listen}"))
-        .arg("--advertised-listener-url")
-        .arg(format!("tcp://{advertised}"))
-        .arg("--storage-engine")
-        .arg("memory://tansu/")
-        .arg("--silent")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-}
-
-/// Waits up to 30 s for `child`, a tansu started by [`spawn_tansu`], to listen on `listen`.
-pub async fn wait_for_tansu(listen: SocketAddr, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("tansu exited: {status}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("tansu did not listen on {listen} within 30 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 /// A tansu broker of one test, in memory, reachable only through a [`FaultProxy`]: it
@@ -378,15 +307,14 @@ impl PrivateBroker {
     /// `OUTBOX_TEST_REQUIRE=1`).
     pub async fn start() -> Option<Self> {
         init_tracing();
-        let bin = env::or_skip("tansu", tansu_bin())?;
+        env::or_skip("tansu", tansu::program())?;
         let broker: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("address");
         let proxy = FaultProxy::start(broker).await.expect("proxy");
-        let mut child = spawn_tansu(&bin, broker, proxy.addr()).expect("tansu starts");
-        if let Err(err) = wait_for_tansu(broker, &mut child).await {
-            panic!("{err}");
-        }
+        let child = tansu::start(broker, proxy.addr())
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
         Some(Self {
             child,
             proxy: std::sync::Arc::new(proxy),
