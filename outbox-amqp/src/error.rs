@@ -18,7 +18,7 @@ pub enum AmqpError {
         reason: String,
     },
     /// The broker could not be reached, refused the connection, or the connection broke.
-    #[error("AMQP connection to {uri} failed")]
+    #[error("AMQP connection to {uri} failed: {source}")]
     Connect {
         /// The broker URI, password hidden.
         uri: String,
@@ -43,7 +43,7 @@ pub enum AmqpError {
         reason: String,
     },
     /// A channel operation failed.
-    #[error("AMQP {operation} failed")]
+    #[error("AMQP {operation} failed: {source}")]
     Channel {
         /// What was attempted.
         operation: &'static str,

@@ -17,7 +17,7 @@ pub enum NatsError {
         reason: String,
     },
     /// The client could not be set up.
-    #[error("NATS client for {url} could not be set up")]
+    #[error("NATS client for {url} could not be set up: {source}")]
     Client {
         /// The server URLs, secrets hidden.
         url: String,

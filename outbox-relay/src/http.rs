@@ -2,7 +2,7 @@
 //! store and the broker answer) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,23 +18,62 @@ pub(crate) type DynRelay = Relay<Arc<dyn DynStore>, Arc<dyn DynPublisher>>;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Where the program is: starting (waiting for its store), or running its relay.
+#[derive(Clone)]
+pub(crate) struct Phase(Arc<Mutex<Stage>>);
+
+enum Stage {
+    Starting(String),
+    Running(DynRelay),
+}
+
+impl Phase {
+    /// Starting, for `reason`.
+    pub(crate) fn new(reason: &str) -> Self {
+        Self(Arc::new(Mutex::new(Stage::Starting(reason.to_owned()))))
+    }
+
+    /// Still starting, now for `reason`.
+    pub(crate) fn waiting(&self, reason: &str) {
+        *self.lock() = Stage::Starting(reason.to_owned());
+    }
+
+    /// Running `relay`.
+    pub(crate) fn running(&self, relay: DynRelay) {
+        *self.lock() = Stage::Running(relay);
+    }
+
+    fn relay(&self) -> Result<DynRelay, String> {
+        match &*self.lock() {
+            Stage::Starting(reason) => Err(reason.clone()),
+            Stage::Running(relay) => Ok(relay.clone()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stage> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 #[derive(Clone)]
 struct Probes {
-    relay: DynRelay,
+    phase: Phase,
     metrics: PrometheusHandle,
 }
 
 /// Serves the endpoints on `listener` until the task is dropped.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    relay: DynRelay,
+    phase: Phase,
     metrics: PrometheusHandle,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(render))
-        .with_state(Probes { relay, metrics });
+        .with_state(Probes { phase, metrics });
     axum::serve(listener, app).await
 }
 
@@ -44,23 +83,30 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLis
 }
 
 async fn ready(State(probes): State<Probes>) -> impl IntoResponse {
-    let paused: Vec<String> = probes
-        .relay
+    let relay = match probes.phase.relay() {
+        Ok(relay) => relay,
+        Err(reason) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: starting: {reason}\n"),
+            );
+        }
+    };
+    let paused: Vec<String> = relay
         .pauses()
         .iter()
         .map(|pause| format!("relay {pause}"))
         .collect();
-    let store = match tokio::time::timeout(PROBE_TIMEOUT, probes.relay.store().stats_dyn()).await {
+    let store = match tokio::time::timeout(PROBE_TIMEOUT, relay.store().stats_dyn()).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(err)) => Err(format!("store: {err}")),
         Err(_) => Err("store: no answer within 3s".to_owned()),
     };
-    let broker =
-        match tokio::time::timeout(PROBE_TIMEOUT, probes.relay.publisher().check_dyn()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(format!("broker: {err}")),
-            Err(_) => Err("broker: no answer within 3s".to_owned()),
-        };
+    let broker = match tokio::time::timeout(PROBE_TIMEOUT, relay.publisher().check_dyn()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("broker: {err}")),
+        Err(_) => Err("broker: no answer within 3s".to_owned()),
+    };
     match (store, broker) {
         (Ok(()), Ok(())) if paused.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
         (store, broker) => {

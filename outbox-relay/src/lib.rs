@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use outbox_core::{DeadLetterFilter, DynStore, MessageId, Relay, Store};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::backends::AnyStore;
 use crate::config::{Config, LogFormat, redact};
@@ -234,27 +234,28 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|err| format!("cannot install the metrics recorder: {err}"))?;
-    let store = connect(&config).await?.into_dyn();
-    let publisher = backends::publisher(&config.publisher).await?;
-    info!(
-        store = %describe_store(&config),
-        broker = %backends::describe_publisher(&config.publisher),
-        "outbox relay starting"
-    );
-    let relay = Relay::builder(Arc::clone(&store), Arc::clone(&publisher))
-        .config(config.relay.clone())
-        .build()?;
-    info!(relay = %relay.id(), "relay identity");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    };
 
+    let phase = http::Phase::new("connecting to the store");
     let mut background = tokio::task::JoinSet::new();
     if let Some(addr) = config.http.listen {
         let listener = http::bind(addr)
             .await
             .map_err(|err| format!("http.listen {addr}: {err}"))?;
         info!(%addr, "serving /healthz, /readyz and /metrics");
-        let (relay, handle) = (relay.clone(), metrics.clone());
+        let (phase, handle) = (phase.clone(), metrics.clone());
         background.spawn(async move {
-            if let Err(err) = http::serve(listener, relay, handle).await {
+            if let Err(err) = http::serve(listener, phase, handle).await {
                 error!(error = %err, "http endpoints stopped");
             }
         });
@@ -266,10 +267,57 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
         }
     });
 
-    relay.run(shutdown_signal()).await?;
+    let Some(store) = wait_for_store(&config, &phase, stopped()).await? else {
+        background.abort_all();
+        info!("outbox relay stopped before its store answered");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let store = store.into_dyn();
+    let publisher = backends::publisher(&config.publisher).await?;
+    info!(
+        store = %describe_store(&config),
+        broker = %backends::describe_publisher(&config.publisher),
+        "outbox relay starting"
+    );
+    let relay = Relay::builder(Arc::clone(&store), Arc::clone(&publisher))
+        .config(config.relay.clone())
+        .build()?;
+    info!(relay = %relay.id(), "relay identity");
+    phase.running(relay.clone());
+
+    relay.run(stopped()).await?;
     background.abort_all();
     info!("outbox relay stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connects to the store, waiting while it is unreachable (a database restarting, a network
+/// not up yet) as the relay waits out an outage once it runs: probing from 100 ms up to
+/// `relay.probe_max` apart, `/readyz` saying why. `None` when the shutdown signal came first;
+/// an error for what waiting cannot mend (a refused password, an invalid URL).
+async fn wait_for_store(
+    config: &Config,
+    phase: &http::Phase,
+    stopped: impl std::future::Future<Output = ()>,
+) -> Result<Option<AnyStore>, BoxError> {
+    tokio::pin!(stopped);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match AnyStore::connect(&config.store).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(err) if err.is_transient() => {
+                let reason = format!("store {} unreachable: {err}", describe_store(config));
+                warn!(error = %err, retry_in = ?wait, "the store is unreachable; waiting for it");
+                phase.waiting(&reason);
+            }
+            Err(err) => return Err(format!("store {}: {err}", describe_store(config)).into()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut stopped => return Ok(None),
+        }
+        wait = (wait * 2).min(config.relay.probe_max);
+    }
 }
 
 async fn shutdown_signal() {

@@ -679,3 +679,101 @@ async fn three_relays_share_one_database() {
     queue.delete().await;
     store.drop_tables().await.expect("drop");
 }
+
+/// A relay started while its database is unreachable waits for it, as it waits out an outage
+/// once running: `/healthz` answers, `/readyz` says why it is not ready, and it relays once the
+/// database answers.
+#[tokio::test]
+async fn a_store_unreachable_at_start_is_waited_for() {
+    let table = unique_name("relay_wait");
+    let Some(store) = or_skip(
+        "PostgreSQL",
+        PostgresStore::connect(StoreConfig::new().url(postgres_url()).table(&table)).await,
+    ) else {
+        return;
+    };
+    store.migrate().await.expect("migrate");
+    let pg = url::Url::parse(&postgres_url()).expect("url");
+    let upstream = tokio::net::lookup_host((
+        pg.host_str().unwrap_or("127.0.0.1"),
+        pg.port().unwrap_or(5432),
+    ))
+    .await
+    .expect("resolve")
+    .next()
+    .expect("address");
+    let proxy = outbox_testkit::proxy::FaultProxy::start(upstream)
+        .await
+        .expect("proxy");
+    proxy.set_down(true);
+    let mut through = pg.clone();
+    through.set_host(Some("127.0.0.1")).expect("host");
+    through.set_port(Some(proxy.addr().port())).expect("port");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        through.as_str(),
+        &table,
+        "kind = \"stdout\"",
+        "",
+    );
+    let port = free_port();
+    let mut child = command(&config, &["run"])
+        .env("OUTBOX_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://127.0.0.1:{port}{path}"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while get("/healthz").await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "/healthz answers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the relay waits for its store instead of exiting"
+    );
+    let ready = get("/readyz").await.expect("/readyz answers");
+    assert_eq!(ready.status().as_u16(), 503);
+    let reason = ready.text().await.unwrap_or_default();
+    assert!(
+        reason.contains("starting") && reason.contains("unreachable"),
+        "{reason}"
+    );
+
+    let sent = keyed("orders", 5, 2);
+    let mut tx = store.pool().begin().await.expect("begin");
+    let ids = store.enqueue_batch(&mut *tx, sent).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    proxy.set_down(false);
+    let mut printed = Vec::new();
+    while printed.len() < ids.len() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the relay publishes once its store answers")
+            .expect("stdout")
+            .expect("a line");
+        printed.extend(printed_ids(&line));
+    }
+    let printed: HashSet<MessageId> = printed.into_iter().collect();
+    assert_eq!(printed, ids.iter().copied().collect());
+    assert_eq!(
+        sigterm(&mut child, Duration::from_secs(25)).await.code(),
+        Some(0)
+    );
+    store.drop_tables().await.expect("drop");
+}
