@@ -122,8 +122,9 @@ type Sending<'a> =
 
 impl AmqpPublisher {
     /// A publisher for `config`; checks the configuration but does not connect yet (the first
-    /// publish or [`Publisher::check`] does).
-    pub fn new(config: AmqpConfig) -> Result<Self, AmqpError> {
+    /// publish or [`Publisher::check`] does). (Async, as every publisher's constructor is,
+    /// though this one does not wait for anything.)
+    pub async fn new(config: AmqpConfig) -> Result<Self, AmqpError> {
         config.validate()?;
         let uri = config.parsed_uri()?;
         Ok(Self {
@@ -140,7 +141,7 @@ impl AmqpPublisher {
 
     /// A publisher for `config`, connected: fails when the broker cannot be reached.
     pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
-        let publisher = Self::new(config)?;
+        let publisher = Self::new(config).await?;
         publisher.inner.link(None).await?;
         Ok(publisher)
     }

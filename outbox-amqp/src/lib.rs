@@ -7,3 +7,6 @@ mod error;
 pub use amqp::AmqpPublisher;
 pub use config::{AmqpConfig, Routing, Unroutable};
 pub use error::AmqpError;
+
+/// The AMQP client this crate is built on.
+pub use lapin;

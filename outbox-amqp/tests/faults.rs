@@ -80,7 +80,7 @@ async fn a_broker_unreachable_at_start_gets_every_message_once_it_is_back() {
     proxy.set_down(true);
     let config = outbox_amqp::AmqpConfig::new(via(&common::amqp_url(), proxy.addr()))
         .connect_timeout(Duration::from_secs(2));
-    let publisher = AmqpPublisher::new(config).expect("config");
+    let publisher = AmqpPublisher::new(config).await.expect("config");
 
     let probe = [Message::new(
         NewMessage::new(h.destination(), "probe"),
@@ -133,7 +133,7 @@ async fn connections_cut_mid_batch_lose_nothing() {
     let proxy = FaultProxy::start(broker_addr().await).await.expect("proxy");
     let config = outbox_amqp::AmqpConfig::new(via(&common::amqp_url(), proxy.addr()))
         .connect_timeout(Duration::from_secs(2));
-    let publisher = AmqpPublisher::new(config).expect("config");
+    let publisher = AmqpPublisher::new(config).await.expect("config");
 
     let store = MemoryStore::new();
     // 400 keys: calls of up to 200 messages, so that a cut finds many of them in flight.
@@ -221,7 +221,7 @@ async fn a_broker_lost_during_a_call_fails_it_quickly_and_the_publisher_reconnec
     let config = outbox_amqp::AmqpConfig::new(via(&common::amqp_url(), proxy.addr()))
         .connect_timeout(Duration::from_secs(2))
         .confirm_timeout(Duration::from_secs(2));
-    let publisher = AmqpPublisher::new(config).expect("config");
+    let publisher = AmqpPublisher::new(config).await.expect("config");
     publisher.check().await.expect("connected");
     let batch: Vec<Message> = (0..10_000)
         .map(|i| {

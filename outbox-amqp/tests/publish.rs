@@ -350,7 +350,7 @@ async fn check_fails_transiently_when_the_broker_is_unreachable() {
     drop(listener);
     let config = AmqpConfig::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
         .connect_timeout(Duration::from_secs(2));
-    let publisher = AmqpPublisher::new(config.clone()).expect("config");
+    let publisher = AmqpPublisher::new(config.clone()).await.expect("config");
     let err = publisher.check().await.expect_err("nothing listens");
     assert!(err.is_transient(), "{err}");
     let err = publisher
@@ -370,7 +370,7 @@ async fn refused_credentials_are_a_transient_whole_call_failure() {
     url.set_username("outbox_nobody").expect("user");
     url.set_password(Some("wrong-secret")).expect("password");
     let config = AmqpConfig::new(url.to_string()).connect_timeout(Duration::from_secs(5));
-    let publisher = AmqpPublisher::new(config).expect("config");
+    let publisher = AmqpPublisher::new(config).await.expect("config");
     let err = publisher
         .publish(&[stored(NewMessage::new(h.destination(), "y"))])
         .await

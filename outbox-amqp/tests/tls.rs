@@ -320,7 +320,9 @@ async fn stranger(uri: &str, queue: &str) {
         text.contains("certificate"),
         "the error names the certificate: {text}"
     );
-    let publisher = AmqpPublisher::new(config(uri)).expect("valid configuration");
+    let publisher = AmqpPublisher::new(config(uri))
+        .await
+        .expect("valid configuration");
     let check = publisher.check().await.expect_err("check fails");
     let text = chain(&check);
     println!("stranger: check: {text}");

@@ -174,13 +174,19 @@ impl Broker {
                 ))
                 .await?,
             ),
-            BrokerKind::Kafka => Arc::new(outbox_kafka::KafkaPublisher::new(
-                outbox_kafka::KafkaConfig::new(self.services.kafka.as_str())
-                    .property("linger.ms", linger_ms.to_string()),
-            )?),
-            BrokerKind::Amqp => Arc::new(outbox_amqp::AmqpPublisher::new(
-                outbox_amqp::AmqpConfig::new(self.services.amqp.as_str()),
-            )?),
+            BrokerKind::Kafka => Arc::new(
+                outbox_kafka::KafkaPublisher::new(
+                    outbox_kafka::KafkaConfig::new(self.services.kafka.as_str())
+                        .property("linger.ms", linger_ms.to_string()),
+                )
+                .await?,
+            ),
+            BrokerKind::Amqp => Arc::new(
+                outbox_amqp::AmqpPublisher::new(outbox_amqp::AmqpConfig::new(
+                    self.services.amqp.as_str(),
+                ))
+                .await?,
+            ),
         })
     }
 

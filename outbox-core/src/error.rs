@@ -244,4 +244,8 @@ pub enum RelayError {
     /// The store failed permanently (for example the outbox table is missing).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The task running the relay ([`Relay::spawn`](crate::Relay::spawn)) panicked or was
+    /// cancelled.
+    #[error("{0}")]
+    Task(String),
 }

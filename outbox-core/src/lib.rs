@@ -25,7 +25,7 @@ pub use message::{
     decode_headers, encode_headers, partition_of,
 };
 pub use publisher::{Capabilities, PublishOutcome, Publisher};
-pub use relay::{BatchReport, Pause, PauseCause, Relay, RelayBuilder};
+pub use relay::{BatchReport, Pause, PauseCause, Relay, RelayBuilder, RelayHandle};
 pub use retry::{Decision, RetryPolicy};
 pub use store::{
     Claim, DeadLetter, DeadLetterFilter, DeadLetterTo, Enqueue, LeaseToken, Malformed, RelayId,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::Error;
+use crate::KafkaError;
 
 /// librdkafka's `message.timeout.ms` unless set in [`KafkaConfig::properties`]: a delivery
 /// report, failed if need be, comes before the relay's default 10 s publish timeout, so the
@@ -167,13 +167,16 @@ impl KafkaConfig {
 
     /// Checks the settings that the producer itself would not refuse, or would accept to the
     /// detriment of the outbox guarantee.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self) -> Result<(), KafkaError> {
         if self.brokers.trim().is_empty() {
-            return Err(Error::config("brokers", "must name at least one broker"));
+            return Err(KafkaError::config(
+                "brokers",
+                "must name at least one broker",
+            ));
         }
         for (destination, topic) in &self.topics {
             if topic.is_empty() {
-                return Err(Error::config(
+                return Err(KafkaError::config(
                     "topics",
                     format!("the topic of destination {destination:?} is empty"),
                 ));
@@ -183,20 +186,20 @@ impl KafkaConfig {
             let value = value.trim();
             match name.as_str() {
                 "bootstrap.servers" | "metadata.broker.list" => {
-                    return Err(Error::config(
+                    return Err(KafkaError::config(
                         "properties",
                         format!("{name} is set through `brokers`"),
                     ));
                 }
                 "enable.idempotence" if !value.eq_ignore_ascii_case("true") => {
-                    return Err(Error::config(
+                    return Err(KafkaError::config(
                         "properties",
                         "enable.idempotence must stay true: retries inside the producer must \
                          neither duplicate nor reorder messages",
                     ));
                 }
                 "acks" | "request.required.acks" if !(value == "all" || value == "-1") => {
-                    return Err(Error::config(
+                    return Err(KafkaError::config(
                         "properties",
                         format!(
                             "{name} must stay `all`: a message counts as published only once every in-sync replica has it"
@@ -204,14 +207,14 @@ impl KafkaConfig {
                     ));
                 }
                 "transactional.id" => {
-                    return Err(Error::config(
+                    return Err(KafkaError::config(
                         "properties",
                         "transactional.id is not supported: the outbox gives at-least-once \
                          delivery with message ids for deduplication",
                     ));
                 }
                 "delivery.report.only.error" if !value.eq_ignore_ascii_case("false") => {
-                    return Err(Error::config(
+                    return Err(KafkaError::config(
                         "properties",
                         "delivery.report.only.error must stay false: a message counts as \
                          published only on its delivery report",
@@ -221,10 +224,10 @@ impl KafkaConfig {
             }
         }
         if self.enqueue_timeout.is_zero() {
-            return Err(Error::config("enqueue_timeout", "must be above zero"));
+            return Err(KafkaError::config("enqueue_timeout", "must be above zero"));
         }
         if self.check_timeout.is_zero() {
-            return Err(Error::config("check_timeout", "must be above zero"));
+            return Err(KafkaError::config("check_timeout", "must be above zero"));
         }
         Ok(())
     }

@@ -1,12 +1,12 @@
 //! Errors of this crate, and how producer failures are classified for the relay.
 
 use outbox_core::{PublishError, Retryable};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
-/// Why a [`KafkaPublisher`](crate::KafkaPublisher) could not be created.
+/// Why a [`KafkaPublisher`](crate::KafkaPublisher) could not be created or connected.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum KafkaError {
     /// The configuration is invalid.
     #[error("invalid Kafka publisher configuration: {field}: {reason}")]
     Config {
@@ -17,10 +17,14 @@ pub enum Error {
     },
     /// librdkafka refused the configuration or could not create the producer.
     #[error("cannot create the Kafka producer: {0}")]
-    Client(#[source] KafkaError),
+    Client(#[source] RdKafkaError),
+    /// [`KafkaPublisher::connect`](crate::KafkaPublisher::connect) found the cluster
+    /// unreachable, or a configured topic missing.
+    #[error("Kafka cluster not ready: {0}")]
+    Unavailable(#[source] outbox_core::PublishError),
 }
 
-impl Error {
+impl KafkaError {
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Self::Config {
             field,
@@ -39,9 +43,10 @@ impl Error {
 /// Transient: everything else, notably timeouts, transport failures, a full local queue, not
 /// enough in-sync replicas, leader changes, fatal producer errors (the publisher replaces its
 /// producer) and failed authentication (credentials can be fixed without touching messages).
-/// An unknown error is transient: retries are bounded by the relay's `max_attempts`, while a
-/// wrong permanent verdict would dead-letter messages that could have been delivered.
-pub fn classify(err: &KafkaError) -> Retryable {
+/// An unknown error is transient: the relay retries it (and counts an attempt only while the
+/// broker confirms other messages), while a wrong permanent verdict would dead-letter messages
+/// that could have been delivered.
+pub fn classify(err: &RdKafkaError) -> Retryable {
     match err.rdkafka_error_code() {
         Some(code) if is_permanent(code) => Retryable::Permanent,
         _ => Retryable::Transient,
@@ -75,7 +80,7 @@ fn is_permanent(code: RDKafkaErrorCode) -> bool {
 }
 
 /// A [`PublishError`] for a producer failure on `topic`, classified by [`classify`].
-pub(crate) fn publish_error(err: KafkaError, topic: &str) -> PublishError {
+pub(crate) fn publish_error(err: RdKafkaError, topic: &str) -> PublishError {
     let text = format!("topic {topic:?}: {err}");
     let publish = match classify(&err) {
         Retryable::Permanent => PublishError::permanent(text),
@@ -89,7 +94,7 @@ mod tests {
     use super::*;
 
     fn produce(code: RDKafkaErrorCode) -> Retryable {
-        classify(&KafkaError::MessageProduction(code))
+        classify(&RdKafkaError::MessageProduction(code))
     }
 
     #[test]
@@ -126,13 +131,13 @@ mod tests {
         ] {
             assert_eq!(produce(code), Retryable::Transient, "{code:?}");
         }
-        assert_eq!(classify(&KafkaError::Canceled), Retryable::Transient);
+        assert_eq!(classify(&RdKafkaError::Canceled), Retryable::Transient);
     }
 
     #[test]
     fn publish_errors_name_the_topic_and_keep_the_cause() {
         let err = publish_error(
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            RdKafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             "orders",
         );
         assert!(!err.is_transient());

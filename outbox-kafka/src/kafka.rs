@@ -10,14 +10,14 @@ use outbox_core::{
 };
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::publish_error;
-use crate::{Error, KafkaConfig};
+use crate::{KafkaConfig, KafkaError};
 
 /// Pause between two attempts to enqueue into a full local queue.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
@@ -28,7 +28,7 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 struct ProducerContext;
 
 impl ClientContext for ProducerContext {
-    fn error(&self, error: KafkaError, reason: &str) {
+    fn error(&self, error: RdKafkaError, reason: &str) {
         warn!(target: "outbox_kafka", error = %error, reason, "Kafka client error");
     }
 }
@@ -63,14 +63,15 @@ struct Inner {
 
 impl KafkaPublisher {
     /// Checks `config` and creates the producer. It connects in the background: a broker that
-    /// is down now makes publishes fail (transient) until it is up, not this call.
-    pub fn new(config: KafkaConfig) -> Result<Self, Error> {
+    /// is down now makes publishes fail (transient) until it is up, not this call. (Async, as
+    /// every publisher's constructor is, though this one does not wait for anything.)
+    pub async fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
         config.validate()?;
         let mut client_config = ClientConfig::new();
         for (name, value) in config.producer_properties() {
             client_config.set(name, value);
         }
-        let producer = create(&client_config).map_err(Error::Client)?;
+        let producer = create(&client_config).map_err(KafkaError::Client)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -78,6 +79,14 @@ impl KafkaPublisher {
                 producer: Mutex::new(producer),
             }),
         })
+    }
+
+    /// A publisher for `config`, connected: fails when the cluster cannot be reached within
+    /// [`KafkaConfig::check_timeout`] or a topic of [`KafkaConfig::topics`] is missing.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, KafkaError> {
+        let publisher = Self::new(config).await?;
+        publisher.check().await.map_err(KafkaError::Unavailable)?;
+        Ok(publisher)
     }
 
     /// The configuration.
@@ -91,7 +100,7 @@ impl KafkaPublisher {
     }
 }
 
-fn create(client_config: &ClientConfig) -> Result<Producer, KafkaError> {
+fn create(client_config: &ClientConfig) -> Result<Producer, RdKafkaError> {
     client_config.create_with_context(ProducerContext)
 }
 
@@ -115,7 +124,7 @@ impl Inner {
     }
 
     /// Replaces `used` by a new producer, with a new producer id, unless that happened already.
-    fn replace(&self, used: &Producer, why: &str) -> Result<(), KafkaError> {
+    fn replace(&self, used: &Producer, why: &str) -> Result<(), RdKafkaError> {
         let mut current = self.lock();
         if current.client().native_ptr() != used.client().native_ptr() {
             return Ok(());
@@ -182,11 +191,11 @@ async fn enqueue(
     producer: &Producer,
     mut record: FutureRecord<'_, str, [u8]>,
     deadline: Instant,
-) -> Result<DeliveryFuture, KafkaError> {
+) -> Result<DeliveryFuture, RdKafkaError> {
     loop {
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+            Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
                 if Instant::now() < deadline =>
             {
                 record = back;

@@ -5,7 +5,7 @@ mod error;
 mod kafka;
 
 pub use config::KafkaConfig;
-pub use error::{Error, classify};
+pub use error::{KafkaError, classify};
 pub use kafka::KafkaPublisher;
 
 /// The Kafka client this crate is built on, for matching versions and error codes.

@@ -135,6 +135,7 @@ async fn an_unreachable_broker_fails_transiently_then_everything_arrives() {
     let publisher = KafkaPublisher::new(
         publisher_config(&broker.brokers()).property("message.timeout.ms", "1500"),
     )
+    .await
     .expect("a publisher is created while the broker is unreachable");
     let probes: Vec<Message> = (0..3)
         .map(|i| stored(NewMessage::new(topic.clone(), format!("probe {i}")).key("probe")))
@@ -195,7 +196,9 @@ async fn connections_cut_in_the_middle_of_batches_lose_nothing() {
     let admin = Admin::new(&broker.brokers());
     let topic = env::unique_name("outbox_kafka_cut");
     admin.create_topic(&topic, 3).await;
-    let publisher = KafkaPublisher::new(publisher_config(&broker.brokers())).expect("publisher");
+    let publisher = KafkaPublisher::new(publisher_config(&broker.brokers()))
+        .await
+        .expect("publisher");
 
     let store = MemoryStore::new();
     let sent = enqueue(&store, &topic, 4_000, 40);
@@ -321,7 +324,7 @@ async fn an_oversized_message_is_dead_lettered_while_the_rest_flows() {
 }
 
 /// A publisher on librdkafka's in-process mock cluster, with topic `orders`.
-fn mock_cluster() -> (
+async fn mock_cluster() -> (
     MockCluster<'static, outbox_kafka::rdkafka::producer::DefaultProducerContext>,
     KafkaPublisher,
 ) {
@@ -330,6 +333,7 @@ fn mock_cluster() -> (
     let publisher = KafkaPublisher::new(
         KafkaConfig::new(cluster.bootstrap_servers()).property("message.timeout.ms", "1500"),
     )
+    .await
     .expect("publisher");
     (cluster, publisher)
 }
@@ -354,7 +358,7 @@ fn failure(outcome: PublishOutcome) -> outbox_core::PublishError {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_refusals_are_permanent() {
-    let (cluster, publisher) = mock_cluster();
+    let (cluster, publisher) = mock_cluster().await;
     assert!(publish_one(&publisher, "a").await.is_published());
 
     cluster.request_errors(
@@ -379,7 +383,7 @@ async fn broker_refusals_are_permanent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_conditions_that_pass_are_transient() {
-    let (cluster, publisher) = mock_cluster();
+    let (cluster, publisher) = mock_cluster().await;
     assert!(publish_one(&publisher, "a").await.is_published());
     // librdkafka retries these itself until message.timeout.ms, then reports a timeout.
     cluster.request_errors(
@@ -394,7 +398,7 @@ async fn broker_conditions_that_pass_are_transient() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_producer_error_is_transient_and_the_producer_is_replaced() {
-    let (cluster, publisher) = mock_cluster();
+    let (cluster, publisher) = mock_cluster().await;
     assert!(publish_one(&publisher, "a").await.is_published());
     // An out-of-order sequence on the first in-flight request is fatal for the idempotent
     // producer: it refuses every message afterwards.
@@ -414,7 +418,7 @@ async fn a_fatal_producer_error_is_transient_and_the_producer_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_producer_is_replaced() {
-    let (cluster, publisher) = mock_cluster();
+    let (cluster, publisher) = mock_cluster().await;
     assert!(publish_one(&publisher, "a").await.is_published());
     // After connection cuts tansu answered every later produce of the producer id so.
     cluster.request_errors(

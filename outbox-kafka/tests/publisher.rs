@@ -13,7 +13,7 @@ use outbox_core::{
     MESSAGE_ID_HEADER, MemoryStore, Message, MessageId, NewMessage, PublishOutcome, Publisher,
     Relay, RelayConfig, RetryPolicy, Store,
 };
-use outbox_kafka::{Error, KafkaConfig, KafkaPublisher};
+use outbox_kafka::{KafkaConfig, KafkaError, KafkaPublisher};
 use outbox_testkit::relay::RunningRelay;
 use outbox_testkit::{PublisherHarness, env};
 
@@ -100,6 +100,7 @@ async fn destinations_map_to_topics() {
             .topic_prefix(format!("{prefix}."))
             .topic("orders", mapped.clone()),
     )
+    .await
     .expect("publisher");
     let sent = vec![
         stored(NewMessage::new("orders", "to the mapped topic")),
@@ -237,13 +238,16 @@ async fn check_reports_the_cluster_and_missing_topics() {
     let Some(admin) = admin_or_skip().await else {
         return;
     };
-    let publisher = KafkaPublisher::new(publisher_config(&brokers())).expect("publisher");
+    let publisher = KafkaPublisher::new(publisher_config(&brokers()))
+        .await
+        .expect("publisher");
     publisher.check().await.expect("reachable");
     publisher.flush().await.expect("nothing to flush");
 
     let missing = env::unique_name("outbox_kafka_missing");
     let publisher =
         KafkaPublisher::new(publisher_config(&brokers()).topic("orders", missing.clone()))
+            .await
             .expect("publisher");
     let err = publisher
         .check()
@@ -261,6 +265,7 @@ async fn check_reports_the_cluster_and_missing_topics() {
     let publisher = KafkaPublisher::new(
         publisher_config(&closed.to_string()).check_timeout(Duration::from_secs(1)),
     )
+    .await
     .expect("created even though the broker is down");
     let started = Instant::now();
     let err = publisher.check().await.expect_err("unreachable");
@@ -272,20 +277,20 @@ async fn check_reports_the_cluster_and_missing_topics() {
     drop(admin);
 }
 
-#[test]
-fn configurations_that_break_the_guarantee_are_refused() {
+#[tokio::test]
+async fn configurations_that_break_the_guarantee_are_refused() {
     for (name, value) in [
         ("acks", "1"),
         ("enable.idempotence", "false"),
         ("transactional.id", "relay-1"),
     ] {
-        match KafkaPublisher::new(KafkaConfig::default().property(name, value)) {
-            Err(Error::Config { .. }) => {}
+        match KafkaPublisher::new(KafkaConfig::default().property(name, value)).await {
+            Err(KafkaError::Config { .. }) => {}
             other => panic!("{name}={value}: {other:?}"),
         }
     }
-    match KafkaPublisher::new(KafkaConfig::default().property("no.such.property", "1")) {
-        Err(err @ Error::Client(_)) => assert!(err.to_string().contains("producer"), "{err}"),
+    match KafkaPublisher::new(KafkaConfig::default().property("no.such.property", "1")).await {
+        Err(err @ KafkaError::Client(_)) => assert!(err.to_string().contains("producer"), "{err}"),
         other => panic!("unknown property: {other:?}"),
     }
 }
@@ -303,6 +308,7 @@ async fn a_call_larger_than_the_local_queue_waits_for_room() {
             .property("queue.buffering.max.messages", "20")
             .enqueue_timeout(Duration::from_secs(20)),
     )
+    .await
     .expect("publisher");
     let sent: Vec<Message> = (0..300)
         .map(|i| stored(NewMessage::new(dest.clone(), format!("{i}")).key(format!("k{}", i % 7))))
@@ -329,6 +335,7 @@ async fn a_queue_that_stays_full_fails_transiently() {
             .property("message.timeout.ms", "3000")
             .enqueue_timeout(Duration::from_millis(300)),
     )
+    .await
     .expect("publisher");
     let sent: Vec<Message> = (0..8)
         .map(|i| stored(NewMessage::new("orders", format!("{i}"))))
@@ -353,16 +360,18 @@ async fn a_queue_that_stays_full_fails_transiently() {
 }
 
 /// TLS and zstd exist only with the crate features that build librdkafka with them.
-#[test]
-fn tls_and_zstd_follow_the_crate_features() {
+#[tokio::test]
+async fn tls_and_zstd_follow_the_crate_features() {
     let tls = KafkaPublisher::new(
         KafkaConfig::default()
             .property("security.protocol", "SASL_SSL")
             .property("sasl.mechanisms", "SCRAM-SHA-512")
             .property("sasl.username", "relay")
             .property("sasl.password", "secret"),
-    );
+    )
+    .await;
     assert_eq!(tls.is_ok(), cfg!(feature = "ssl"), "{tls:?}");
-    let zstd = KafkaPublisher::new(KafkaConfig::default().property("compression.type", "zstd"));
+    let zstd =
+        KafkaPublisher::new(KafkaConfig::default().property("compression.type", "zstd")).await;
     assert_eq!(zstd.is_ok(), cfg!(feature = "zstd"), "{zstd:?}");
 }

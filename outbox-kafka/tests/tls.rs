@@ -95,7 +95,7 @@ impl TlsBroker {
         config
     }
 
-    fn publisher(&self, ca: &std::path::Path) -> KafkaPublisher {
+    async fn publisher(&self, ca: &std::path::Path) -> KafkaPublisher {
         KafkaPublisher::new(
             KafkaConfig::new(self.terminator.addr().to_string())
                 .property("security.protocol", "ssl")
@@ -103,6 +103,7 @@ impl TlsBroker {
                 .property("message.timeout.ms", "5000")
                 .check_timeout(Duration::from_secs(3)),
         )
+        .await
         .expect("a valid configuration")
     }
 }
@@ -192,7 +193,7 @@ async fn kafka_publishes_over_tls_to_a_trusted_broker_and_nothing_to_another() {
     }
 
     // Trusted: acknowledged over TLS, and there with its ids, in order.
-    let publisher = broker.publisher(&broker.certs.ca);
+    let publisher = broker.publisher(&broker.certs.ca).await;
     publisher.check().await.expect("check over TLS");
     let messages = batch(&topic);
     let outcomes = publisher.publish(&messages).await.expect("publish");
@@ -209,7 +210,7 @@ async fn kafka_publishes_over_tls_to_a_trusted_broker_and_nothing_to_another() {
 
     // Another authority: no handshake completes, nothing is reported as published, nothing
     // arrives, and the log says why.
-    let stranger = broker.publisher(&broker.certs.other_ca);
+    let stranger = broker.publisher(&broker.certs.other_ca).await;
     let check = stranger.check().await.expect_err("check fails");
     eprintln!("stranger: check: {check}");
     match stranger.publish(&batch(&topic)).await {

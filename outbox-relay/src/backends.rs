@@ -132,13 +132,17 @@ pub(crate) async fn publisher(
     Ok(match config {
         PublisherConfig::Stdout => Arc::new(JsonLinesPublisher::stdout()),
         #[cfg(feature = "broker-kafka")]
-        PublisherConfig::Kafka(config) => {
-            Arc::new(outbox_kafka::KafkaPublisher::new(config.clone()).map_err(|e| fail(&e))?)
-        }
+        PublisherConfig::Kafka(config) => Arc::new(
+            outbox_kafka::KafkaPublisher::new(config.clone())
+                .await
+                .map_err(|e| fail(&e))?,
+        ),
         #[cfg(feature = "broker-amqp")]
-        PublisherConfig::Amqp(config) => {
-            Arc::new(outbox_amqp::AmqpPublisher::new(config.clone()).map_err(|e| fail(&e))?)
-        }
+        PublisherConfig::Amqp(config) => Arc::new(
+            outbox_amqp::AmqpPublisher::new(config.clone())
+                .await
+                .map_err(|e| fail(&e))?,
+        ),
         #[cfg(feature = "broker-nats")]
         PublisherConfig::Nats(config) => Arc::new(
             outbox_nats::NatsPublisher::new(config.clone())

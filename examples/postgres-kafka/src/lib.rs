@@ -93,7 +93,7 @@ pub enum Error {
     Outbox(#[from] StoreError),
     /// The Kafka publisher could not be created.
     #[error("Kafka publisher: {0}")]
-    Kafka(#[from] outbox_kafka::Error),
+    Kafka(#[from] outbox_kafka::KafkaError),
     /// The Kafka cluster is unreachable or the topic is missing.
     #[error("Kafka: {0}")]
     Broker(#[from] PublishError),
@@ -240,7 +240,8 @@ impl OrderService {
 
         let publisher = KafkaPublisher::new(
             KafkaConfig::new(&config.kafka_brokers).topic(ORDER_EVENTS, &config.topic),
-        )?;
+        )
+        .await?;
         // Fails now, rather than at the first event, when the topic was not created.
         publisher.check().await?;
         let relay = Relay::builder(store.clone(), publisher).build()?;

@@ -138,7 +138,7 @@ impl AmqpHarness {
         let max_payload = (config.max_message_size < 1024 * 1024 * 1024)
             .then_some(config.max_message_size)
             .filter(|max| *max <= 16 * 1024 * 1024);
-        let publisher = AmqpPublisher::new(config).expect("valid config");
+        let publisher = AmqpPublisher::new(config).await.expect("valid config");
         Some(Self {
             publisher,
             exchange,

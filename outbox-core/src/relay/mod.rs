@@ -249,6 +249,46 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         self.inner.rebalance().await
     }
 
+    /// Runs the relay in a task of its own until `shutdown` completes (or
+    /// [`RelayHandle::shutdown`] is called), as [`Relay::run`] does; the handle completes with
+    /// the run's result. The one line a service needs next to its web server:
+    ///
+    /// ```
+    /// use outbox_core::{MemoryPublisher, MemoryStore, Relay};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let relay = Relay::builder(MemoryStore::new(), MemoryPublisher::new())
+    ///     .build()?
+    ///     .spawn(std::future::pending()); // in a service: a SIGTERM future
+    /// // ... serve requests; then, on shutdown:
+    /// relay.shutdown();
+    /// relay.await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn spawn(self, shutdown: impl Future<Output = ()> + Send + 'static) -> RelayHandle<S, P> {
+        let (stop, mut stopped) = watch::channel(false);
+        let relay = self.clone();
+        let task = tokio::spawn(async move {
+            let asked = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            relay
+                .run(async move {
+                    tokio::select! {
+                        () = shutdown => {}
+                        () = asked => {}
+                    }
+                })
+                .await
+        });
+        RelayHandle {
+            relay: self,
+            stop,
+            task,
+        }
+    }
+
     /// Rebalances, then claims, publishes and settles one batch.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
         self.inner.rebalance().await?;
@@ -648,6 +688,66 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                 _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
             }
         }
+    }
+}
+
+/// A relay running in a task of its own, from [`Relay::spawn`]. Awaiting it waits until the
+/// relay stopped and returns how its run ended; dropping it leaves the relay running.
+#[must_use = "a relay handle is how the relay's end and failures are seen"]
+pub struct RelayHandle<S, P> {
+    relay: Relay<S, P>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl<S: Store, P: Publisher> RelayHandle<S, P> {
+    /// Asks the relay to shut down gracefully, as its shutdown future would; await the handle
+    /// to wait for the end (at most [`RelayConfig::shutdown_timeout`]).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// The relay, for its wake-up handle, its pauses and its id.
+    pub fn relay(&self) -> &Relay<S, P> {
+        &self.relay
+    }
+
+    /// Wakes the relay (see [`Relay::wakeup`]): call it after committing an enqueue.
+    pub fn wake(&self) {
+        self.relay.inner.wakeup.wake();
+    }
+
+    /// True once the relay's task ended (stopped, or failed).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl<S, P> Future for RelayHandle<S, P> {
+    type Output = Result<(), RelayError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.task).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|err| {
+                Err(RelayError::Task(if err.is_panic() {
+                    "the relay's task panicked".to_owned()
+                } else {
+                    "the relay's task was cancelled".to_owned()
+                }))
+            })
+        })
+    }
+}
+
+impl<S, P> std::fmt::Debug for RelayHandle<S, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("relay", &self.relay.inner.id)
+            .field("finished", &self.task.is_finished())
+            .finish()
     }
 }
 

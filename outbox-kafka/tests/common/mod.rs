@@ -231,7 +231,9 @@ impl KafkaHarness {
         let brokers = brokers();
         let topic = env::unique_name("outbox_kafka");
         admin.create_topic(&topic, 3).await;
-        let publisher = KafkaPublisher::new(publisher_config(&brokers)).expect("publisher");
+        let publisher = KafkaPublisher::new(publisher_config(&brokers))
+            .await
+            .expect("publisher");
         let reader = Mutex::new(Reader::new(&brokers, &topic));
         Self {
             publisher,
