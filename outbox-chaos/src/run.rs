@@ -202,7 +202,9 @@ pub struct Report {
     pub unclean_stops: Vec<String>,
     /// Messages still pending when the drain bound passed.
     pub pending_after_drain: u64,
-    /// Dead letters left in the outbox (with their errors).
+    /// Dead letters left in the outbox.
+    pub dead_letter_count: u64,
+    /// The first 20 of them, with their errors.
     pub dead_letters: Vec<String>,
     /// Keys whose business row version disagrees with the messages committed for it.
     pub business_mismatches: Vec<String>,
@@ -215,6 +217,7 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.verdict.holds()
             && self.pending_after_drain == 0
+            && self.dead_letter_count == 0
             && self.dead_letters.is_empty()
             && self.business_mismatches.is_empty()
             && self.unexpected_exits.is_empty()
@@ -248,7 +251,7 @@ impl Report {
             self.verdict.still_pending.len(),
             self.verdict.phantoms.len(),
             self.verdict.out_of_order_total(),
-            self.dead_letters.len(),
+            self.dead_letter_count,
             self.verdict.duplicates,
             self.elapsed.as_secs_f64()
         )
@@ -348,6 +351,14 @@ impl fmt::Display for Report {
                     writeln!(f, "    {item}")?;
                 }
             }
+        }
+        if self.dead_letter_count > self.dead_letters.len() as u64 {
+            writeln!(
+                f,
+                "  dead letters in the outbox: {} (the first {} above)",
+                self.dead_letter_count,
+                self.dead_letters.len()
+            )?;
         }
         if self.pending_after_drain > 0 {
             writeln!(
@@ -829,6 +840,10 @@ max_attempts = {attempts}
     let drain = drain_started.elapsed();
     let unclean_stops = relays.stop(Duration::from_secs(15)).await;
     let dead_letters = db.dead_letters().await.unwrap_or_default();
+    let dead_letter_count = match db.stats().await {
+        Ok(stats) => stats.dead,
+        Err(_) => dead_letters.len() as u64,
+    };
 
     // Read everything back and check.
     let committed = history.committed_ids();
@@ -870,6 +885,7 @@ max_attempts = {attempts}
         unexpected_exits,
         unclean_stops,
         pending_after_drain: if pending == u64::MAX { 0 } else { pending },
+        dead_letter_count,
         dead_letters,
         business_mismatches,
         kept_dir: None,
