@@ -71,7 +71,7 @@ impl Profile {
         Self {
             name: "long",
             fault_phase: Duration::from_secs(300),
-            producers: 3,
+            producers: 2,
             concurrent_producers: 2,
             concurrent_keys: 4,
             hold: Duration::from_millis(15),
