@@ -107,14 +107,15 @@ impl History {
     }
 
     /// Per key, the messages that committed: committed ones, and those of indeterminate
-    /// transactions found in `delivered` (they can only have arrived if they committed).
-    pub fn committed_per_key(&self, delivered: &HashSet<MessageId>) -> HashMap<String, i64> {
+    /// transactions found in `found` (delivered, or still in the outbox: either way they
+    /// committed).
+    pub fn committed_per_key(&self, found: &HashSet<MessageId>) -> HashMap<String, i64> {
         let mut counts = HashMap::new();
         for tx in self.transactions.lock().expect("history").iter() {
             for w in &tx.written {
                 let counted = match tx.outcome {
                     Outcome::Committed => true,
-                    Outcome::Indeterminate => delivered.contains(&w.id),
+                    Outcome::Indeterminate => found.contains(&w.id),
                     Outcome::RolledBack | Outcome::Aborted => false,
                 };
                 if let (true, Some(key)) = (counted, &w.key) {
