@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ConfigError, RetryPolicy};
 
+/// The first wait before probing a broker or store that is down.
+pub(crate) const PROBE_MIN: Duration = Duration::from_millis(100);
+
 /// Settings of a [`Relay`](crate::Relay). Every field has a production default; durations are
 /// written like `"500ms"` or `"30s"` in configuration files.
 ///
@@ -58,10 +61,25 @@ pub struct RelayConfig {
     /// `poll_min` while polls come back empty; a wake-up or a full batch resets it.
     #[serde(with = "humantime_serde")]
     pub poll_max: Duration,
-    /// On shutdown, how long in-flight publishes may take before they are abandoned and their
-    /// messages released (default 10 s).
+    /// The bound on a graceful shutdown, from the shutdown signal to [`Relay::run`]
+    /// returning (default 20 s, which fits Kubernetes' default 30 s grace period with room for
+    /// the process around the relay). In-flight publishes get the first half of it; then they
+    /// are abandoned and their messages handed back, the publisher is flushed and the relay
+    /// gives up its partitions, each within what is left. Whatever could not be recorded in
+    /// time (a database that stopped answering) returns to the other relays when its lease
+    /// expires: nothing is lost.
+    ///
+    /// [`Relay::run`]: crate::Relay::run
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Longest wait between two probes of a broker or a store that is down (default 5 s).
+    /// While the relay is paused by an outage it probes the broker ([`Publisher::check`]) or
+    /// the store with a wait that starts at 100 ms and doubles up to this, so it resumes
+    /// within about this long after the outage ends.
+    ///
+    /// [`Publisher::check`]: crate::Publisher::check
+    #[serde(with = "humantime_serde")]
+    pub probe_max: Duration,
     /// How often the backlog gauges are refreshed (default 10 s).
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
@@ -87,7 +105,8 @@ impl Default for RelayConfig {
             partition_lease: Duration::from_secs(15),
             poll_min: Duration::from_millis(10),
             poll_max: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(20),
+            probe_max: Duration::from_secs(5),
             stats_interval: Duration::from_secs(10),
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1000,
@@ -130,6 +149,8 @@ impl RelayConfig {
         store_timeout: Duration,
         /// Sets [`RelayConfig::shutdown_timeout`].
         shutdown_timeout: Duration,
+        /// Sets [`RelayConfig::probe_max`].
+        probe_max: Duration,
         /// Sets [`RelayConfig::stats_interval`].
         stats_interval: Duration,
         /// Sets [`RelayConfig::cleanup_interval`].
@@ -183,6 +204,15 @@ impl RelayConfig {
                 "poll_min",
                 "must be above zero and at most poll_max",
             ));
+        }
+        if self.shutdown_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "shutdown_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        if self.probe_max < PROBE_MIN {
+            return Err(ConfigError::new("probe_max", "must be at least 100ms"));
         }
         if self.stats_interval.is_zero() {
             return Err(ConfigError::new("stats_interval", "must be above zero"));

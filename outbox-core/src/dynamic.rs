@@ -56,6 +56,7 @@ pub trait DynStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn leave_dyn<'a>(&'a self, relay: &'a RelayId) -> BoxFuture<'a, Result<(), StoreError>>;
     fn stats_dyn(&self) -> BoxFuture<'_, Result<Stats, StoreError>>;
+    fn max_connections_dyn(&self) -> Option<usize>;
     fn dead_letters_dyn<'a>(
         &'a self,
         filter: &'a DeadLetterFilter,
@@ -119,6 +120,9 @@ impl<S: Store> DynStore for S {
     fn stats_dyn(&self) -> BoxFuture<'_, Result<Stats, StoreError>> {
         Box::pin(self.stats())
     }
+    fn max_connections_dyn(&self) -> Option<usize> {
+        self.max_connections()
+    }
     fn dead_letters_dyn<'a>(
         &'a self,
         filter: &'a DeadLetterFilter,
@@ -171,6 +175,9 @@ macro_rules! forward_store {
             }
             async fn stats(&self) -> Result<Stats, StoreError> {
                 ($($deref)* self).stats_dyn().await
+            }
+            fn max_connections(&self) -> Option<usize> {
+                ($($deref)* self).max_connections_dyn()
             }
             async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
                 ($($deref)* self).dead_letters_dyn(filter).await

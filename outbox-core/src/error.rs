@@ -34,8 +34,20 @@ pub enum StoreErrorKind {
 }
 
 /// A failure of a [`Store`](crate::Store) operation.
+///
+/// Its `Display` names the kind of failure, what the store was doing, and the underlying
+/// database error (which [`source`](std::error::Error::source) also returns, for downcasting):
+/// one log line says what happened.
+///
+/// ```
+/// use outbox_core::{StoreError, StoreErrorKind};
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let err = StoreError::new(StoreErrorKind::Connection, "claiming messages").with_source(io);
+/// assert_eq!(err.to_string(), "store connection failed: claiming messages: connection refused");
+/// ```
 #[derive(Debug, thiserror::Error)]
-#[error("{kind_text}: {message}", kind_text = kind_text(self.kind))]
+#[error("{kind_text}: {message}{cause}", kind_text = kind_text(self.kind), cause = Cause(&self.message, self.source.as_deref()))]
 pub struct StoreError {
     kind: StoreErrorKind,
     retryable: Retryable,
@@ -113,9 +125,10 @@ impl From<crate::InvalidMessage> for StoreError {
 /// A failure to publish one message, or a whole batch.
 ///
 /// Publishers classify: [`Retryable::Transient`] failures are retried with backoff by the relay,
-/// [`Retryable::Permanent`] ones are dead-lettered at once.
+/// [`Retryable::Permanent`] ones are dead-lettered at once. Its `Display` shows the underlying
+/// broker error too, as [`StoreError`]'s does.
 #[derive(Debug, thiserror::Error)]
-#[error("{} publish failure: {message}", if self.is_transient() { "transient" } else { "permanent" })]
+#[error("{} publish failure: {message}{cause}", if self.is_transient() { "transient" } else { "permanent" }, cause = Cause(&self.message, self.source.as_deref()))]
 pub struct PublishError {
     retryable: Retryable,
     message: String,
@@ -169,7 +182,25 @@ impl PublishError {
     }
 }
 
-/// Formats an error and its sources on one line.
+/// The underlying error of a [`StoreError`] or [`PublishError`], as its `Display` appends it:
+/// `": cause"`, unless the message already says it.
+struct Cause<'a>(&'a str, Option<&'a (dyn StdError + Send + Sync + 'static)>);
+
+impl fmt::Display for Cause<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(source) = self.1 else {
+            return Ok(());
+        };
+        let text = chain(source);
+        if text.is_empty() || self.0.contains(&text) {
+            return Ok(());
+        }
+        write!(f, ": {text}")
+    }
+}
+
+/// Formats an error and its sources on one line, each cause once: an error whose `Display`
+/// already shows its source (as every error of this crate does) is not repeated.
 pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
     let mut text = err.to_string();
     let mut next = err.source();

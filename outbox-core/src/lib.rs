@@ -3,6 +3,7 @@
 mod config;
 mod dynamic;
 mod error;
+mod error_text;
 mod jsonl;
 mod memory;
 mod message;
@@ -16,6 +17,7 @@ mod wakeup;
 pub use config::RelayConfig;
 pub use dynamic::{DynPublisher, DynStore};
 pub use error::{ConfigError, PublishError, RelayError, Retryable, StoreError, StoreErrorKind};
+pub use error_text::{MAX_ERROR_TEXT, sanitize as sanitize_error_text};
 pub use jsonl::JsonLinesPublisher;
 pub use memory::{MemoryPublisher, MemoryStore, MemoryTransaction};
 pub use message::{
@@ -23,7 +25,7 @@ pub use message::{
     decode_headers, encode_headers, partition_of,
 };
 pub use publisher::{Capabilities, PublishOutcome, Publisher};
-pub use relay::{BatchReport, Relay, RelayBuilder};
+pub use relay::{BatchReport, Pause, PauseCause, Relay, RelayBuilder};
 pub use retry::{Decision, RetryPolicy};
 pub use store::{
     Claim, DeadLetter, DeadLetterFilter, DeadLetterTo, Enqueue, LeaseToken, Malformed, RelayId,

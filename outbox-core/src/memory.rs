@@ -119,11 +119,18 @@ fn after(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
 /// tx.commit();
 /// assert_eq!(store.len(), 1);
 /// ```
+///
+/// It orders messages as the SQL stores do: by a sequence number taken when the message is
+/// enqueued, not when its transaction commits. A message enqueued in a transaction that commits
+/// later than another one's is claimed first if both are committed by then, and after it if it
+/// was not yet committed when the other was claimed.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     tables: Arc<Mutex<Tables>>,
     retention: Option<Duration>,
     limits: Limits,
+    /// The store's clock minus the host's.
+    skew: chrono::Duration,
 }
 
 impl MemoryStore {
@@ -142,6 +149,19 @@ impl MemoryStore {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Runs the store's clock `skew` ahead of the host's (behind when negative), as a database
+    /// server whose clock differs from the relay's host: creation times, leases and retry
+    /// delays are all measured on it. For tests of figures that must not depend on the skew.
+    pub fn with_clock_skew(mut self, skew: chrono::Duration) -> Self {
+        self.skew = skew;
+        self
+    }
+
+    /// Now, on the store's clock.
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.skew
     }
 
     /// Starts a transaction; its messages are stored on [`MemoryTransaction::commit`] and
@@ -179,14 +199,20 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn insert(&self, messages: Vec<NewMessage>) {
-        let now = Utc::now();
+    /// The next sequence number, taken at enqueue as a database sequence is.
+    fn next_seq(&self) -> u64 {
         let mut tables = self.lock();
-        for new in messages {
+        let seq = tables.next_seq;
+        tables.next_seq += 1;
+        seq
+    }
+
+    fn insert(&self, messages: Vec<(u64, NewMessage)>) {
+        let now = self.now();
+        let mut tables = self.lock();
+        for (seq, new) in messages {
             let partition = new.partition();
             let id = new.id();
-            let seq = tables.next_seq;
-            tables.next_seq += 1;
             tables.seq_of.insert(id, seq);
             tables.rows.insert(
                 seq,
@@ -208,15 +234,17 @@ impl MemoryStore {
 #[must_use = "a transaction that is dropped rolls back"]
 pub struct MemoryTransaction {
     store: MemoryStore,
-    messages: Vec<NewMessage>,
+    /// The messages with the sequence numbers they took at enqueue.
+    messages: Vec<(u64, NewMessage)>,
 }
 
 impl MemoryTransaction {
-    /// Adds a message, checked against the store's limits; returns its id.
+    /// Adds a message, checked against the store's limits; returns its id. Its place in the
+    /// outbox's order is taken now, as a database sequence would give it.
     pub fn enqueue(&mut self, message: NewMessage) -> Result<MessageId, StoreError> {
         message.validate(&self.store.limits)?;
         let id = message.id();
-        self.messages.push(message);
+        self.messages.push((self.store.next_seq(), message));
         Ok(id)
     }
 
@@ -257,7 +285,7 @@ impl Store for MemoryStore {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let now = Utc::now();
+        let now = self.now();
         let token = LeaseToken::new();
         let until = after(now, lease);
         let mut tables = self.lock();
@@ -311,7 +339,7 @@ impl Store for MemoryStore {
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        let now = Utc::now();
+        let now = self.now();
         let mut tables = self.lock();
         let mut settled = Settled::default();
         let mut holds = |tables: &mut Tables, id: &MessageId| -> bool {
@@ -376,7 +404,7 @@ impl Store for MemoryStore {
         relay: &RelayId,
         ttl: Duration,
     ) -> Result<Vec<RelayMember>, StoreError> {
-        let now = Utc::now();
+        let now = self.now();
         let mut tables = self.lock();
         tables.members.insert(relay.clone(), after(now, ttl));
         tables.members.retain(|_, expires| *expires > now);
@@ -384,7 +412,7 @@ impl Store for MemoryStore {
     }
 
     async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
-        Ok(self.lock().live_members(Utc::now()))
+        Ok(self.lock().live_members(self.now()))
     }
 
     async fn acquire(
@@ -393,7 +421,7 @@ impl Store for MemoryStore {
         partitions: &[u16],
         ttl: Duration,
     ) -> Result<Vec<u16>, StoreError> {
-        let now = Utc::now();
+        let now = self.now();
         let until = after(now, ttl);
         let mut tables = self.lock();
         let mut owned = Vec::new();
@@ -440,7 +468,7 @@ impl Store for MemoryStore {
                 State::Published(_) => stats.published_retained += 1,
             }
         }
-        Ok(stats)
+        Ok(stats.as_of(self.now()))
     }
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
@@ -448,7 +476,7 @@ impl Store for MemoryStore {
     }
 
     async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let now = Utc::now();
+        let now = self.now();
         let mut tables = self.lock();
         let ids: Vec<MessageId> = tables
             .dead(filter)
@@ -484,7 +512,7 @@ impl Store for MemoryStore {
             return Ok(0);
         };
         let cutoff =
-            Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            self.now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         let mut tables = self.lock();
         let expired: Vec<MessageId> = tables
             .rows

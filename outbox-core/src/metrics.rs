@@ -11,11 +11,12 @@
 //! | `outbox_publish_errors_total` | counter | publish calls that failed as a whole or timed out |
 //! | `outbox_store_errors_total` | counter | failed store operations |
 //! | `outbox_backlog` | gauge | pending messages |
-//! | `outbox_oldest_pending_age_seconds` | gauge | age of the oldest pending message |
+//! | `outbox_oldest_pending_age_seconds` | gauge | age of the oldest pending message, on the store's clock |
 //! | `outbox_dead_letters` | gauge | dead letters kept |
 //! | `outbox_owned_partitions` | gauge | partitions this relay owns |
+//! | `outbox_relay_paused` | gauge, label `cause` (`broker`, `store`) | 1 while the relay is paused by an outage of that side, else 0 |
 //! | `outbox_publish_duration_seconds` | histogram | duration of one publish call |
-//! | `outbox_commit_to_publish_seconds` | histogram | from enqueue (store clock) to broker confirmation (relay clock) |
+//! | `outbox_commit_to_publish_seconds` | histogram | from enqueue to broker confirmation, on the store's clock (the relay's clock corrected by its offset from the store's, read with each stats refresh) |
 //! | `outbox_batch_size` | histogram | messages per claimed batch |
 
 /// Messages confirmed by the broker.
@@ -40,6 +41,8 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 pub const DEAD_LETTERS: &str = "outbox_dead_letters";
 /// Partitions this relay owns.
 pub const OWNED_PARTITIONS: &str = "outbox_owned_partitions";
+/// 1 while the relay is paused by an outage, with label `cause` = `broker` or `store`.
+pub const PAUSED: &str = "outbox_relay_paused";
 /// Duration of one publish call, in seconds.
 pub const PUBLISH_DURATION: &str = "outbox_publish_duration_seconds";
 /// From enqueue to broker confirmation, in seconds.
@@ -71,6 +74,10 @@ pub fn describe() {
     );
     describe_gauge!(DEAD_LETTERS, "Dead letters kept");
     describe_gauge!(OWNED_PARTITIONS, "Partitions this relay owns");
+    describe_gauge!(
+        PAUSED,
+        "1 while the relay is paused by an outage of the broker or the store"
+    );
     describe_histogram!(
         PUBLISH_DURATION,
         Unit::Seconds,

@@ -22,6 +22,15 @@ pub enum Decision {
 /// together do not come back together. After `max_attempts` failed attempts the message is
 /// dead-lettered; a permanent failure dead-letters it at once.
 ///
+/// **What counts as an attempt.** Only a failure of the message itself: a permanent failure
+/// (too large, refused by the broker), or a transient failure of the message while the broker
+/// confirmed other messages of the same call. An outage is never an attempt: a broker that is
+/// unreachable, a call that fails or times out as a whole, or a call in which every message
+/// failed transiently and none was confirmed, pauses the relay instead (it hands the messages
+/// back untouched and probes the broker until it answers; see
+/// [`Relay::run`](crate::Relay::run)). So however long a broker or database is down, no
+/// message is dead-lettered for it.
+///
 /// ```
 /// use std::time::Duration;
 /// use outbox_core::{Decision, RetryPolicy};
@@ -46,8 +55,14 @@ pub struct RetryPolicy {
     pub multiplier: f64,
     /// Share of each delay drawn at random, from 0 (none) to 1 (full jitter); default 0.2.
     pub jitter: f64,
-    /// Failed attempts after which a message is dead-lettered (default 12).
+    /// Failed attempts of the message's own (see above: outages are not attempts) after which
+    /// it is dead-lettered (default 12). 1 dead-letters at the first failure.
     pub max_attempts: u32,
+    /// Never dead-letter a message for transient failures, however many (default false):
+    /// `max_attempts` then only bounds the backoff's growth, and a permanent failure still
+    /// dead-letters at once. For outboxes where a message stuck behind a broker's partial
+    /// failure is better than one set aside: its later messages of the same key wait for it.
+    pub retry_transient_forever: bool,
 }
 
 impl Default for RetryPolicy {
@@ -58,6 +73,7 @@ impl Default for RetryPolicy {
             multiplier: 2.0,
             jitter: 0.2,
             max_attempts: 12,
+            retry_transient_forever: false,
         }
     }
 }
@@ -90,6 +106,12 @@ impl RetryPolicy {
     /// Sets the attempts after which a message is dead-lettered.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets [`RetryPolicy::retry_transient_forever`].
+    pub fn retry_transient_forever(mut self, forever: bool) -> Self {
+        self.retry_transient_forever = forever;
         self
     }
 
@@ -129,7 +151,8 @@ impl RetryPolicy {
     /// What to do after a failed attempt, given the failed attempts so far (this one included)
     /// and whether the failure was transient.
     pub fn decide(&self, attempts: u32, transient: bool) -> Decision {
-        if !transient || attempts >= self.max_attempts {
+        let exhausted = attempts >= self.max_attempts && !self.retry_transient_forever;
+        if !transient || exhausted {
             Decision::DeadLetter
         } else {
             Decision::Retry(self.delay(attempts))
@@ -162,6 +185,24 @@ mod tests {
         let exact = policy.clone().jitter(0.0);
         assert_eq!(exact.delay(3), Duration::from_millis(400));
         assert_eq!(exact.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn transient_failures_can_be_retried_for_ever() {
+        let policy = RetryPolicy::default()
+            .max_attempts(2)
+            .max_delay(Duration::from_secs(1))
+            .jitter(0.0)
+            .retry_transient_forever(true);
+        assert_eq!(
+            policy.decide(u32::MAX, true),
+            Decision::Retry(Duration::from_secs(1))
+        );
+        assert_eq!(policy.decide(1, false), Decision::DeadLetter);
+        assert_eq!(
+            policy.retry_transient_forever(false).decide(2, true),
+            Decision::DeadLetter
+        );
     }
 
     #[test]

@@ -178,12 +178,16 @@ pub struct RelayMember {
 pub struct Stats {
     /// Messages waiting to be published (including those waiting for a retry or leased).
     pub pending: u64,
-    /// Creation time of the oldest pending message.
+    /// Creation time of the oldest pending message, on the store's clock.
     pub oldest_pending: Option<DateTime<Utc>>,
     /// Dead letters.
     pub dead: u64,
     /// Published messages kept for the retention period.
     pub published_retained: u64,
+    /// The store's clock when these figures were read. Ages are measured on it
+    /// ([`Stats::oldest_pending_age`]), and the relay reads the offset of its own clock from
+    /// it, so that no figure is off by the skew between the relay's host and the database.
+    pub as_of: Option<DateTime<Utc>>,
 }
 
 impl Stats {
@@ -199,7 +203,30 @@ impl Stats {
             oldest_pending,
             dead,
             published_retained,
+            as_of: None,
         }
+    }
+
+    /// Sets [`Stats::as_of`], the store's clock when the figures were read; for stores.
+    pub fn as_of(mut self, now: DateTime<Utc>) -> Self {
+        self.as_of = Some(now);
+        self
+    }
+
+    /// How long the oldest pending message has waited, on the store's clock: `None` without a
+    /// pending message, or when the store did not say what time it was.
+    ///
+    /// ```
+    /// use chrono::{TimeZone, Utc};
+    /// use outbox_core::Stats;
+    ///
+    /// let created = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+    /// let stats = Stats::new(1, Some(created), 0, 0).as_of(created + chrono::Duration::seconds(90));
+    /// assert_eq!(stats.oldest_pending_age(), Some(std::time::Duration::from_secs(90)));
+    /// ```
+    pub fn oldest_pending_age(&self) -> Option<Duration> {
+        let age = self.as_of? - self.oldest_pending?;
+        Some(age.to_std().unwrap_or(Duration::ZERO))
     }
 }
 
@@ -367,8 +394,17 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the membership of `relay` and gives up all its partitions.
     fn leave(&self, relay: &RelayId) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Counts pending messages and dead letters.
+    /// Counts pending messages and dead letters, and says what time it is on the store's
+    /// clock ([`Stats::as_of`]).
     fn stats(&self) -> impl Future<Output = Result<Stats, StoreError>> + Send;
+
+    /// The most calls this store can serve at once, when it is bounded (the size of its
+    /// connection pool); `None` (the default) when it is not. The relay refuses to start with
+    /// more store calls in flight than this, since the extra ones would wait for a connection
+    /// and time out.
+    fn max_connections(&self) -> Option<usize> {
+        None
+    }
 
     /// Lists dead letters matching `filter`, the oldest first.
     fn dead_letters(

@@ -158,15 +158,22 @@ pub fn main() -> ExitCode {
             return ExitCode::from(FAILURE);
         }
     };
-    match runtime.block_on(execute(cli.command, config)) {
+    let code = match runtime.block_on(execute(cli.command, config)) {
         Ok(code) => code,
         Err(err) => {
             error!("{err}");
             eprintln!("outbox-relay: {err}");
             ExitCode::from(FAILURE)
         }
-    }
+    };
+    // Tasks still blocked on a server that stopped answering (a detached store call, a
+    // client's blocking thread) must not hold the exit past the shutdown's bound.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
+
+/// How long the process waits for its last tasks after the relay stopped.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Makes ring the process's rustls crypto provider, unless one is installed already. The TLS
 /// clients of the databases and brokers that build their rustls configuration without naming a
@@ -245,10 +252,9 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
             .await
             .map_err(|err| format!("http.listen {addr}: {err}"))?;
         info!(%addr, "serving /healthz, /readyz and /metrics");
-        let (store, publisher, handle) =
-            (Arc::clone(&store), Arc::clone(&publisher), metrics.clone());
+        let (relay, handle) = (relay.clone(), metrics.clone());
         background.spawn(async move {
-            if let Err(err) = http::serve(listener, store, publisher, handle).await {
+            if let Err(err) = http::serve(listener, relay, handle).await {
                 error!(error = %err, "http endpoints stopped");
             }
         });
@@ -294,10 +300,8 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
     let store = connect(config).await?.into_dyn();
     let stats = store.stats().await?;
     let members = store.members().await?;
-    let now = chrono::Utc::now();
-    let age = stats
-        .oldest_pending
-        .map(|t| (now - t).to_std().unwrap_or_default().as_secs_f64());
+    // On the database's clock, whatever this host's says.
+    let age = stats.oldest_pending_age().map(|age| age.as_secs_f64());
     if json {
         let relays: Vec<serde_json::Value> = members
             .iter()

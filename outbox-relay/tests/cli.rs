@@ -502,6 +502,9 @@ async fn an_unreachable_broker_is_not_ready_and_delivers_once_back() {
     let sent = enqueue_sqlite(&store, keyed(&queue_name, 200, 5)).await;
     let mut child = command(&config, &["run"])
         .env("OUTBOX_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        // Two attempts 50 ms apart: an outage of seconds is many times the retry budget, and
+        // must still dead-letter nothing.
+        .env("OUTBOX_RELAY__RETRY__MAX_ATTEMPTS", "2")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -529,7 +532,21 @@ async fn an_unreachable_broker_is_not_ready_and_delivers_once_back() {
     let ready = get("/readyz").await.expect("/readyz answers");
     assert_eq!(ready.status().as_u16(), 503, "the broker is down");
     assert!(ready.text().await.unwrap_or_default().contains("broker"));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ready = get("/readyz").await.expect("/readyz answers");
+    assert_eq!(ready.status().as_u16(), 503, "the broker is down");
+    let reason = ready.text().await.unwrap_or_default();
+    assert!(reason.contains("relay paused"), "{reason}");
+    let metrics = get("/metrics")
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("outbox_relay_paused{cause=\"broker\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(
         store.stats().await.expect("stats").pending,
         200,
@@ -551,6 +568,7 @@ async fn an_unreachable_broker_is_not_ready_and_delivers_once_back() {
     );
     let ready = get("/readyz").await.expect("/readyz answers");
     assert_eq!(ready.status().as_u16(), 200);
+    assert_eq!(store.stats().await.expect("stats").dead, 0);
     let metrics = get("/metrics")
         .await
         .expect("/metrics answers")
@@ -559,6 +577,10 @@ async fn an_unreachable_broker_is_not_ready_and_delivers_once_back() {
         .unwrap_or_default();
     assert!(metrics.contains("outbox_published_total"), "{metrics}");
     assert!(metrics.contains("outbox_publish_errors_total"), "{metrics}");
+    assert!(
+        metrics.contains("outbox_relay_paused{cause=\"broker\"} 0"),
+        "{metrics}"
+    );
     assert_eq!(
         sigterm(&mut child, Duration::from_secs(15)).await.code(),
         Some(0)

@@ -66,7 +66,10 @@ pub struct StoreConfig {
     /// `NOTIFY`. Without it the relay finds new messages by polling, between its `poll_min`
     /// and `poll_max` (a busy relay polls every `poll_min`).
     pub notify: bool,
-    /// Connections of the pool the `connect` constructors open (default 5).
+    /// Connections of the pool the `connect` constructors open (default 10). A relay has up to
+    /// its `concurrency` + 2 store calls in flight (6 with the default concurrency of 4) and
+    /// refuses to start on a smaller pool; the rest serves the service's own transactions, or
+    /// the readiness probe of `outbox-relay`.
     pub max_connections: u32,
 }
 
@@ -79,7 +82,7 @@ impl Default for StoreConfig {
             limits: Limits::default(),
             notify_channel: None,
             notify: true,
-            max_connections: 5,
+            max_connections: 10,
         }
     }
 }
@@ -439,7 +442,7 @@ mod tests {
         assert_eq!(config.retention, Some(Duration::from_secs(7200)));
         assert_eq!(config.table, "events");
         assert_eq!(config.limits.max_key_len, 64);
-        assert_eq!(config.max_connections, 5);
+        assert_eq!(config.max_connections, 10);
     }
 
     fn serde_json_like(text: &str) -> StoreConfig {

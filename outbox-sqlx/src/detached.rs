@@ -235,6 +235,12 @@ macro_rules! detached_store {
                 .await
             }
 
+            fn max_connections(&self) -> Option<usize> {
+                <$crate::detached::Direct<$store> as ::outbox_core::Store>::max_connections(
+                    &self.direct(),
+                )
+            }
+
             async fn dead_letters(
                 &self,
                 filter: &::outbox_core::DeadLetterFilter,

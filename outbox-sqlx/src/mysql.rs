@@ -669,18 +669,29 @@ impl Store for crate::detached::Direct<MySqlStore> {
         tx.commit().await.doing(DOING)
     }
 
+    fn max_connections(&self) -> Option<usize> {
+        Some(self.inner.pool.options().get_max_connections() as usize)
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
-        let (pending, oldest, dead, published): (i64, Option<NaiveDateTime>, i64, i64) =
-            sqlx::query_as(&sql::stats(&self.inner.names))
-                .fetch_one(&self.inner.pool)
-                .await
-                .doing("counting outbox messages")?;
-        Ok(sql::stats_from(
+        let (pending, oldest, dead, published, now): (
+            i64,
+            Option<NaiveDateTime>,
+            i64,
+            i64,
+            NaiveDateTime,
+        ) = sqlx::query_as(&sql::stats(&self.inner.names, &MY))
+            .fetch_one(&self.inner.pool)
+            .await
+            .doing("counting outbox messages")?;
+        let oldest = oldest.map(|t| t.and_utc());
+        Ok(sql::stats_from((
             pending,
-            oldest.map(|t| t.and_utc()),
+            oldest,
             dead,
             published,
-        ))
+            now.and_utc(),
+        )))
     }
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {

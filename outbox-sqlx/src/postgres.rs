@@ -591,13 +591,17 @@ impl Store for PostgresStore {
         tx.commit().await.doing(DOING)
     }
 
+    fn max_connections(&self) -> Option<usize> {
+        Some(self.inner.pool.options().get_max_connections() as usize)
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
-        let (pending, oldest, dead, published): (i64, Option<DateTime<Utc>>, i64, i64) =
-            sqlx::query_as(&sql::stats(&self.inner.names))
+        let row: (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>) =
+            sqlx::query_as(&sql::stats(&self.inner.names, &PG))
                 .fetch_one(&self.inner.pool)
                 .await
                 .doing("counting outbox messages")?;
-        Ok(sql::stats_from(pending, oldest, dead, published))
+        Ok(sql::stats_from(row))
     }
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {

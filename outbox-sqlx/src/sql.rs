@@ -509,26 +509,25 @@ pub(crate) fn push_claimable(
 }
 
 /// Pending and dead counts, the oldest pending message and the retained ones, each through
-/// its own index.
-pub(crate) fn stats(names: &Names) -> String {
+/// its own index, and the database's clock (ages are measured on it).
+pub(crate) fn stats(names: &Names, dialect: &Dialect) -> String {
     let t = &names.table;
     format!(
         "SELECT (SELECT COUNT(*) FROM {t} WHERE state = {PENDING}), \
                 (SELECT MIN(created_at) FROM {t} WHERE state = {PENDING}), \
                 (SELECT COUNT(*) FROM {t} WHERE state = {DEAD}), \
-                (SELECT COUNT(*) FROM {t} WHERE state = {PUBLISHED})"
+                (SELECT COUNT(*) FROM {t} WHERE state = {PUBLISHED}), \
+                {now}",
+        now = dialect.now
     )
 }
 
-/// Counts as read from the database, as a [`Stats`].
+/// Counts as read from the database, as a [`Stats`] as of the database's `now`.
 pub(crate) fn stats_from(
-    pending: i64,
-    oldest: Option<DateTime<Utc>>,
-    dead: i64,
-    published: i64,
+    (pending, oldest, dead, published, now): (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>),
 ) -> Stats {
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
-    Stats::new(count(pending), oldest, count(dead), count(published))
+    Stats::new(count(pending), oldest, count(dead), count(published)).as_of(now)
 }
 
 /// Partition numbers as stored: deduplicated, sorted (the order every statement locks them

@@ -542,13 +542,24 @@ impl Store for SqliteStore {
         tx.commit().await.doing(DOING)
     }
 
+    fn max_connections(&self) -> Option<usize> {
+        Some(self.inner.pool.options().get_max_connections() as usize)
+    }
+
     async fn stats(&self) -> Result<Stats, StoreError> {
-        let (pending, oldest, dead, published): (i64, Option<i64>, i64, i64) =
-            sqlx::query_as(&sql::stats(&self.inner.names))
+        let (pending, oldest, dead, published, now): (i64, Option<i64>, i64, i64, i64) =
+            sqlx::query_as(&sql::stats(&self.inner.names, &LITE))
                 .fetch_one(&self.inner.pool)
                 .await
                 .doing("counting outbox messages")?;
-        Ok(sql::stats_from(pending, oldest.map(time), dead, published))
+        let oldest = oldest.map(time);
+        Ok(sql::stats_from((
+            pending,
+            oldest,
+            dead,
+            published,
+            time(now),
+        )))
     }
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {

@@ -47,7 +47,7 @@ pub mod tls;
 pub use cutting::CuttingPublisher;
 pub use faulty::FaultyStore;
 pub use harness::{PublisherHarness, Received, StoreHarness};
-pub use scripted::ScriptedPublisher;
+pub use scripted::{Outage, ScriptedPublisher};
 
 #[doc(hidden)]
 #[macro_export]
@@ -73,6 +73,7 @@ macro_rules! store_suite {
         $crate::__suite!(store, $factory;
             committed_messages_are_claimed_rolled_back_never,
             claims_follow_enqueue_order_and_limit,
+            claims_follow_write_order_not_commit_order,
             claims_need_partition_ownership,
             concurrent_claims_never_share_a_message,
             concurrent_claims_keep_key_order,
@@ -106,6 +107,9 @@ macro_rules! relay_suite {
             a_relay_dying_mid_batch_is_taken_over,
             key_order_holds_through_failures,
             retries_end_in_a_dead_letter,
+            broker_outages_dead_letter_nothing,
+            store_outages_pause_the_relay,
+            stored_errors_are_clean,
             relays_share_the_work,
             expired_leases_cannot_settle,
             graceful_shutdown_loses_nothing,

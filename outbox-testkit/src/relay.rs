@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::store::message;
-use crate::{FaultyStore, ScriptedPublisher, StoreHarness};
+use crate::{FaultyStore, Outage, ScriptedPublisher, StoreHarness};
 
 /// Settings that make the suite quick: short leases, polls and retry delays.
 pub fn fast_config() -> RelayConfig {
@@ -406,7 +406,9 @@ pub async fn key_order_holds_through_failures<H: StoreHarness>(h: H) {
 }
 
 /// Retries back off up to the maximum attempts, then the message is dead-lettered with the
-/// last error; a permanent failure dead-letters at once.
+/// last error; a permanent failure dead-letters at once. Failures count as attempts here
+/// because the broker confirms other messages of the same calls: the failures are the
+/// messages' own.
 pub async fn retries_end_in_a_dead_letter<H: StoreHarness>(h: H) {
     let publisher = ScriptedPublisher::new();
     let doomed = message(Some("d"), 0);
@@ -426,11 +428,21 @@ pub async fn retries_end_in_a_dead_letter<H: StoreHarness>(h: H) {
             .max_attempts(4),
     );
     let started = tokio::time::Instant::now();
-    let running = RunningRelay::spawn(relay(h.store(), publisher.clone(), config));
-    eventually("the outbox is drained", Duration::from_secs(30), || {
-        drained(h.store())
-    })
-    .await;
+    let relay_ = relay(h.store(), publisher.clone(), config);
+    let wakeup = relay_.wakeup();
+    let running = RunningRelay::spawn(relay_);
+    // Other keys keep flowing while d-0 is retried, so that the broker confirms messages in
+    // the calls that fail d-0: those failures are d-0's own.
+    let mut fillers = Vec::new();
+    let deadline = started + Duration::from_secs(30);
+    while !drained(h.store()).await {
+        assert!(tokio::time::Instant::now() < deadline, "the outbox drains");
+        let filler = message(Some(&format!("filler-{}", fillers.len())), 100);
+        h.enqueue(vec![filler.clone()]).await.expect("enqueue");
+        fillers.push(filler);
+        wakeup.wake();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let took = started.elapsed();
     running.stop(Duration::from_secs(10)).await;
     // Delays 50 + 100 + 200 ms between the four attempts.
@@ -453,7 +465,9 @@ pub async fn retries_end_in_a_dead_letter<H: StoreHarness>(h: H) {
             .message
             .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("scripted transient"))
+            .is_some_and(|e| e.contains("scripted transient")),
+        "{:?}",
+        doomed_dead.message.last_error
     );
     let permanent_dead = dead
         .iter()
@@ -467,12 +481,169 @@ pub async fn retries_end_in_a_dead_letter<H: StoreHarness>(h: H) {
             .as_deref()
             .is_some_and(|e| e.contains("scripted permanent"))
     );
-    let published: Vec<MessageId> = publisher.inner().published().iter().map(|m| m.id).collect();
+    let published: Vec<MessageId> = publisher
+        .inner()
+        .published()
+        .iter()
+        .filter(|m| m.key.as_deref() == Some("d"))
+        .map(|m| m.id)
+        .collect();
     assert_eq!(
         published,
         vec![ok.id()],
         "d-2 went out after d-0 was dead-lettered"
     );
+    fillers.push(ok);
+    check_history(&publisher.inner().published(), &fillers);
+    h.teardown().await;
+}
+
+/// A broker that is down, whichever way (refusing every call, hanging every call, failing
+/// every message of every call), for many times the retry policy's whole budget, dead-letters
+/// nothing and costs no message an attempt: the relay pauses, says so, probes the broker and
+/// resumes within seconds of its recovery.
+pub async fn broker_outages_dead_letter_nothing<H: StoreHarness>(h: H) {
+    let publisher = ScriptedPublisher::new();
+    // Two attempts 20 ms apart: an outage of a second is fifty times the budget.
+    let config = fast_config().probe_max(Duration::from_millis(500)).retry(
+        RetryPolicy::default()
+            .initial_delay(Duration::from_millis(20))
+            .max_delay(Duration::from_millis(20))
+            .max_attempts(2),
+    );
+    let relay_ = relay(h.store(), publisher.clone(), config);
+    let wakeup = relay_.wakeup();
+    let running = RunningRelay::spawn(relay_.clone());
+    let mut sent = Vec::new();
+    for (round, outage) in [Outage::Refused, Outage::Hung, Outage::FailsEveryMessage]
+        .into_iter()
+        .enumerate()
+    {
+        publisher.outage(outage);
+        let batch: Vec<NewMessage> = (0..30)
+            .map(|i| message(Some(&format!("key-{}", i % 5)), round * 100 + i))
+            .collect();
+        h.enqueue(batch.clone()).await.expect("enqueue");
+        sent.extend(batch);
+        wakeup.wake();
+        eventually(
+            &format!("the relay pauses for {outage:?}"),
+            Duration::from_secs(10),
+            || {
+                let paused = relay_
+                    .pauses()
+                    .iter()
+                    .any(|p| p.cause == outbox_core::PauseCause::Broker);
+                std::future::ready(paused)
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stats = h.store().stats().await.expect("stats");
+        assert_eq!(stats.dead, 0, "{outage:?} dead-lettered messages");
+        assert!(stats.pending > 0, "nothing was published during {outage:?}");
+        publisher.end_outage();
+        let recovered = tokio::time::Instant::now();
+        eventually(
+            &format!("the outbox drains after {outage:?}"),
+            Duration::from_secs(20),
+            || drained(h.store()),
+        )
+        .await;
+        assert!(
+            recovered.elapsed() < Duration::from_secs(5),
+            "resumed {:?} after the broker recovered from {outage:?}",
+            recovered.elapsed()
+        );
+        assert!(relay_.pauses().is_empty(), "{:?}", relay_.pauses());
+    }
+    running.stop(Duration::from_secs(10)).await;
+    assert!(publisher.checks() > 0, "the broker was probed");
+    assert_eq!(h.store().stats().await.expect("stats").dead, 0);
+    check_history(&publisher.inner().published(), &sent);
+    h.teardown().await;
+}
+
+/// A store that is down pauses the relay too: nothing is dead-lettered, and the relay resumes
+/// once the store answers.
+pub async fn store_outages_pause_the_relay<H: StoreHarness>(h: H) {
+    let store = FaultyStore::new(h.store());
+    let publisher = MemoryPublisher::new();
+    let config = fast_config().probe_max(Duration::from_millis(500));
+    let relay_ = relay(store.clone(), publisher.clone(), config);
+    let running = RunningRelay::spawn(relay_.clone());
+    let first = workload(20, 4);
+    h.enqueue(first.clone()).await.expect("enqueue");
+    assert!(
+        publisher
+            .wait_for(first.len(), Duration::from_secs(10))
+            .await
+    );
+    store.set_down(true);
+    let second = workload(20, 4);
+    h.enqueue(second.clone()).await.expect("enqueue");
+    eventually("the relay pauses", Duration::from_secs(10), || {
+        let paused = relay_
+            .pauses()
+            .iter()
+            .any(|p| p.cause == outbox_core::PauseCause::Store);
+        std::future::ready(paused)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    store.set_down(false);
+    eventually("the outbox drains", Duration::from_secs(20), || {
+        drained(h.store())
+    })
+    .await;
+    eventually("the relay resumes", Duration::from_secs(5), || {
+        std::future::ready(relay_.pauses().is_empty())
+    })
+    .await;
+    running.stop(Duration::from_secs(10)).await;
+    assert_eq!(h.store().stats().await.expect("stats").dead, 0);
+    let mut all = first;
+    all.extend(second);
+    check_history(&publisher.published(), &all);
+    h.teardown().await;
+}
+
+/// Whatever text a broker puts in an error (NUL bytes, control characters, credentials,
+/// megabytes), the store records it: cleaned, bounded, and without a repeated prefix.
+pub async fn stored_errors_are_clean<H: StoreHarness>(h: H) {
+    let publisher = ScriptedPublisher::new();
+    let msg = message(Some("e"), 0);
+    let ok = message(Some("f"), 1);
+    let nasty = format!(
+        "refused\0by amqp://app:s3cret@mq:5672/vhost\r\n\u{1b}[31m {}",
+        "x".repeat(1 << 20)
+    );
+    publisher.fail_permanent_with(msg.id(), nasty);
+    h.enqueue(vec![msg.clone(), ok.clone()])
+        .await
+        .expect("enqueue");
+    let relay_ = relay(h.store(), publisher.clone(), fast_config());
+    let report = relay_.run_once().await.expect("run once");
+    assert_eq!((report.published, report.dead_lettered), (1, 1));
+    assert_eq!(report.fenced, 0, "the outcome was recorded");
+    let dead = h
+        .store()
+        .dead_letters(&DeadLetterFilter::all())
+        .await
+        .expect("list");
+    let error = dead[0].message.last_error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with("permanent publish failure: refused"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret"), "{error}");
+    assert!(!error.chars().any(char::is_control), "{error:?}");
+    assert!(
+        error.len() <= outbox_core::MAX_ERROR_TEXT,
+        "{}",
+        error.len()
+    );
+    assert_eq!(error.matches("publish failure").count(), 1, "{error}");
     h.teardown().await;
 }
 

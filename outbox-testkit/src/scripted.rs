@@ -35,10 +35,26 @@ pub struct ScriptedPublisher<P = outbox_core::MemoryPublisher> {
     ordered: bool,
 }
 
+/// A scripted broker outage: what publish calls (and checks) meet while it lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outage {
+    /// Every call fails as a whole with a transient error, and so does every check: a broker
+    /// that refuses connections.
+    Refused,
+    /// Every call and every check hangs until dropped: a broker behind a black hole.
+    Hung,
+    /// Every message of every call fails transiently while checks succeed: a broker that
+    /// accepts connections but cannot take messages (no leader, storage unavailable).
+    FailsEveryMessage,
+}
+
 #[derive(Debug, Default)]
 struct ScriptState {
     transient: HashMap<MessageId, u32>,
-    permanent: HashSet<MessageId>,
+    permanent: HashMap<MessageId, String>,
+    outage: Option<Outage>,
+    checks: u64,
     fail_calls: u32,
     hang_calls: u32,
     hang_all: bool,
@@ -112,7 +128,28 @@ impl<P: Publisher + Clone> ScriptedPublisher<P> {
 
     /// `id` fails permanently.
     pub fn fail_permanent(&self, id: MessageId) {
-        self.lock().permanent.insert(id);
+        self.fail_permanent_with(id, "scripted permanent failure");
+    }
+
+    /// `id` fails permanently with an error that says `text` (any text: control characters,
+    /// NUL bytes, a URL with a password, megabytes of it).
+    pub fn fail_permanent_with(&self, id: MessageId, text: impl Into<String>) {
+        self.lock().permanent.insert(id, text.into());
+    }
+
+    /// Starts a broker outage of the given kind, until [`ScriptedPublisher::end_outage`].
+    pub fn outage(&self, outage: Outage) {
+        self.lock().outage = Some(outage);
+    }
+
+    /// Ends the outage: calls and checks go through again.
+    pub fn end_outage(&self) {
+        self.lock().outage = None;
+    }
+
+    /// Checks ([`Publisher::check`]) so far.
+    pub fn checks(&self) -> u64 {
+        self.lock().checks
     }
 
     /// The next `calls` calls fail as a whole with a transient error.
@@ -166,7 +203,7 @@ impl<P: Publisher + Clone> ScriptedPublisher<P> {
 
 impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
     async fn publish(&self, batch: &[Message]) -> Result<Vec<PublishOutcome>, PublishError> {
-        let (hang, fail_call, crash) = {
+        let (hang, fail_call, crash, outage) = {
             let mut state = self.lock();
             state.calls += 1;
             let mut per_key: HashMap<&str, usize> = HashMap::new();
@@ -180,7 +217,8 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
                     state.overlaps += 1;
                 }
             }
-            let hang = state.hang_all || state.hang_calls > 0;
+            let outage = state.outage;
+            let hang = state.hang_all || state.hang_calls > 0 || outage == Some(Outage::Hung);
             if state.hang_calls > 0 {
                 state.hang_calls -= 1;
             }
@@ -198,7 +236,7 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
                 // A dead process publishes nothing more, whatever its relay tries next.
                 state.hang_all = true;
             }
-            (hang, fail_call, crash)
+            (hang, fail_call, crash, outage)
         };
         let _guard = InFlight {
             state: &self.state,
@@ -211,6 +249,24 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
             return Err(PublishError::transient(
                 "scripted failure of the whole call",
             ));
+        }
+        match outage {
+            Some(Outage::Refused) => {
+                return Err(PublishError::transient(
+                    "scripted outage: connection refused",
+                ));
+            }
+            Some(Outage::FailsEveryMessage) => {
+                return Ok(batch
+                    .iter()
+                    .map(|_| {
+                        PublishOutcome::Failed(PublishError::transient(
+                            "scripted outage: the broker cannot take messages",
+                        ))
+                    })
+                    .collect());
+            }
+            Some(Outage::Hung) | None => {}
         }
         if let Some(k) = crash {
             let head = &batch[..k.min(batch.len())];
@@ -231,8 +287,8 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
                         Some(PublishError::transient(
                             "an earlier message of this key failed in this call",
                         ))
-                    } else if state.permanent.contains(&msg.id) {
-                        Some(PublishError::permanent("scripted permanent failure"))
+                    } else if let Some(text) = state.permanent.get(&msg.id) {
+                        Some(PublishError::permanent(text.clone()))
                     } else if let Some(left) =
                         state.transient.get_mut(&msg.id).filter(|left| **left > 0)
                     {
@@ -272,5 +328,20 @@ impl<P: Publisher + Clone> Publisher for ScriptedPublisher<P> {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::default().ordered_per_key(self.ordered)
+    }
+
+    async fn check(&self) -> Result<(), PublishError> {
+        let outage = {
+            let mut state = self.lock();
+            state.checks += 1;
+            state.outage
+        };
+        match outage {
+            Some(Outage::Refused) => Err(PublishError::transient(
+                "scripted outage: connection refused",
+            )),
+            Some(Outage::Hung) => std::future::pending().await,
+            Some(Outage::FailsEveryMessage) | None => self.inner.check().await,
+        }
     }
 }

@@ -97,6 +97,34 @@ pub async fn claims_follow_enqueue_order_and_limit<H: StoreHarness>(h: H) {
     h.teardown().await;
 }
 
+/// The outbox's order is the order messages were written in, not the order their transactions
+/// committed in: of two committed messages, the one written first is claimed first, even when
+/// its transaction committed last (the order a database sequence gives). What the relay
+/// promises follows from it: a message written after another one's transaction committed is
+/// published after it.
+pub async fn claims_follow_write_order_not_commit_order<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let relay = RelayId::random();
+    own_all(&store, &relay).await;
+    let first = message(Some("k"), 0);
+    let second = message(Some("k"), 1);
+    let overlapped = h
+        .enqueue_overlapping(vec![first.clone()], vec![second.clone()])
+        .await
+        .expect("enqueue");
+    if !overlapped {
+        h.teardown().await;
+        return;
+    }
+    let claim = store.claim(&relay, 10, LEASE).await.expect("claim");
+    assert_eq!(
+        ids(&claim),
+        vec![first.id(), second.id()],
+        "the message written first is claimed first, though its transaction committed last"
+    );
+    h.teardown().await;
+}
+
 /// A relay claims only from partitions it owns.
 pub async fn claims_need_partition_ownership<H: StoreHarness>(h: H) {
     let store = h.store();

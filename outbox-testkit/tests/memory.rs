@@ -35,6 +35,24 @@ impl StoreHarness for MemoryHarness {
         Ok(())
     }
 
+    async fn enqueue_overlapping(
+        &self,
+        first: Vec<NewMessage>,
+        second: Vec<NewMessage>,
+    ) -> Result<bool, StoreError> {
+        let mut one = self.store.begin();
+        for m in first {
+            one.enqueue(m)?;
+        }
+        let mut two = self.store.begin();
+        for m in second {
+            two.enqueue(m)?;
+        }
+        two.commit();
+        one.commit();
+        Ok(true)
+    }
+
     fn with_retention(&self, retention: Duration) -> Option<MemoryStore> {
         // Retention is a property of the handle; the tables are shared.
         Some(self.store.clone().with_retention(retention))

@@ -110,6 +110,20 @@ pub mod pg {
             Ok(())
         }
 
+        async fn enqueue_overlapping(
+            &self,
+            first: Vec<NewMessage>,
+            second: Vec<NewMessage>,
+        ) -> Result<bool, StoreError> {
+            let mut one = self.store.pool().begin().await.expect("begin");
+            self.store.enqueue_batch(&mut *one, first).await?;
+            let mut two = self.store.pool().begin().await.expect("begin");
+            self.store.enqueue_batch(&mut *two, second).await?;
+            two.commit().await.expect("commit");
+            one.commit().await.expect("commit");
+            Ok(true)
+        }
+
         fn with_retention(&self, retention: Duration) -> Option<PostgresStore> {
             Some(self.store.with_retention(Some(retention)))
         }
@@ -205,6 +219,20 @@ pub mod my {
             self.store.enqueue_batch(&mut *tx, messages).await?;
             tx.rollback().await.expect("rollback");
             Ok(())
+        }
+
+        async fn enqueue_overlapping(
+            &self,
+            first: Vec<NewMessage>,
+            second: Vec<NewMessage>,
+        ) -> Result<bool, StoreError> {
+            let mut one = self.store.pool().begin().await.expect("begin");
+            self.store.enqueue_batch(&mut *one, first).await?;
+            let mut two = self.store.pool().begin().await.expect("begin");
+            self.store.enqueue_batch(&mut *two, second).await?;
+            two.commit().await.expect("commit");
+            one.commit().await.expect("commit");
+            Ok(true)
         }
 
         fn with_retention(&self, retention: Duration) -> Option<MySqlStore> {

@@ -1,28 +1,36 @@
 //! The relay: claims committed messages, publishes them and records the outcomes.
 
-use std::collections::HashSet;
+mod batch;
+mod partitions;
+mod pause;
+mod shutdown;
+
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
+
+pub use pause::{Pause, PauseCause};
 
 use crate::error::chain;
+use crate::error_text;
 use crate::metrics as m;
-use crate::retry::Decision;
 use crate::{
-    Claim, ConfigError, DeadLetterTo, Message, PARTITIONS, PublishError, PublishOutcome, Publisher,
-    RelayConfig, RelayError, RelayId, RelayMember, Retry, Settlement, Store, StoreError,
+    Claim, ConfigError, PARTITIONS, Publisher, RelayConfig, RelayError, RelayId, Store, StoreError,
     StoreErrorKind, Wakeup,
 };
+use batch::process;
+use partitions::owner_of;
+use pause::{Pauses, probe_wait};
 
 /// What one claimed batch came to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +61,11 @@ impl BatchReport {
     }
 }
 
+/// Store calls a relay has in flight at most, besides its claims and settles (which share the
+/// [`RelayConfig::concurrency`] worker slots): one renewal of its partitions and one stats or
+/// cleanup call.
+const BACKGROUND_CALLS: usize = 2;
+
 /// Builds a [`Relay`].
 #[must_use]
 pub struct RelayBuilder<S, P> {
@@ -75,9 +88,24 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self
     }
 
-    /// Checks the configuration and builds the relay.
+    /// Checks the configuration, and that the store can serve the calls the relay will have
+    /// in flight at once ([`Store::max_connections`]), and builds the relay.
     pub fn build(self) -> Result<Relay<S, P>, ConfigError> {
         self.config.validate()?;
+        let needed = self.config.concurrency + BACKGROUND_CALLS;
+        if let Some(max) = self.store.max_connections()
+            && max < needed
+        {
+            return Err(ConfigError::new(
+                "concurrency",
+                format!(
+                    "the relay can have {needed} store calls in flight (concurrency {} + {BACKGROUND_CALLS}) \
+                     but the store serves {max} at once: give its pool at least {needed} \
+                     connections (more if the service shares it), or lower concurrency",
+                    self.config.concurrency
+                ),
+            ));
+        }
         let id = self
             .config
             .relay_id
@@ -93,6 +121,8 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
                 id,
                 wakeup: self.wakeup.unwrap_or_default(),
                 owned: AtomicUsize::new(0),
+                pauses: Pauses::new(),
+                clock_offset_us: AtomicI64::new(0),
             }),
         })
     }
@@ -133,6 +163,20 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
 /// - Within a batch, a publisher that does not keep per-key order gets messages of one key in
 ///   successive calls; after a failure the remaining messages of that key are released.
 /// - Outcomes are recorded in one store call per batch, fenced by the batch's lease token.
+///
+/// # Outages
+///
+/// A failure of a message (a permanent failure, or a transient one while the broker confirmed
+/// other messages of the same call) is an attempt of that message, retried with backoff and
+/// dead-lettered after [`RetryPolicy::max_attempts`](crate::RetryPolicy::max_attempts). An
+/// outage is not: when a publish call fails or times out as a whole, or every message of a call
+/// fails transiently with none confirmed, the relay hands the messages back untouched,
+/// **pauses** (claims nothing), and probes the broker with [`Publisher::check`] from 100 ms up
+/// to [`RelayConfig::probe_max`] apart; it resumes once the broker answers. A store that fails
+/// or does not answer pauses it the same way, until a store call succeeds again. While paused,
+/// [`Relay::pauses`] says why, the `outbox_relay_paused` gauge is 1 and the log says when the
+/// pause began and ended. So a broker or database down for any length of time dead-letters
+/// nothing.
 pub struct Relay<S, P> {
     inner: Arc<Inner<S, P>>,
 }
@@ -152,6 +196,9 @@ struct Inner<S, P> {
     id: RelayId,
     wakeup: Wakeup,
     owned: AtomicUsize,
+    pauses: Pauses,
+    /// The store's clock minus the relay's, in microseconds, as last read with the stats.
+    clock_offset_us: AtomicI64,
 }
 
 impl<S: Store, P: Publisher> Relay<S, P> {
@@ -190,6 +237,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         &self.inner.config
     }
 
+    /// Why the relay is paused, if it is: an outage of the broker, of the store, or both. Empty
+    /// while it runs normally. Readiness probes report it.
+    pub fn pauses(&self) -> Vec<Pause> {
+        self.inner.pauses.current()
+    }
+
     /// Renews this relay's membership and takes or gives up partitions so that the live relays
     /// share them; returns the partitions owned afterwards. [`Relay::run`] calls it on its own.
     pub async fn rebalance(&self) -> Result<Vec<u16>, StoreError> {
@@ -205,12 +258,14 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         Ok(process(&self.inner, claim, started, abandon).await)
     }
 
-    /// Runs until `shutdown` completes, then shuts down gracefully: stops claiming, lets
-    /// in-flight publishes finish for up to [`RelayConfig::shutdown_timeout`], releases what is
-    /// left, records every outcome, flushes the publisher and gives up its partitions.
+    /// Runs until `shutdown` completes, then shuts down gracefully within
+    /// [`RelayConfig::shutdown_timeout`]: stops claiming, lets in-flight publishes finish for
+    /// half of it, hands back what is left, records every outcome, flushes the publisher and
+    /// gives up its partitions.
     ///
-    /// Transient store and broker failures are retried for ever; it returns an error only for
-    /// a permanent store failure such as a missing outbox table.
+    /// Outages of the broker or the store pause it until they end (see the type's
+    /// documentation), however long; it returns an error only for a permanent store failure
+    /// such as a missing outbox table.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
         let inner = &self.inner;
         let (stop_tx, stop) = watch::channel(false);
@@ -218,6 +273,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut workers = JoinSet::new();
         info!(relay = %inner.id, "relay starting");
 
+        let mut deadline = None;
         let result = {
             let claim_loop = inner.claim_loop(&mut workers, stop.clone(), abandon);
             let background = async {
@@ -225,31 +281,42 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     res = inner.coordinate_loop() => res,
                     res = inner.listen_loop() => res,
                     () = inner.maintenance_loop() => Ok(()),
+                    () = inner.probe_loop() => Ok(()),
                 }
             };
             tokio::pin!(claim_loop, background, shutdown);
             tokio::select! {
                 () = &mut shutdown => {
+                    let plan = shutdown::Plan::new(inner.config.shutdown_timeout);
+                    deadline = Some(plan);
                     let _ = stop_tx.send(true);
-                    // The claim loop stops at its next wait; a claim under way completes.
+                    // The claim loop stops at its next wait; a claim under way completes, if
+                    // the store answers in time.
                     tokio::select! {
                         res = &mut claim_loop => res,
                         res = &mut background => res,
+                        () = tokio::time::sleep_until(plan.claims_until) => Ok(()),
                     }
                 }
                 res = &mut claim_loop => res,
                 res = &mut background => res,
             }
         };
+        let plan = deadline.unwrap_or_else(|| shutdown::Plan::new(inner.config.shutdown_timeout));
         info!(relay = %inner.id, in_flight = workers.len(), "relay stopping");
-        let report = drain(&mut workers, inner.config.shutdown_timeout, &abandon_tx).await;
+        let report = shutdown::drain(&mut workers, &plan, &abandon_tx).await;
         debug!(?report, "in-flight batches settled");
-        if let Ok(Err(err)) =
-            tokio::time::timeout(inner.config.publish_timeout, inner.publisher.flush()).await
-        {
-            warn!(error = %chain(&err), "publisher flush failed on shutdown");
+        let flush = inner
+            .config
+            .publish_timeout
+            .min(plan.left(plan.flush_until));
+        match tokio::time::timeout(flush, inner.publisher.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(error = %chain(&err), "publisher flush failed on shutdown"),
+            Err(_) => warn!(after = ?flush, "publisher flush gave no answer on shutdown"),
         }
-        if let Err(err) = inner.bounded(inner.store.leave(&inner.id)).await {
+        let leave = plan.left(plan.deadline);
+        if let Err(err) = inner.bounded_for(leave, inner.store.leave(&inner.id)).await {
             warn!(error = %chain(&err), "could not give up partitions on shutdown; they free up when their lease expires");
         }
         inner.owned.store(0, Ordering::Relaxed);
@@ -259,95 +326,50 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 }
 
-/// Waits for in-flight batches; past `timeout` tells them to abandon their publishes (they then
-/// release their messages) and waits for that too, for a bounded time.
-async fn drain(
-    workers: &mut JoinSet<BatchReport>,
-    timeout: Duration,
-    abandon: &watch::Sender<bool>,
-) -> BatchReport {
-    let mut total = BatchReport::default();
-    let deadline = Instant::now() + timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, workers.join_next()).await {
-            Ok(Some(Ok(report))) => total.add(&report),
-            Ok(Some(Err(err))) => {
-                warn!(error = %err, "a batch task failed; its messages return when its lease expires")
-            }
-            Ok(None) => return total,
-            Err(_) => break,
-        }
-    }
-    warn!(
-        in_flight = workers.len(),
-        "shutdown timeout reached: abandoning in-flight publishes"
-    );
-    let _ = abandon.send(true);
-    let grace = Instant::now() + Duration::from_secs(5).max(timeout);
-    loop {
-        match tokio::time::timeout_at(grace, workers.join_next()).await {
-            Ok(Some(Ok(report))) => total.add(&report),
-            Ok(Some(Err(err))) => {
-                warn!(error = %err, "a batch task failed; its messages return when its lease expires")
-            }
-            Ok(None) => return total,
-            Err(_) => {
-                workers.abort_all();
-                warn!(
-                    "batches still settling were aborted; their messages return when their lease expires"
-                );
-                return total;
-            }
-        }
-    }
-}
-
 fn is_fatal(err: &StoreError) -> bool {
     matches!(err.kind(), StoreErrorKind::Schema | StoreErrorKind::Config)
 }
 
-/// Rendezvous hashing: the live relay with the highest score owns the partition.
-fn owner_of(partition: u16, relays: &[RelayMember]) -> Option<&RelayId> {
-    relays
-        .iter()
-        .map(|member| &member.id)
-        .max_by_key(|id| score(partition, id.as_str()))
-}
-
-fn score(partition: u16, relay: &str) -> u64 {
-    // FNV-1a 64 over relay id and partition, then a finalizer (splitmix64) to spread the bits.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in relay
-        .as_bytes()
-        .iter()
-        .chain(partition.to_le_bytes().iter())
-    {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^= hash >> 30;
-    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash ^= hash >> 27;
-    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
-}
-
 impl<S: Store, P: Publisher> Inner<S, P> {
-    /// Awaits one store call for at most [`RelayConfig::store_timeout`]. A call with no answer
-    /// by then is dropped (store calls must be cancel-safe) and fails as a transient
-    /// connection error: the caller retries it as it retries a refused connection.
+    /// Awaits one store call for at most [`RelayConfig::store_timeout`]; see
+    /// [`Inner::bounded_for`].
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let limit = self.config.store_timeout;
-        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        self.bounded_for(self.config.store_timeout, call).await
+    }
+
+    /// Awaits one store call for at most `limit`. A call with no answer by then is dropped
+    /// (store calls must be cancel-safe) and fails as a transient connection error: the caller
+    /// retries it as it retries a refused connection. A transient failure pauses the relay for
+    /// a store outage; a success ends such a pause.
+    async fn bounded_for<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
             Err(StoreError::new(
                 StoreErrorKind::Connection,
                 format!("the store gave no answer within {limit:?}"),
             )
             .transient())
-        })
+        });
+        match &result {
+            Ok(_) => self.pauses.resume(PauseCause::Store),
+            Err(err) if err.is_transient() => self
+                .pauses
+                .pause(PauseCause::Store, error_text::stored(err)),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Now on the store's clock, as far as the relay knows it.
+    fn store_now(&self) -> DateTime<Utc> {
+        let offset = self.clock_offset_us.load(Ordering::Relaxed);
+        Utc::now() + chrono::Duration::microseconds(offset)
     }
 
     async fn rebalance(&self) -> Result<Vec<u16>, StoreError> {
@@ -419,6 +441,8 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         }
     }
 
+    /// Refreshes the backlog gauges and the store's clock offset, and removes published
+    /// messages past their retention.
     async fn maintenance_loop(&self) {
         let mut stats = tokio::time::interval(self.config.stats_interval);
         let mut cleanup = tokio::time::interval(self.config.cleanup_interval);
@@ -426,20 +450,7 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         cleanup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stats.tick() => match self.bounded(self.store.stats()).await {
-                    Ok(stats) => {
-                        metrics::gauge!(m::BACKLOG).set(stats.pending as f64);
-                        metrics::gauge!(m::DEAD_LETTERS).set(stats.dead as f64);
-                        let age = stats.oldest_pending.map_or(0.0, |t| {
-                            (Utc::now() - t).to_std().map_or(0.0, |d| d.as_secs_f64())
-                        });
-                        metrics::gauge!(m::OLDEST_PENDING_AGE).set(age);
-                    }
-                    Err(err) => {
-                        metrics::counter!(m::STORE_ERRORS).increment(1);
-                        warn!(error = %chain(&err), "could not read outbox stats");
-                    }
-                },
+                _ = stats.tick() => self.refresh_stats().await,
                 _ = cleanup.tick() => loop {
                     match self.bounded(self.store.cleanup(self.config.cleanup_batch)).await {
                         Ok(n) if (n as usize) < self.config.cleanup_batch => break,
@@ -455,6 +466,37 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         }
     }
 
+    async fn refresh_stats(&self) {
+        let asked = Utc::now();
+        let stats = match self.bounded(self.store.stats()).await {
+            Ok(stats) => stats,
+            Err(err) => {
+                metrics::counter!(m::STORE_ERRORS).increment(1);
+                warn!(error = %chain(&err), "could not read outbox stats");
+                return;
+            }
+        };
+        if let Some(store_now) = stats.as_of {
+            // The store read its clock somewhere between the question and the answer.
+            let answered = Utc::now();
+            let local = asked + (answered - asked) / 2;
+            let offset = (store_now - local).num_microseconds().unwrap_or(0);
+            self.clock_offset_us.store(offset, Ordering::Relaxed);
+        }
+        metrics::gauge!(m::BACKLOG).set(stats.pending as f64);
+        metrics::gauge!(m::DEAD_LETTERS).set(stats.dead as f64);
+        let age = stats
+            .oldest_pending_age()
+            .or_else(|| {
+                // A store that does not tell its clock: the relay's, corrected by the offset
+                // known so far.
+                let oldest = stats.oldest_pending?;
+                Some((self.store_now() - oldest).to_std().unwrap_or_default())
+            })
+            .map_or(0.0, |age| age.as_secs_f64());
+        metrics::gauge!(m::OLDEST_PENDING_AGE).set(age);
+    }
+
     async fn claim(&self) -> Result<Claim, StoreError> {
         let claim = self
             .bounded(
@@ -468,11 +510,48 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         Ok(claim)
     }
 
+    /// While the broker is paused, probes it with [`Publisher::check`] until it answers, each
+    /// probe bounded by the publish timeout, the waits doubling up to
+    /// [`RelayConfig::probe_max`]; then resumes the relay.
+    async fn probe_loop(&self) {
+        let mut pauses = self.pauses.subscribe();
+        loop {
+            if pauses.wait_for(|state| state.broker()).await.is_err() {
+                return std::future::pending().await;
+            }
+            let max = self.config.probe_max;
+            let mut wait = self.pauses.first_probe(max);
+            loop {
+                tokio::time::sleep(wait).await;
+                let limit = self.config.publish_timeout;
+                let failure = match tokio::time::timeout(limit, self.publisher.check()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(err)) => Some(format!("the broker check failed: {}", chain(&err))),
+                    Err(_) => Some(format!("the broker check gave no answer within {limit:?}")),
+                };
+                match failure {
+                    None => {
+                        self.pauses.resume(PauseCause::Broker);
+                        self.wakeup.wake();
+                        break;
+                    }
+                    Some(reason) => {
+                        debug!(%reason, retry_in = ?wait, "broker still down");
+                        self.pauses
+                            .pause(PauseCause::Broker, error_text::sanitize(&reason));
+                        wait = (wait * 2).min(max);
+                    }
+                }
+            }
+        }
+    }
+
     /// Claims batches and hands them to workers until `stop` is set. While claims come back
     /// full (a backlog), up to [`RelayConfig::claims`] run at once, each holding the worker
     /// permit its batch will use; otherwise one at a time. After an empty claim or an error no
     /// new claim starts until the wait is over (or a wake-up comes), while the claims under
-    /// way complete.
+    /// way complete. While the broker is paused no claim starts; a failing store is probed by
+    /// the claims themselves, from 100 ms up to [`RelayConfig::probe_max`] apart.
     async fn claim_loop(
         self: &Arc<Self>,
         workers: &mut JoinSet<BatchReport>,
@@ -482,8 +561,9 @@ impl<S: Store, P: Publisher> Inner<S, P> {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let slots = self.config.claims.clamp(1, self.config.concurrency);
         let mut claims: FuturesUnordered<BoxFuture<'static, ClaimDone>> = FuturesUnordered::new();
+        let mut pauses = self.pauses.subscribe();
         let mut idle = self.config.poll_min;
-        let mut error_backoff = Duration::from_millis(100);
+        let mut failures = 0;
         // No new claim before this instant.
         let mut paused_until: Option<Instant> = None;
         let mut stopping = *stop.borrow();
@@ -495,7 +575,9 @@ impl<S: Store, P: Publisher> Inner<S, P> {
             if stopping && claims.is_empty() {
                 return Ok(());
             }
+            let broker_down = pauses.borrow_and_update().broker();
             let may_start = !stopping
+                && !broker_down
                 && paused_until.is_none()
                 && (claims.is_empty() || (backlog && claims.len() < slots));
             let pause = paused_until.unwrap_or_else(Instant::now);
@@ -506,12 +588,13 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                     match result {
                         Ok(claim) if claim.is_empty() => {
                             drop(permit);
+                            failures = 0;
                             backlog = false;
                             paused_until = Some(Instant::now() + idle);
                             idle = (idle * 2).min(self.config.poll_max);
                         }
                         Ok(claim) => {
-                            error_backoff = Duration::from_millis(100);
+                            failures = 0;
                             idle = self.config.poll_min;
                             // A partial batch: more may be committing right now; look again
                             // soon.
@@ -529,10 +612,11 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                         Err(err) => {
                             drop(permit);
                             backlog = false;
+                            let retry_in = probe_wait(failures, self.config.probe_max);
+                            failures += 1;
                             metrics::counter!(m::STORE_ERRORS).increment(1);
-                            warn!(error = %chain(&err), retry_in = ?error_backoff, "claim failed");
-                            paused_until = Some(Instant::now() + error_backoff);
-                            error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+                            warn!(error = %chain(&err), ?retry_in, "claim failed");
+                            paused_until = Some(Instant::now() + retry_in);
                         }
                     }
                 }
@@ -547,10 +631,19 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                 }
                 () = self.wakeup.woken(), if paused_until.is_some() && !stopping => {
                     idle = self.config.poll_min;
-                    paused_until = None;
+                    // A wake-up does not cut short the wait after a failure.
+                    if failures == 0 {
+                        paused_until = None;
+                    }
                 }
                 () = tokio::time::sleep_until(pause), if paused_until.is_some() && !stopping => {
                     paused_until = None;
+                }
+                // The broker paused or resumed: look again at what may start.
+                changed = pauses.changed(), if !stopping => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
                 }
                 _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
             }
@@ -560,266 +653,3 @@ impl<S: Store, P: Publisher> Inner<S, P> {
 
 /// A finished claim: the worker permit its batch holds, when it started, what it returned.
 type ClaimDone = (OwnedSemaphorePermit, Instant, Result<Claim, StoreError>);
-
-/// Splits `messages` into what one publish call may carry and the rest. Without per-key order
-/// in the publisher, a call carries the first message of each key (and every keyless one).
-fn next_call(messages: Vec<Message>, ordered_per_key: bool) -> (Vec<Message>, Vec<Message>) {
-    if ordered_per_key {
-        return (messages, Vec::new());
-    }
-    let mut seen = HashSet::new();
-    messages
-        .into_iter()
-        .partition(|msg| msg.key.as_ref().is_none_or(|key| seen.insert(key.clone())))
-}
-
-/// Completes when the relay asks in-flight batches to give up. A closed channel means the relay
-/// itself is gone (its task was dropped, as in a crash): then nothing may be settled, so this
-/// never completes.
-async fn abandoned(abandon: &mut watch::Receiver<bool>) {
-    if abandon.wait_for(|a| *a).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Publishes one claimed batch and records the outcomes.
-async fn process<S: Store, P: Publisher>(
-    inner: &Inner<S, P>,
-    claim: Claim,
-    claimed_at: Instant,
-    mut abandon: watch::Receiver<bool>,
-) -> BatchReport {
-    let span = info_span!("outbox.batch", relay = %inner.id, size = claim.len(), token = %claim.token.as_uuid());
-    async move {
-        let config = &inner.config;
-        let lease_end = claimed_at + config.lease;
-        let token = claim.token;
-        let mut report = BatchReport {
-            claimed: claim.len(),
-            ..BatchReport::default()
-        };
-        let mut settlement = Settlement::default();
-        let mut blocked: HashSet<String> = HashSet::new();
-
-        for bad in claim.malformed {
-            warn!(id = %bad.id, error = %bad.error, "dead-lettering a message that cannot be decoded");
-            if let Some(key) = bad.key {
-                blocked.insert(key);
-            }
-            settlement.dead.push(DeadLetterTo {
-                id: bad.id,
-                error: format!("cannot be decoded: {}", bad.error),
-            });
-        }
-
-        let ordered = inner.publisher.capabilities().ordered_per_key;
-        let mut remaining = claim.messages;
-        while !remaining.is_empty() {
-            let (held_back, ready): (Vec<Message>, Vec<Message>) = remaining
-                .into_iter()
-                .partition(|msg| msg.key.as_ref().is_some_and(|key| blocked.contains(key)));
-            settlement.release.extend(held_back.iter().map(|msg| msg.id));
-            let (call, rest) = next_call(ready, ordered);
-            remaining = rest;
-            if call.is_empty() {
-                break;
-            }
-            // Publishing past the lease could race the relay that takes the messages over.
-            let margin = config.publish_timeout + config.lease / 10;
-            if Instant::now() + margin > lease_end || *abandon.borrow() {
-                settlement.release.extend(call.iter().chain(remaining.iter()).map(|msg| msg.id));
-                remaining.clear();
-                break;
-            }
-            let started = Instant::now();
-            let outcome = tokio::select! {
-                res = tokio::time::timeout(config.publish_timeout, inner.publisher.publish(&call)) => Some(res),
-                () = abandoned(&mut abandon) => None,
-            };
-            metrics::histogram!(m::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
-            let outcomes = match outcome {
-                None => {
-                    settlement.release.extend(call.iter().chain(remaining.iter()).map(|msg| msg.id));
-                    remaining.clear();
-                    break;
-                }
-                Some(Err(_elapsed)) => {
-                    metrics::counter!(m::PUBLISH_ERRORS).increment(1);
-                    let text = format!("publish timed out after {:?}", config.publish_timeout);
-                    warn!(messages = call.len(), "{text}");
-                    call.iter().map(|_| PublishOutcome::Failed(PublishError::transient(text.clone()))).collect()
-                }
-                Some(Ok(Err(err))) => {
-                    metrics::counter!(m::PUBLISH_ERRORS).increment(1);
-                    warn!(messages = call.len(), error = %chain(&err), "publish call failed");
-                    call.iter().map(|_| PublishOutcome::Failed(clone_error(&err))).collect()
-                }
-                Some(Ok(Ok(outcomes))) if outcomes.len() != call.len() => {
-                    metrics::counter!(m::PUBLISH_ERRORS).increment(1);
-                    let text = format!("publisher returned {} outcomes for {} messages", outcomes.len(), call.len());
-                    warn!("{text}");
-                    call.iter().map(|_| PublishOutcome::Failed(PublishError::transient(text.clone()))).collect()
-                }
-                Some(Ok(Ok(outcomes))) => outcomes,
-            };
-            let now = Utc::now();
-            for (msg, outcome) in call.into_iter().zip(outcomes) {
-                match outcome {
-                    PublishOutcome::Published => {
-                        if let Ok(latency) = (now - msg.created_at).to_std() {
-                            metrics::histogram!(m::COMMIT_TO_PUBLISH).record(latency.as_secs_f64());
-                        }
-                        settlement.published.push(msg.id);
-                    }
-                    PublishOutcome::Failed(_) if msg.key.as_ref().is_some_and(|k| blocked.contains(k)) => {
-                        // An earlier message of this key failed in this batch, and an ordered
-                        // publisher failed this one for that reason: not an attempt of its own.
-                        settlement.release.push(msg.id);
-                    }
-                    PublishOutcome::Failed(err) => {
-                        if let Some(key) = &msg.key {
-                            blocked.insert(key.clone());
-                        }
-                        let error = chain(&err);
-                        let attempts = msg.attempts.saturating_add(1);
-                        match config.retry.decide(attempts, err.is_transient()) {
-                            Decision::Retry(delay) => {
-                                debug!(id = %msg.id, attempts, ?delay, %error, "publish failed; retrying later");
-                                settlement.retry.push(Retry { id: msg.id, delay, error });
-                            }
-                            Decision::DeadLetter => {
-                                warn!(id = %msg.id, attempts, %error, "dead-lettering message");
-                                settlement.dead.push(DeadLetterTo { id: msg.id, error });
-                            }
-                        }
-                    }
-                }
-            }
-        }
-
-        report.published = settlement.published.len();
-        report.retried = settlement.retry.len();
-        report.dead_lettered = settlement.dead.len();
-        report.released = settlement.release.len();
-        report.fenced = settle(inner, token, &settlement, lease_end).await;
-        metrics::counter!(m::PUBLISHED).increment(report.published as u64);
-        metrics::counter!(m::RETRIED).increment(report.retried as u64);
-        metrics::counter!(m::DEAD_LETTERED).increment(report.dead_lettered as u64);
-        metrics::counter!(m::RELEASED).increment(report.released as u64);
-        metrics::counter!(m::FENCED).increment(report.fenced);
-        debug!(?report, "batch settled");
-        report
-    }
-    .instrument(span)
-    .await
-}
-
-/// Records a settlement, retrying transient store failures until the lease ends (after that the
-/// store would refuse it anyway). Returns how many outcomes were not recorded.
-async fn settle<S: Store, P: Publisher>(
-    inner: &Inner<S, P>,
-    token: crate::LeaseToken,
-    settlement: &Settlement,
-    lease_end: Instant,
-) -> u64 {
-    if settlement.is_empty() {
-        return 0;
-    }
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match inner.bounded(inner.store.settle(token, settlement)).await {
-            Ok(settled) => {
-                if settled.fenced > 0 {
-                    warn!(
-                        fenced = settled.fenced,
-                        "lease expired before the outcomes were recorded; those messages will be published again"
-                    );
-                }
-                return settled.fenced;
-            }
-            Err(err) => {
-                metrics::counter!(m::STORE_ERRORS).increment(1);
-                if !err.is_transient() || Instant::now() + backoff >= lease_end {
-                    warn!(error = %chain(&err), "could not record outcomes; the messages will be published again after their lease");
-                    return settlement.len() as u64;
-                }
-                warn!(error = %chain(&err), "could not record outcomes; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-}
-
-fn clone_error(err: &PublishError) -> PublishError {
-    let text = chain(err);
-    if err.is_transient() {
-        PublishError::transient(text)
-    } else {
-        PublishError::permanent(text)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn member(id: &str) -> RelayMember {
-        RelayMember {
-            id: RelayId::new(id),
-            expires_at: Utc::now(),
-            partitions: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn rendezvous_spreads_partitions_and_moves_few_on_join() {
-        let two = [member("a"), member("b")];
-        let three = [member("a"), member("b"), member("c")];
-        let share = |relays: &[RelayMember], id: &str| {
-            (0..PARTITIONS)
-                .filter(|p| owner_of(*p, relays).map(RelayId::as_str) == Some(id))
-                .count()
-        };
-        for id in ["a", "b"] {
-            let n = share(&two, id);
-            assert!((20..=44).contains(&n), "{id} owns {n} of 64");
-        }
-        for id in ["a", "b", "c"] {
-            let n = share(&three, id);
-            assert!((10..=34).contains(&n), "{id} owns {n} of 64");
-        }
-        // Joining moves partitions only to the newcomer.
-        for p in 0..PARTITIONS {
-            let before = owner_of(p, &two);
-            let after = owner_of(p, &three);
-            assert!(before == after || after.map(RelayId::as_str) == Some("c"));
-        }
-    }
-
-    #[test]
-    fn calls_carry_one_message_per_key_unless_ordered() {
-        let msg = |key: Option<&str>| {
-            let mut new = crate::NewMessage::new("t", Vec::new());
-            if let Some(key) = key {
-                new = new.key(key);
-            }
-            Message::new(new, Utc::now())
-        };
-        let batch = vec![
-            msg(Some("a")),
-            msg(Some("a")),
-            msg(None),
-            msg(Some("b")),
-            msg(None),
-            msg(Some("a")),
-        ];
-        let (call, rest) = next_call(batch.clone(), false);
-        assert_eq!(call.len(), 4);
-        assert_eq!(rest.len(), 2);
-        assert_eq!(call[0].id, batch[0].id);
-        assert_eq!(rest[0].id, batch[1].id);
-        let (call, rest) = next_call(batch, true);
-        assert_eq!((call.len(), rest.len()), (6, 0));
-    }
-}
