@@ -1,18 +1,21 @@
-//! The databases under test: an outbox table and a business table of one run, producers'
-//! transactions, and the fault of killing the run's connections.
+//! The databases under test: the private server of a run, an outbox table and a business
+//! table, producers' transactions in two shapes, and the faults of killing the run's
+//! connections and restarting the server.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox_core::{Enqueue, MessageId, NewMessage, Stats, Store, StoreError};
-use outbox_sqlx::sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use outbox_sqlx::sqlx::sqlite::SqlitePool;
+use outbox_sqlx::sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use outbox_sqlx::sqlx::sqlite::{SqliteConnection, SqlitePool};
 use outbox_sqlx::sqlx::{self, Row};
 use outbox_sqlx::{MySqlStore, PostgresStore, SqliteStore, StoreConfig};
 use outbox_testkit::env::service_url;
+use outbox_testkit::servers::{PrivateMariaDb, PrivatePostgres, Restart, ServerError};
 
 use crate::history::{Outcome, Written};
 
@@ -30,6 +33,77 @@ pub fn mysql_url() -> String {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The private database server of a run (`outbox_testkit::servers`), which the nemesis may
+/// restart; the shared servers are never touched.
+#[derive(Debug)]
+pub enum DbServer {
+    /// A PostgreSQL cluster of the run's own.
+    Postgres(PrivatePostgres),
+    /// A MariaDB server of the run's own.
+    MariaDb(PrivateMariaDb),
+}
+
+impl DbServer {
+    /// Starts a private PostgreSQL cluster in `dir`.
+    pub async fn postgres(dir: &Path) -> Result<Self, ServerError> {
+        PrivatePostgres::start(dir).await.map(DbServer::Postgres)
+    }
+
+    /// Starts a private MariaDB server in `dir`.
+    pub async fn mariadb(dir: &Path) -> Result<Self, ServerError> {
+        PrivateMariaDb::start(dir).await.map(DbServer::MariaDb)
+    }
+
+    /// The administrator's URL (PostgreSQL's `postgres`, MariaDB's `root`).
+    pub fn url(&self) -> String {
+        match self {
+            DbServer::Postgres(server) => server.url(),
+            DbServer::MariaDb(server) => server.url(),
+        }
+    }
+
+    /// Where the server listens.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            DbServer::Postgres(server) => server.addr(),
+            DbServer::MariaDb(server) => server.addr(),
+        }
+    }
+
+    /// Restarts the server: stopped as `how` says, started again after `down` on the same port
+    /// and data.
+    pub async fn restart(&mut self, how: Restart, down: Duration) -> Result<(), ServerError> {
+        match self {
+            DbServer::Postgres(server) => server.restart(how, down).await,
+            DbServer::MariaDb(server) => server.restart(how, down).await,
+        }
+    }
+
+    /// Stops the server and removes its data.
+    pub async fn stop(self) {
+        match self {
+            DbServer::Postgres(server) => server.stop().await,
+            DbServer::MariaDb(server) => server.stop().await,
+        }
+    }
+}
+
+/// How a producer's transactions treat a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Each key's business row is locked (and its version bumped) before the key's message is
+    /// enqueued, as services that update an aggregate do: the transactions of one key are
+    /// serialized, and the version is the key's enqueue order.
+    Serialized,
+    /// The message is enqueued first, without any lock, then the transaction stays open for
+    /// `hold` and bumps the business row only before its commit: transactions of one key are
+    /// open at once and enqueue for it in an order their commits need not follow.
+    Concurrent {
+        /// How long the transaction stays open between its INSERT and its business update.
+        hold: Duration,
+    },
+}
 
 /// One run's database: the store (for the producers and the checker), a pool for the faults,
 /// and the URL the relays use.
@@ -71,10 +145,17 @@ fn business(table: &str) -> String {
 }
 
 impl Db {
-    /// A PostgreSQL outbox `table` with its business table of `keys` rows.
-    pub async fn postgres(run: &str, table: &str, keys: usize) -> Result<Self, BoxError> {
-        let base = postgres_url();
-        let options = PgConnectOptions::from_str(&base)?.application_name(run);
+    /// A PostgreSQL outbox `table` with its business table of one row per key, on the server
+    /// of `base` (the producers' and the checker's way in). The relays connect to
+    /// `relay_addr` instead when given (a fault proxy in front of the server).
+    pub async fn postgres(
+        base: &str,
+        relay_addr: Option<SocketAddr>,
+        run: &str,
+        table: &str,
+        keys: &[String],
+    ) -> Result<Self, BoxError> {
+        let options = PgConnectOptions::from_str(base)?.application_name(run);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -82,7 +163,7 @@ impl Db {
             .await?;
         let admin = PgPoolOptions::new()
             .max_connections(2)
-            .connect_with(PgConnectOptions::from_str(&base)?.application_name("outbox_chaos_admin"))
+            .connect_with(PgConnectOptions::from_str(base)?.application_name("outbox_chaos_admin"))
             .await?;
         let store = PostgresStore::new(pool.clone(), StoreConfig::new().table(table))?;
         store.migrate().await?;
@@ -92,13 +173,13 @@ impl Db {
         ))
         .execute(&pool)
         .await?;
-        for k in 0..keys {
+        for key in keys {
             sqlx::query(&format!("INSERT INTO \"{biz}\" VALUES ($1, 0)"))
-                .bind(key_name(k))
+                .bind(key)
                 .execute(&pool)
                 .await?;
         }
-        let mut relay_url = url::Url::parse(&base)?;
+        let mut relay_url = through(base, relay_addr)?;
         relay_url
             .query_pairs_mut()
             .append_pair("application_name", run);
@@ -110,12 +191,24 @@ impl Db {
         })
     }
 
-    /// A MySQL outbox `table`, reached as a user of the run's own with a password.
-    pub async fn mysql(run: &str, table: &str, keys: usize) -> Result<Self, BoxError> {
-        let base = mysql_url();
+    /// A MySQL outbox `table` with one business row per key on the shared server of the tests
+    /// ([`mysql_url`]), reached as a user of the run's own with a password.
+    pub async fn mysql(run: &str, table: &str, keys: &[String]) -> Result<Self, BoxError> {
+        Self::mysql_at(&mysql_url(), None, run, table, keys).await
+    }
+
+    /// As [`Db::mysql`], on the server of `base` (an administrator's URL); the relays connect
+    /// to `relay_addr` instead when given (a fault proxy in front of the server).
+    pub async fn mysql_at(
+        base: &str,
+        relay_addr: Option<SocketAddr>,
+        run: &str,
+        table: &str,
+        keys: &[String],
+    ) -> Result<Self, BoxError> {
         let admin = MySqlPoolOptions::new()
             .max_connections(2)
-            .connect(&base)
+            .connect(base)
             .await?;
         let user: String = run.chars().take(32).collect();
         let password = format!("pw{}", fastrand::u64(..));
@@ -134,15 +227,15 @@ impl Db {
             .execute(&admin)
             .await?;
         }
-        let mut url = url::Url::parse(&base)?;
+        let mut url = url::Url::parse(base)?;
         url.set_username(&user).map_err(|()| "mysql url")?;
         url.set_password(Some(&password))
             .map_err(|()| "mysql url")?;
-        let relay_url = url.to_string();
+        let relay_url = through(url.as_str(), relay_addr)?.to_string();
         let pool = MySqlPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(MySqlConnectOptions::from_str(&relay_url)?)
+            .connect_with(MySqlConnectOptions::from_str(url.as_str())?)
             .await?;
         let store = MySqlStore::new(pool.clone(), StoreConfig::new().table(table))?;
         store.migrate().await?;
@@ -152,9 +245,9 @@ impl Db {
         ))
         .execute(&pool)
         .await?;
-        for k in 0..keys {
+        for key in keys {
             sqlx::query(&format!("INSERT INTO `{biz}` VALUES (?, 0)"))
-                .bind(key_name(k))
+                .bind(key)
                 .execute(&pool)
                 .await?;
         }
@@ -167,7 +260,7 @@ impl Db {
     }
 
     /// A SQLite outbox in `dir`.
-    pub async fn sqlite(dir: &Path, table: &str, keys: usize) -> Result<Self, BoxError> {
+    pub async fn sqlite(dir: &Path, table: &str, keys: &[String]) -> Result<Self, BoxError> {
         let relay_url = format!("sqlite://{}?mode=rwc", dir.join("outbox.db").display());
         let store = SqliteStore::connect(
             StoreConfig::new()
@@ -184,9 +277,9 @@ impl Db {
         ))
         .execute(&pool)
         .await?;
-        for k in 0..keys {
+        for key in keys {
             sqlx::query(&format!("INSERT INTO \"{biz}\" VALUES (?, 0)"))
-                .bind(key_name(k))
+                .bind(key)
                 .execute(&pool)
                 .await?;
         }
@@ -244,35 +337,38 @@ impl Db {
         }
     }
 
-    /// One producer transaction: bumps the version of each key's business row (locking it, so
-    /// that transactions of one key are serialized, as services do) and enqueues one message
-    /// per key, then commits or, when `rollback`, rolls back.
+    /// One producer transaction of `shape` over `keys` (sorted, so that producers lock rows
+    /// in one order and never deadlock): one message per key, and each key's business row
+    /// bumped; then a commit or, when `rollback`, a rollback. Returns how it ended, the
+    /// instant its `COMMIT` returned when it committed, and what it enqueued.
     pub async fn transact(
         &self,
         table: &str,
         destination: &str,
         keys: &[String],
+        shape: Shape,
         rollback: bool,
-    ) -> (Outcome, Vec<Written>) {
+    ) -> (Outcome, Option<Instant>, Vec<Written>) {
         let mut written = Vec::new();
+        let plan = Plan {
+            biz: business(table),
+            destination,
+            keys,
+            shape,
+            rollback,
+        };
         let result = match self {
-            Db::Postgres { store, .. } => {
-                pg_transact(store, table, destination, keys, rollback, &mut written).await
-            }
-            Db::MySql { store, .. } => {
-                my_transact(store, table, destination, keys, rollback, &mut written).await
-            }
-            Db::Sqlite { store, .. } => {
-                lite_transact(store, table, destination, keys, rollback, &mut written).await
-            }
+            Db::Postgres { store, .. } => pg_transact(store, &plan, &mut written).await,
+            Db::MySql { store, .. } => my_transact(store, &plan, &mut written).await,
+            Db::Sqlite { store, .. } => lite_transact(store, &plan, &mut written).await,
         };
-        let outcome = match result {
-            Ok(()) if rollback => Outcome::RolledBack,
-            Ok(()) => Outcome::Committed,
-            Err(Failure::Before) => Outcome::Aborted,
-            Err(Failure::AtCommit) => Outcome::Indeterminate,
+        let (outcome, committed) = match result {
+            Ok(_) if rollback => (Outcome::RolledBack, None),
+            Ok(at) => (Outcome::Committed, at),
+            Err(Failure::Before) => (Outcome::Aborted, None),
+            Err(Failure::AtCommit) => (Outcome::Indeterminate, None),
         };
-        (outcome, written)
+        (outcome, committed, written)
     }
 
     /// The outbox's backlog and dead letters.
@@ -391,9 +487,25 @@ impl Db {
     }
 }
 
-/// The name of key number `k`.
+/// The name of key number `k` of the serialized producers.
 pub fn key_name(k: usize) -> String {
     format!("key-{k}")
+}
+
+/// The name of key number `k` of the concurrent producers.
+pub fn concurrent_key_name(k: usize) -> String {
+    format!("open-key-{k}")
+}
+
+/// `url` with its host and port replaced by `addr`, when given.
+fn through(url: &str, addr: Option<SocketAddr>) -> Result<url::Url, BoxError> {
+    let mut url = url::Url::parse(url)?;
+    if let Some(addr) = addr {
+        url.set_ip_host(addr.ip()).map_err(|()| "database url")?;
+        url.set_port(Some(addr.port()))
+            .map_err(|()| "database url")?;
+    }
+    Ok(url)
 }
 
 /// Where a transaction failed.
@@ -402,122 +514,187 @@ enum Failure {
     AtCommit,
 }
 
-fn message(destination: &str, key: &str, version: i64, written: &mut Vec<Written>) -> NewMessage {
-    let payload = format!(r#"{{"key":"{key}","version":{version}}}"#).into_bytes();
-    let msg = NewMessage::new(destination, payload.clone())
-        .key(key)
-        .header("chaos-version", version.to_string());
-    written.push(Written {
-        id: msg.id(),
-        key: Some(key.to_owned()),
-        version,
-        payload,
-    });
-    msg
+/// What one producer transaction does.
+struct Plan<'a> {
+    biz: String,
+    destination: &'a str,
+    keys: &'a [String],
+    shape: Shape,
+    rollback: bool,
+}
+
+impl Plan<'_> {
+    /// The transaction's messages, one per key, with the versions the serialized shape wrote
+    /// (none in the concurrent shape), recorded in `written` as enqueued now: call it just
+    /// before sending the INSERT.
+    fn messages(&self, versions: &[i64], written: &mut Vec<Written>) -> Vec<NewMessage> {
+        let inserted = Instant::now();
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let version = versions.get(i).copied();
+                let payload = match version {
+                    Some(v) => format!(r#"{{"key":"{key}","version":{v}}}"#),
+                    None => format!(r#"{{"key":"{key}","n":{}}}"#, fastrand::u64(..)),
+                }
+                .into_bytes();
+                let mut msg = NewMessage::new(self.destination, payload.clone()).key(key);
+                if let Some(v) = version {
+                    msg = msg.header("chaos-version", v.to_string());
+                }
+                written.push(Written {
+                    id: msg.id(),
+                    key: Some(key.clone()),
+                    version,
+                    inserted,
+                    payload,
+                });
+                msg
+            })
+            .collect()
+    }
+
+    /// How long a concurrent transaction stays open after its INSERT.
+    fn hold(&self) -> Option<Duration> {
+        match self.shape {
+            Shape::Serialized => None,
+            Shape::Concurrent { hold } => Some(hold),
+        }
+    }
+}
+
+/// Commits (returning the instant `COMMIT` returned) or rolls back.
+async fn finish<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'_, DB>,
+    rollback: bool,
+) -> Result<Option<Instant>, Failure> {
+    if rollback {
+        tx.rollback().await.map_err(|_| Failure::Before)?;
+        Ok(None)
+    } else {
+        tx.commit().await.map_err(|_| Failure::AtCommit)?;
+        Ok(Some(Instant::now()))
+    }
+}
+
+async fn pg_bump(conn: &mut PgConnection, biz: &str, key: &str) -> Result<i64, Failure> {
+    sqlx::query_scalar(&format!(
+        "UPDATE \"{biz}\" SET version = version + 1 WHERE k = $1 RETURNING version"
+    ))
+    .bind(key)
+    .fetch_one(conn)
+    .await
+    .map_err(|_| Failure::Before)
 }
 
 async fn pg_transact(
     store: &PostgresStore,
-    table: &str,
-    destination: &str,
-    keys: &[String],
-    rollback: bool,
+    plan: &Plan<'_>,
     written: &mut Vec<Written>,
-) -> Result<(), Failure> {
-    let biz = business(table);
+) -> Result<Option<Instant>, Failure> {
     let mut tx = store.pool().begin().await.map_err(|_| Failure::Before)?;
-    let mut messages = Vec::new();
-    for key in keys {
-        let version: i64 = sqlx::query_scalar(&format!(
-            "UPDATE \"{biz}\" SET version = version + 1 WHERE k = $1 RETURNING version"
-        ))
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|_| Failure::Before)?;
-        messages.push(message(destination, key, version, written));
+    let mut versions = Vec::new();
+    if plan.shape == Shape::Serialized {
+        for key in plan.keys {
+            versions.push(pg_bump(&mut tx, &plan.biz, key).await?);
+        }
     }
+    let messages = plan.messages(&versions, written);
     store
         .enqueue_batch(&mut *tx, messages)
         .await
         .map_err(|_| Failure::Before)?;
-    if rollback {
-        tx.rollback().await.map_err(|_| Failure::Before)
-    } else {
-        tx.commit().await.map_err(|_| Failure::AtCommit)
+    if let Some(hold) = plan.hold() {
+        tokio::time::sleep(hold).await;
+        for key in plan.keys {
+            pg_bump(&mut tx, &plan.biz, key).await?;
+        }
     }
+    finish(tx, plan.rollback).await
+}
+
+async fn my_bump(conn: &mut MySqlConnection, biz: &str, key: &str) -> Result<i64, Failure> {
+    sqlx::query(&format!(
+        "UPDATE `{biz}` SET version = version + 1 WHERE k = ?"
+    ))
+    .bind(key)
+    .execute(&mut *conn)
+    .await
+    .map_err(|_| Failure::Before)?;
+    sqlx::query(&format!("SELECT version FROM `{biz}` WHERE k = ?"))
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|_| Failure::Before)
 }
 
 async fn my_transact(
     store: &MySqlStore,
-    table: &str,
-    destination: &str,
-    keys: &[String],
-    rollback: bool,
+    plan: &Plan<'_>,
     written: &mut Vec<Written>,
-) -> Result<(), Failure> {
-    let biz = business(table);
+) -> Result<Option<Instant>, Failure> {
     let mut tx = store.pool().begin().await.map_err(|_| Failure::Before)?;
-    let mut messages = Vec::new();
-    for key in keys {
-        sqlx::query(&format!(
-            "UPDATE `{biz}` SET version = version + 1 WHERE k = ?"
-        ))
-        .bind(key)
-        .execute(&mut *tx)
-        .await
-        .map_err(|_| Failure::Before)?;
-        let version: i64 = sqlx::query(&format!("SELECT version FROM `{biz}` WHERE k = ?"))
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(|_| Failure::Before)?;
-        messages.push(message(destination, key, version, written));
+    let mut versions = Vec::new();
+    if plan.shape == Shape::Serialized {
+        for key in plan.keys {
+            versions.push(my_bump(&mut tx, &plan.biz, key).await?);
+        }
     }
+    let messages = plan.messages(&versions, written);
     store
         .enqueue_batch(&mut *tx, messages)
         .await
         .map_err(|_| Failure::Before)?;
-    if rollback {
-        tx.rollback().await.map_err(|_| Failure::Before)
-    } else {
-        tx.commit().await.map_err(|_| Failure::AtCommit)
+    if let Some(hold) = plan.hold() {
+        tokio::time::sleep(hold).await;
+        for key in plan.keys {
+            my_bump(&mut tx, &plan.biz, key).await?;
+        }
     }
+    finish(tx, plan.rollback).await
+}
+
+async fn lite_bump(conn: &mut SqliteConnection, biz: &str, key: &str) -> Result<i64, Failure> {
+    sqlx::query_scalar(&format!(
+        "UPDATE \"{biz}\" SET version = version + 1 WHERE k = ? RETURNING version"
+    ))
+    .bind(key)
+    .fetch_one(conn)
+    .await
+    .map_err(|_| Failure::Before)
 }
 
 async fn lite_transact(
     store: &SqliteStore,
-    table: &str,
-    destination: &str,
-    keys: &[String],
-    rollback: bool,
+    plan: &Plan<'_>,
     written: &mut Vec<Written>,
-) -> Result<(), Failure> {
-    let biz = business(table);
+) -> Result<Option<Instant>, Failure> {
     let pool: &SqlitePool = store.pool();
+    // SQLite has one writer at a time: `BEGIN IMMEDIATE` takes the write lock at once, so that
+    // producers queue for it instead of failing on an upgrade, and no two transactions are
+    // ever open for writing together, whatever the shape.
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(|_| Failure::Before)?;
-    let mut messages = Vec::new();
-    for key in keys {
-        let version: i64 = sqlx::query_scalar(&format!(
-            "UPDATE \"{biz}\" SET version = version + 1 WHERE k = ? RETURNING version"
-        ))
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|_| Failure::Before)?;
-        messages.push(message(destination, key, version, written));
+    let mut versions = Vec::new();
+    if plan.shape == Shape::Serialized {
+        for key in plan.keys {
+            versions.push(lite_bump(&mut tx, &plan.biz, key).await?);
+        }
     }
+    let messages = plan.messages(&versions, written);
     store
         .enqueue_batch(&mut *tx, messages)
         .await
         .map_err(|_| Failure::Before)?;
-    if rollback {
-        tx.rollback().await.map_err(|_| Failure::Before)
-    } else {
-        tx.commit().await.map_err(|_| Failure::AtCommit)
+    if let Some(hold) = plan.hold() {
+        tokio::time::sleep(hold).await;
+        for key in plan.keys {
+            lite_bump(&mut tx, &plan.biz, key).await?;
+        }
     }
+    finish(tx, plan.rollback).await
 }

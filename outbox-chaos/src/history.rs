@@ -1,10 +1,19 @@
 //! What the producers did and what the broker holds, and the verdict: every committed message
-//! delivered at least once, no rolled-back message delivered, first deliveries of a key in
-//! enqueue order, duplicates counted.
+//! delivered at least once, no rolled-back message delivered, first deliveries of a key in the
+//! order the relay promises, duplicates counted.
+//!
+//! The order promise, for two messages `a` and `b` of one key: **if `a`'s transaction had
+//! committed (its `COMMIT` returned to the producer) before `b`'s INSERT was sent, `a`'s first
+//! delivery precedes `b`'s.** Messages of transactions that overlap in time may arrive in
+//! either order: the relay follows the enqueue sequence, assigned at the INSERT, and sees a row
+//! only once its transaction committed, so neither commit order nor insert order holds for
+//! overlapping transactions. When a key's transactions are serialized (its business row locked
+//! first), each commits before the next inserts, and the order is the business row's version.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use outbox_core::MessageId;
 
@@ -28,26 +37,45 @@ pub struct Written {
     pub id: MessageId,
     /// Its key, if any.
     pub key: Option<String>,
-    /// The version of the key's business row the transaction wrote: the per-key enqueue order,
-    /// serialized by the row lock.
-    pub version: i64,
+    /// The version of the key's business row the transaction wrote before enqueueing, when it
+    /// locked the row first (serialized transactions): the key's enqueue order. `None` for
+    /// transactions that enqueue without a lock, where the order is told by [`Written::inserted`]
+    /// and the commit instants.
+    pub version: Option<i64>,
+    /// When the producer sent the INSERT that enqueued it (taken just before sending, on the
+    /// harness's monotonic clock).
+    pub inserted: Instant,
     /// The payload, to check it arrives unchanged.
     pub payload: Vec<u8>,
+}
+
+/// One transaction of a producer.
+#[derive(Clone, Debug)]
+struct Transaction {
+    outcome: Outcome,
+    /// When its `COMMIT` returned (taken just after), for committed transactions.
+    committed: Option<Instant>,
+    written: Vec<Written>,
 }
 
 /// Everything the producers did, shared by the producer tasks.
 #[derive(Debug, Default)]
 pub struct History {
-    transactions: Mutex<Vec<(Outcome, Vec<Written>)>>,
+    transactions: Mutex<Vec<Transaction>>,
 }
 
 impl History {
-    /// Records one transaction.
-    pub fn record(&self, outcome: Outcome, written: Vec<Written>) {
+    /// Records one transaction: how it ended, the instant its `COMMIT` returned (for a
+    /// committed one; taken just after it returned) and what it enqueued.
+    pub fn record(&self, outcome: Outcome, committed: Option<Instant>, written: Vec<Written>) {
         self.transactions
             .lock()
             .expect("history")
-            .push((outcome, written));
+            .push(Transaction {
+                outcome,
+                committed,
+                written,
+            });
     }
 
     /// The ids of committed messages (the ones that must arrive).
@@ -56,16 +84,16 @@ impl History {
             .lock()
             .expect("history")
             .iter()
-            .filter(|(outcome, _)| *outcome == Outcome::Committed)
-            .flat_map(|(_, written)| written.iter().map(|w| w.id))
+            .filter(|tx| tx.outcome == Outcome::Committed)
+            .flat_map(|tx| tx.written.iter().map(|w| w.id))
             .collect()
     }
 
     /// Counts of transactions and messages by outcome.
     pub fn counts(&self) -> BTreeMap<&'static str, (usize, usize)> {
         let mut counts = BTreeMap::new();
-        for (outcome, written) in self.transactions.lock().expect("history").iter() {
-            let name = match outcome {
+        for tx in self.transactions.lock().expect("history").iter() {
+            let name = match tx.outcome {
                 Outcome::Committed => "committed",
                 Outcome::RolledBack => "rolled back",
                 Outcome::Aborted => "aborted",
@@ -73,20 +101,21 @@ impl History {
             };
             let entry = counts.entry(name).or_insert((0, 0));
             entry.0 += 1;
-            entry.1 += written.len();
+            entry.1 += tx.written.len();
         }
         counts
     }
 
     /// Per key, the messages that committed: committed ones, and those of indeterminate
-    /// transactions found in `delivered` (they can only have arrived if they committed).
-    pub fn committed_per_key(&self, delivered: &HashSet<MessageId>) -> HashMap<String, i64> {
+    /// transactions found in `found` (delivered, or still in the outbox: either way they
+    /// committed).
+    pub fn committed_per_key(&self, found: &HashSet<MessageId>) -> HashMap<String, i64> {
         let mut counts = HashMap::new();
-        for (outcome, written) in self.transactions.lock().expect("history").iter() {
-            for w in written {
-                let counted = match outcome {
+        for tx in self.transactions.lock().expect("history").iter() {
+            for w in &tx.written {
+                let counted = match tx.outcome {
                     Outcome::Committed => true,
-                    Outcome::Indeterminate => delivered.contains(&w.id),
+                    Outcome::Indeterminate => found.contains(&w.id),
                     Outcome::RolledBack | Outcome::Aborted => false,
                 };
                 if let (true, Some(key)) = (counted, &w.key) {
@@ -97,14 +126,30 @@ impl History {
         counts
     }
 
-    fn index(&self) -> HashMap<MessageId, (Outcome, Written)> {
+    fn index(&self) -> HashMap<MessageId, Entry> {
         self.transactions
             .lock()
             .expect("history")
             .iter()
-            .flat_map(|(outcome, written)| written.iter().map(|w| (w.id, (*outcome, w.clone()))))
+            .flat_map(|tx| {
+                tx.written.iter().map(|w| {
+                    let entry = Entry {
+                        outcome: tx.outcome,
+                        committed: tx.committed,
+                        written: w.clone(),
+                    };
+                    (w.id, entry)
+                })
+            })
             .collect()
     }
+}
+
+/// A message with its transaction's outcome.
+struct Entry {
+    outcome: Outcome,
+    committed: Option<Instant>,
+    written: Written,
 }
 
 /// One message read back from the broker, in the order the broker delivered them (per key,
@@ -115,6 +160,30 @@ pub struct Delivery {
     pub id: MessageId,
     /// The payload received.
     pub payload: Vec<u8>,
+}
+
+/// Two messages of one key whose first deliveries broke the order promise: `later` arrived
+/// first although `earlier`'s transaction had committed before `later`'s INSERT was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderViolation {
+    /// The key.
+    pub key: String,
+    /// The message that had to arrive first.
+    pub earlier: MessageId,
+    /// The message that arrived before it.
+    pub later: MessageId,
+    /// How long before `later`'s INSERT was sent `earlier`'s `COMMIT` had returned.
+    pub margin: Duration,
+}
+
+impl fmt::Display for OrderViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} arrived before {}, committed {:?} before its INSERT",
+            self.key, self.later, self.earlier, self.margin
+        )
+    }
 }
 
 /// The checker's findings.
@@ -144,9 +213,20 @@ pub struct Verdict {
     pub phantoms: Vec<MessageId>,
     /// Messages nobody wrote.
     pub unknown: usize,
-    /// First deliveries of a key that came after a later message of that key: (key, version,
-    /// version already delivered).
+    /// First deliveries of a key with versions (serialized transactions) that came after a
+    /// later message of that key: (key, version, version already delivered).
     pub out_of_order: Vec<(String, i64, i64)>,
+    /// First deliveries that broke the order promise (any key): a message arrived before one
+    /// whose transaction had committed before its INSERT was sent.
+    pub out_of_causal_order: Vec<OrderViolation>,
+    /// First deliveries that came after a message of the same key whose `COMMIT` returned
+    /// later: allowed when the two transactions overlapped; shows that commit order is not
+    /// what the relay keeps.
+    pub after_later_commit: usize,
+    /// First deliveries that came after a message of the same key whose INSERT was sent
+    /// later: allowed when the two transactions overlapped; shows that insert order is not
+    /// what the relay keeps either.
+    pub after_later_insert: usize,
     /// Messages whose payload arrived changed.
     pub corrupted: usize,
 }
@@ -159,8 +239,23 @@ impl Verdict {
             && self.phantoms.is_empty()
             && self.unknown == 0
             && self.out_of_order.is_empty()
+            && self.out_of_causal_order.is_empty()
             && self.corrupted == 0
     }
+
+    /// First deliveries out of order, by either check.
+    pub fn out_of_order_total(&self) -> usize {
+        self.out_of_order.len() + self.out_of_causal_order.len()
+    }
+}
+
+/// A message's first delivery, for the order checks.
+struct First {
+    /// Its place among all deliveries.
+    position: usize,
+    id: MessageId,
+    inserted: Instant,
+    committed: Option<Instant>,
 }
 
 /// Checks `deliveries` (in broker order) against `history`; `pending` holds the ids still
@@ -168,8 +263,8 @@ impl Verdict {
 pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<MessageId>) -> Verdict {
     let index = history.index();
     let mut verdict = Verdict::default();
-    for (outcome, _) in index.values() {
-        match outcome {
+    for entry in index.values() {
+        match entry.outcome {
             Outcome::Committed => verdict.committed += 1,
             Outcome::RolledBack => verdict.rolled_back += 1,
             Outcome::Aborted => verdict.aborted += 1,
@@ -179,11 +274,13 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
     verdict.deliveries = deliveries.len();
     let mut seen: HashSet<MessageId> = HashSet::new();
     let mut last_version: HashMap<String, i64> = HashMap::new();
-    for delivery in deliveries {
-        let Some((outcome, written)) = index.get(&delivery.id) else {
+    let mut firsts: HashMap<String, Vec<First>> = HashMap::new();
+    for (position, delivery) in deliveries.iter().enumerate() {
+        let Some(entry) = index.get(&delivery.id) else {
             verdict.unknown += 1;
             continue;
         };
+        let written = &entry.written;
         if delivery.payload != written.payload {
             verdict.corrupted += 1;
         }
@@ -191,25 +288,39 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
             verdict.duplicates += 1;
             continue;
         }
-        match outcome {
+        match entry.outcome {
             Outcome::RolledBack | Outcome::Aborted => verdict.phantoms.push(delivery.id),
             Outcome::Indeterminate => verdict.indeterminate_delivered += 1,
             Outcome::Committed => {}
         }
-        if let Some(key) = &written.key {
+        let Some(key) = &written.key else {
+            continue;
+        };
+        if let Some(version) = written.version {
             let last = last_version.entry(key.clone()).or_insert(i64::MIN);
-            if written.version < *last {
-                verdict
-                    .out_of_order
-                    .push((key.clone(), written.version, *last));
+            if version < *last {
+                verdict.out_of_order.push((key.clone(), version, *last));
             } else {
-                *last = written.version;
+                *last = version;
             }
         }
+        if matches!(entry.outcome, Outcome::Committed | Outcome::Indeterminate) {
+            firsts.entry(key.clone()).or_default().push(First {
+                position,
+                id: delivery.id,
+                inserted: written.inserted,
+                committed: entry.committed,
+            });
+        }
+    }
+    let mut keys: Vec<&String> = firsts.keys().collect();
+    keys.sort();
+    for key in keys {
+        check_key(key, &firsts[key], &mut verdict);
     }
     verdict.lost = index
         .iter()
-        .filter(|(id, (outcome, _))| *outcome == Outcome::Committed && !seen.contains(id))
+        .filter(|(id, entry)| entry.outcome == Outcome::Committed && !seen.contains(id))
         .map(|(id, _)| *id)
         .collect();
     verdict.lost.sort();
@@ -220,13 +331,65 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
     verdict
 }
 
+/// The order checks of one key, over its first deliveries in delivery order.
+///
+/// The promise, in O(n log n): taking the messages in the order their INSERTs were sent, and
+/// those whose `COMMIT` had returned before each one's INSERT (in commit order, a running
+/// prefix), the one of them delivered last must have been delivered before it.
+fn check_key(key: &str, firsts: &[First], verdict: &mut Verdict) {
+    let mut by_insert: Vec<&First> = firsts.iter().collect();
+    by_insert.sort_by_key(|f| f.inserted);
+    let mut by_commit: Vec<(&First, Instant)> = firsts
+        .iter()
+        .filter_map(|f| f.committed.map(|at| (f, at)))
+        .collect();
+    by_commit.sort_by_key(|(_, at)| *at);
+    let mut before = by_commit.iter().peekable();
+    // Of the messages committed before the current INSERT, the one delivered last.
+    let mut last: Option<(&First, Instant)> = None;
+    for later in by_insert {
+        while let Some((earlier, at)) = before.next_if(|(_, at)| *at < later.inserted) {
+            if last.is_none_or(|(l, _)| l.position < earlier.position) {
+                last = Some((earlier, *at));
+            }
+        }
+        if let Some((earlier, at)) = last
+            && earlier.position > later.position
+        {
+            verdict.out_of_causal_order.push(OrderViolation {
+                key: key.to_owned(),
+                earlier: earlier.id,
+                later: later.id,
+                margin: later.inserted.saturating_duration_since(at),
+            });
+        }
+    }
+    // Informative only: how far delivery order is from commit order and from insert order.
+    let mut latest_commit: Option<Instant> = None;
+    let mut latest_insert: Option<Instant> = None;
+    for first in firsts {
+        if let Some(at) = first.committed {
+            if latest_commit.is_some_and(|l| at < l) {
+                verdict.after_later_commit += 1;
+            }
+            latest_commit = latest_commit.max(Some(at));
+        }
+        if latest_insert.is_some_and(|l| first.inserted < l) {
+            verdict.after_later_insert += 1;
+        }
+        latest_insert = latest_insert.max(Some(first.inserted));
+    }
+}
+
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "committed {}, rolled back {}, aborted {}, indeterminate {} ({} delivered), \
              deliveries {}, duplicates {}, lost {}, still pending {}, phantoms {}, unknown {}, \
-             out of order {}, corrupted {}",
+             out of order {} (versions {}, commit before insert {}), corrupted {}; \
+             allowed for overlapping transactions: after a later commit {}, after a later \
+             insert {}",
             self.committed,
             self.rolled_back,
             self.aborted,
@@ -238,8 +401,12 @@ impl fmt::Display for Verdict {
             self.still_pending.len(),
             self.phantoms.len(),
             self.unknown,
+            self.out_of_order_total(),
             self.out_of_order.len(),
-            self.corrupted
+            self.out_of_causal_order.len(),
+            self.corrupted,
+            self.after_later_commit,
+            self.after_later_insert
         )
     }
 }
@@ -252,9 +419,31 @@ mod tests {
         Written {
             id: MessageId::new(),
             key: Some(key.to_owned()),
-            version,
+            version: Some(version),
+            inserted: Instant::now(),
             payload: format!("{key}/{version}").into_bytes(),
         }
+    }
+
+    /// A message of a transaction that did not lock its key: its INSERT sent `inserted` ms
+    /// after `t0`.
+    fn unlocked(key: &str, t0: Instant, inserted: u64) -> Written {
+        Written {
+            id: MessageId::new(),
+            key: Some(key.to_owned()),
+            version: None,
+            inserted: t0 + Duration::from_millis(inserted),
+            payload: format!("{key}@{inserted}").into_bytes(),
+        }
+    }
+
+    /// Records `w` as committed, its `COMMIT` returned `committed` ms after `t0`.
+    fn commit(history: &History, w: &Written, t0: Instant, committed: u64) {
+        history.record(
+            Outcome::Committed,
+            Some(t0 + Duration::from_millis(committed)),
+            vec![w.clone()],
+        );
     }
 
     fn delivered(w: &Written) -> Delivery {
@@ -269,9 +458,13 @@ mod tests {
         let history = History::default();
         let (a1, a2, b1) = (written("a", 1), written("a", 2), written("b", 1));
         let rolled = written("a", 3);
-        history.record(Outcome::Committed, vec![a1.clone(), b1.clone()]);
-        history.record(Outcome::Committed, vec![a2.clone()]);
-        history.record(Outcome::RolledBack, vec![rolled]);
+        history.record(
+            Outcome::Committed,
+            Some(Instant::now()),
+            vec![a1.clone(), b1.clone()],
+        );
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a2.clone()]);
+        history.record(Outcome::RolledBack, None, vec![rolled]);
         let verdict = check(
             &history,
             &[
@@ -291,8 +484,8 @@ mod tests {
     fn late_messages_are_not_lost() {
         let history = History::default();
         let (a1, a2) = (written("a", 1), written("a", 2));
-        history.record(Outcome::Committed, vec![a1.clone()]);
-        history.record(Outcome::Committed, vec![a2.clone()]);
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a1.clone()]);
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a2.clone()]);
         let verdict = check(&history, &[delivered(&a1)], &HashSet::from([a2.id]));
         assert!(verdict.lost.is_empty());
         assert_eq!(verdict.still_pending, vec![a2.id]);
@@ -303,10 +496,10 @@ mod tests {
         let history = History::default();
         let (a1, a2, a3) = (written("a", 1), written("a", 2), written("a", 3));
         let rolled = written("b", 1);
-        history.record(Outcome::Committed, vec![a1.clone()]);
-        history.record(Outcome::Committed, vec![a2.clone()]);
-        history.record(Outcome::Committed, vec![a3.clone()]);
-        history.record(Outcome::RolledBack, vec![rolled.clone()]);
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a1.clone()]);
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a2.clone()]);
+        history.record(Outcome::Committed, Some(Instant::now()), vec![a3.clone()]);
+        history.record(Outcome::RolledBack, None, vec![rolled.clone()]);
         let mut changed = delivered(&a1);
         changed.payload = b"other".to_vec();
         let verdict = check(
@@ -319,5 +512,109 @@ mod tests {
         assert_eq!(verdict.phantoms, vec![rolled.id]);
         assert_eq!(verdict.out_of_order, vec![("a".to_owned(), 1, 2)]);
         assert_eq!(verdict.corrupted, 1);
+    }
+
+    #[test]
+    fn a_message_delivered_before_one_committed_ahead_of_its_insert_is_out_of_order() {
+        let t0 = Instant::now();
+        let history = History::default();
+        // a: INSERT at 0 ms, COMMIT returned at 10 ms; b: INSERT at 20 ms (after a's commit).
+        let (a, b) = (unlocked("k", t0, 0), unlocked("k", t0, 20));
+        commit(&history, &a, t0, 10);
+        commit(&history, &b, t0, 30);
+        let verdict = check(&history, &[delivered(&b), delivered(&a)], &HashSet::new());
+        assert!(!verdict.holds(), "{verdict}");
+        assert_eq!(
+            verdict.out_of_causal_order,
+            vec![OrderViolation {
+                key: "k".to_owned(),
+                earlier: a.id,
+                later: b.id,
+                margin: Duration::from_millis(10),
+            }]
+        );
+        assert!(verdict.lost.is_empty() && verdict.out_of_order.is_empty());
+
+        // The same pair in order holds; a duplicate of a after b changes nothing.
+        let verdict = check(
+            &history,
+            &[delivered(&a), delivered(&b), delivered(&a)],
+            &HashSet::new(),
+        );
+        assert!(verdict.holds(), "{verdict}");
+        assert_eq!(verdict.duplicates, 1);
+    }
+
+    #[test]
+    fn overlapping_transactions_may_arrive_in_either_order() {
+        let t0 = Instant::now();
+        let history = History::default();
+        // a inserts first and commits last; b inserts and commits in between: they overlap.
+        let (a, b) = (unlocked("k", t0, 0), unlocked("k", t0, 5));
+        commit(&history, &a, t0, 20);
+        commit(&history, &b, t0, 10);
+        // Insert order (a, b): b arrives after a, which committed later.
+        let verdict = check(&history, &[delivered(&a), delivered(&b)], &HashSet::new());
+        assert!(verdict.holds(), "{verdict}");
+        assert_eq!(
+            (verdict.after_later_commit, verdict.after_later_insert),
+            (1, 0)
+        );
+        // Commit order (b, a): a arrives after b, inserted later.
+        let verdict = check(&history, &[delivered(&b), delivered(&a)], &HashSet::new());
+        assert!(verdict.holds(), "{verdict}");
+        assert_eq!(
+            (verdict.after_later_commit, verdict.after_later_insert),
+            (0, 1)
+        );
+    }
+
+    #[test]
+    fn the_latest_delivered_of_the_earlier_commits_is_the_one_compared() {
+        let t0 = Instant::now();
+        let history = History::default();
+        // a and b both committed before c's INSERT; c arrives between them.
+        let (a, b, c) = (
+            unlocked("k", t0, 0),
+            unlocked("k", t0, 1),
+            unlocked("k", t0, 50),
+        );
+        commit(&history, &a, t0, 10);
+        commit(&history, &b, t0, 40);
+        commit(&history, &c, t0, 60);
+        // Another key's messages, interleaved, have no say.
+        let other = unlocked("other", t0, 100);
+        commit(&history, &other, t0, 110);
+        let verdict = check(
+            &history,
+            &[
+                delivered(&other),
+                delivered(&a),
+                delivered(&c),
+                delivered(&b),
+            ],
+            &HashSet::new(),
+        );
+        assert_eq!(verdict.out_of_causal_order.len(), 1, "{verdict}");
+        let violation = &verdict.out_of_causal_order[0];
+        assert_eq!((violation.earlier, violation.later), (b.id, c.id));
+        assert_eq!(violation.margin, Duration::from_millis(10));
+        // An indeterminate message that arrived is held to the promise too.
+        let d = unlocked("k", t0, 70);
+        history.record(Outcome::Indeterminate, None, vec![d.clone()]);
+        let verdict = check(
+            &history,
+            &[
+                delivered(&other),
+                delivered(&d),
+                delivered(&a),
+                delivered(&b),
+                delivered(&c),
+            ],
+            &HashSet::new(),
+        );
+        assert_eq!(verdict.out_of_causal_order.len(), 1, "{verdict}");
+        assert_eq!(verdict.out_of_causal_order[0].later, d.id);
+        assert_eq!(verdict.out_of_causal_order[0].earlier, c.id);
     }
 }

@@ -1,10 +1,11 @@
 //! Jepsen-style checks of the outbox guarantee, against real servers and the real relay
 //! program: producers commit (and roll back) business rows with their messages while several
-//! relay processes publish them; relays are killed with SIGKILL and restarted, broker
-//! connections are cut, database connections are terminated and the broker is restarted; then
-//! a checker reads everything back from the broker and verifies that every committed message
+//! relay processes publish them; relays are killed with SIGKILL and restarted, broker and
+//! database connections are cut, refused or black-holed, the broker is kept away for far longer
+//! than the relays' retry budget, and the broker and the database server are restarted; then a
+//! checker reads everything back from the broker and verifies that every committed message
 //! arrived at least once, that no rolled-back message did, and that the first deliveries of a
-//! key follow its enqueue order. Duplicates are counted.
+//! key keep the order the relay promises (see [`history`]). Duplicates are counted.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,6 +32,9 @@ pub mod profile;
 pub mod relays;
 mod run;
 
-pub use history::{Delivery, History, Outcome, Verdict, Written, check};
+pub use history::{Delivery, History, OrderViolation, Outcome, Verdict, Written, check};
 pub use profile::{Profile, seed_from_env};
-pub use run::{Combination, Fault, Options, Report, Unavailable, run};
+pub use run::{
+    Combination, Fault, Options, Report, Unavailable, long_outage_floor, retry_budget,
+    retry_policy, run,
+};

@@ -75,9 +75,9 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "| combination | profile | messages | faults | lost | late | phantoms | out of order | duplicates | time |"
+        "| combination | profile | messages | faults | lost | late | phantoms | out of order | dead letters | duplicates | time |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         println!("{row}");
     }

@@ -10,8 +10,17 @@ pub struct Profile {
     pub name: &'static str,
     /// How long producers write and faults are injected.
     pub fault_phase: Duration,
-    /// Producer tasks, each one transaction at a time.
+    /// Producer tasks whose transactions lock each key's business row before enqueueing
+    /// (serialized per key), each one transaction at a time.
     pub producers: usize,
+    /// Producer tasks whose transactions enqueue without a lock, so that several transactions
+    /// are open on one key at once, each one transaction at a time, on keys of their own.
+    pub concurrent_producers: usize,
+    /// Keys of the concurrent producers: fewer, so that their transactions overlap.
+    pub concurrent_keys: usize,
+    /// Longest time a concurrent transaction stays open between its INSERT and its commit
+    /// (drawn from zero to this).
+    pub hold: Duration,
     /// Pause of a producer between two transactions.
     pub pause: Duration,
     /// Keys messages are drawn from: few, so that ordering is stressed.
@@ -24,6 +33,9 @@ pub struct Profile {
     pub relays: usize,
     /// Shortest and longest wait between two faults.
     pub fault_gap: (Duration, Duration),
+    /// Long broker outages per run (each at least ten times the relays' retry budget), spread
+    /// over the fault phase.
+    pub long_outages: usize,
     /// Longest time for the outbox to drain once the faults stop.
     pub drain_bound: Duration,
     /// Longest time for reading everything back from the broker.
@@ -36,13 +48,17 @@ impl Profile {
         Self {
             name: "short",
             fault_phase: Duration::from_secs(15),
-            producers: 3,
+            producers: 2,
+            concurrent_producers: 2,
+            concurrent_keys: 3,
+            hold: Duration::from_millis(15),
             pause: Duration::from_millis(8),
             keys: 8,
             max_per_transaction: 3,
             rollback_percent: 10,
             relays: 3,
             fault_gap: (Duration::from_millis(300), Duration::from_millis(1200)),
+            long_outages: 1,
             drain_bound: Duration::from_secs(90),
             read_bound: Duration::from_secs(60),
         }
@@ -55,13 +71,17 @@ impl Profile {
         Self {
             name: "long",
             fault_phase: Duration::from_secs(300),
-            producers: 3,
+            producers: 2,
+            concurrent_producers: 2,
+            concurrent_keys: 4,
+            hold: Duration::from_millis(15),
             pause: Duration::from_millis(8),
             keys: 16,
             max_per_transaction: 3,
             rollback_percent: 10,
             relays: 4,
             fault_gap: (Duration::from_millis(300), Duration::from_millis(1500)),
+            long_outages: 3,
             drain_bound: Duration::from_secs(300),
             read_bound: Duration::from_secs(300),
         }

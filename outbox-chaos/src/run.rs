@@ -1,5 +1,7 @@
-//! One run: set up a store and a broker, start producers and relay processes, inject faults for
-//! the profile's fault phase, let the outbox drain, read everything back and check it.
+//! One run: start a private database server (PostgreSQL, MariaDB) or a SQLite file and a
+//! broker, each behind a fault proxy for the relays, start producers and relay processes,
+//! inject faults for the profile's fault phase, let the outbox drain, read everything back and
+//! check it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -9,13 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use outbox_core::MessageId;
+use outbox_core::{MessageId, RetryPolicy};
 use outbox_testkit::env::unique_name;
 use outbox_testkit::proxy::FaultProxy;
+use outbox_testkit::servers::Restart;
 use tokio::time::Instant;
 
 use crate::broker::{self, NatsServer, Queue, Tansu};
-use crate::db::{Db, key_name};
+use crate::db::{Db, DbServer, Shape, concurrent_key_name, key_name};
 use crate::history::{Delivery, History, Verdict, check};
 use crate::profile::Profile;
 use crate::relays::Relays;
@@ -59,14 +62,24 @@ impl Combination {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
 
-    /// The server a run needs, for skipping when it is missing.
+    /// The servers and programs a run needs, for skipping when one is missing.
     pub fn servers(self) -> &'static str {
         match self {
-            Combination::PostgresNats => "PostgreSQL, nats-server and libfaketime",
-            Combination::PostgresKafka => "PostgreSQL and tansu",
-            Combination::MysqlAmqp => "MySQL/MariaDB, RabbitMQ and libfaketime",
+            Combination::PostgresNats => {
+                "a private PostgreSQL (initdb, pg_ctl), nats-server and libfaketime"
+            }
+            Combination::PostgresKafka => "a private PostgreSQL (initdb, pg_ctl) and tansu",
+            Combination::MysqlAmqp => {
+                "a private MariaDB (mariadb-install-db, mariadbd), RabbitMQ and libfaketime"
+            }
             Combination::SqliteNats => "nats-server",
         }
+    }
+
+    /// Whether the store is a database server of the run's own (which the nemesis can black-hole
+    /// and restart), rather than a SQLite file.
+    pub fn has_db_server(self) -> bool {
+        !matches!(self, Combination::SqliteNats)
     }
 
     /// How far each relay's wall clock is set off, in seconds: the second relay 90 s ahead, the
@@ -92,12 +105,25 @@ pub enum Fault {
     KillRelay,
     /// Every broker connection cut through the proxy.
     CutBroker,
-    /// The broker unreachable through the proxy for up to 3 s.
+    /// The broker unreachable through the proxy (connections refused and cut) for up to 3 s.
     BrokerDown,
+    /// The broker black-holed through the proxy for 1 to 4 s: connections accepted and kept,
+    /// nothing forwarded either way.
+    BlackholeBroker,
+    /// The broker down or black-holed (one of the two at random) for at least ten times the
+    /// relays' whole retry budget, and at least as long as all their attempts at a message can
+    /// take (see [`Report::long_outage_floor`]).
+    LongBrokerOutage,
     /// The broker process stopped and started again (NATS, file storage).
     RestartBroker,
     /// Every database connection of the run terminated.
     KillDbConnections,
+    /// The relays' database connections black-holed through their proxy for 1 to 6 s (the
+    /// producers connect directly).
+    BlackholeDb,
+    /// The private database server stopped (cleanly or by a crash, at random) and started
+    /// again on the same port and data after up to 1 s.
+    RestartDb,
 }
 
 impl Fault {
@@ -106,10 +132,37 @@ impl Fault {
             Fault::KillRelay => "relay SIGKILL",
             Fault::CutBroker => "broker cut",
             Fault::BrokerDown => "broker down",
+            Fault::BlackholeBroker => "broker black hole",
+            Fault::LongBrokerOutage => "long broker outage",
             Fault::RestartBroker => "broker restart",
             Fault::KillDbConnections => "db kill",
+            Fault::BlackholeDb => "db black hole",
+            Fault::RestartDb => "db restart",
         }
     }
+}
+
+/// The relays' retry policy: the real policy with few attempts and short delays, so that an
+/// outage far longer than its whole budget shows whether outages are counted as attempts.
+pub fn retry_policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .initial_delay(Duration::from_millis(50))
+        .max_delay(Duration::from_millis(200))
+        .max_attempts(3)
+}
+
+/// The whole retry budget of `policy`: the sum of the delays of all its attempts, without
+/// jitter (which only shortens them). 350 ms for [`retry_policy`] (50 + 100 + 200 ms).
+pub fn retry_budget(policy: &RetryPolicy) -> Duration {
+    let exact = policy.clone().jitter(0.0);
+    (1..=policy.max_attempts).map(|n| exact.delay(n)).sum()
+}
+
+/// The shortest long broker outage: ten times the retry budget, or, when longer, the time all
+/// the attempts at one message can take when each publish waits out `publish_timeout`.
+pub fn long_outage_floor(policy: &RetryPolicy, publish_timeout: Duration) -> Duration {
+    let budget = retry_budget(policy);
+    (budget * 10).max(publish_timeout * policy.max_attempts + budget)
 }
 
 /// What a run did and found.
@@ -130,6 +183,13 @@ pub struct Report {
     pub faults: BTreeMap<Fault, u64>,
     /// Database connections terminated.
     pub db_connections_killed: u64,
+    /// The relays' retry budget (the sum of the delays of all attempts).
+    pub retry_budget: Duration,
+    /// The shortest long broker outage ([`long_outage_floor`]).
+    pub long_outage_floor: Duration,
+    /// The long broker outages: how long each lasted, and whether the broker was down or
+    /// black-holed.
+    pub long_outages: Vec<(Duration, &'static str)>,
     /// Relay processes started (restarts included).
     pub relay_starts: u64,
     /// Each relay's clock offset in seconds.
@@ -142,11 +202,13 @@ pub struct Report {
     pub unclean_stops: Vec<String>,
     /// Messages still pending when the drain bound passed.
     pub pending_after_drain: u64,
-    /// Dead letters left in the outbox (with their errors).
+    /// Dead letters left in the outbox.
+    pub dead_letter_count: u64,
+    /// The first 20 of them, with their errors.
     pub dead_letters: Vec<String>,
     /// Keys whose business row version disagrees with the messages committed for it.
     pub business_mismatches: Vec<String>,
-    /// The run's directory (relay logs), kept when the run failed.
+    /// The run's directory (relay logs), kept when the run failed (or `OUTBOX_CHAOS_KEEP=1`).
     pub kept_dir: Option<PathBuf>,
 }
 
@@ -155,6 +217,7 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.verdict.holds()
             && self.pending_after_drain == 0
+            && self.dead_letter_count == 0
             && self.dead_letters.is_empty()
             && self.business_mismatches.is_empty()
             && self.unexpected_exits.is_empty()
@@ -167,7 +230,7 @@ impl Report {
     }
 
     /// One Markdown table row: combination, profile, messages, faults, lost, late (still
-    /// pending at the drain bound), phantoms, out of order, duplicates, time.
+    /// pending at the drain bound), phantoms, out of order, dead letters, duplicates, time.
     pub fn markdown_row(&self) -> String {
         let faults = self
             .faults
@@ -176,7 +239,7 @@ impl Report {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "| {} | {} | {} committed ({} rolled back, {} aborted, {} indeterminate) | {} ({faults}) | {} | {} | {} | {} | {} | {:.0} s |",
+            "| {} | {} | {} committed ({} rolled back, {} aborted, {} indeterminate) | {} ({faults}) | {} | {} | {} | {} | {} | {} | {:.0} s |",
             self.combination.name(),
             self.profile,
             self.verdict.committed,
@@ -187,7 +250,8 @@ impl Report {
             self.verdict.lost.len(),
             self.verdict.still_pending.len(),
             self.verdict.phantoms.len(),
-            self.verdict.out_of_order.len(),
+            self.verdict.out_of_order_total(),
+            self.dead_letter_count,
             self.verdict.duplicates,
             self.elapsed.as_secs_f64()
         )
@@ -226,7 +290,19 @@ impl fmt::Display for Report {
             .map(|s| format!("{s:+} s"))
             .collect();
         writeln!(f, "  relay clocks: {}", clocks.join(", "))?;
-        let lists: [(&str, Vec<String>); 8] = [
+        let outages: Vec<String> = self
+            .long_outages
+            .iter()
+            .map(|(d, how)| format!("{:.1} s {how}", d.as_secs_f64()))
+            .collect();
+        writeln!(
+            f,
+            "  retry budget {} ms; long broker outages (at least {:.1} s): {}",
+            self.retry_budget.as_millis(),
+            self.long_outage_floor.as_secs_f64(),
+            outages.join(", ")
+        )?;
+        let lists: [(&str, Vec<String>); 9] = [
             (
                 "lost",
                 self.verdict.lost.iter().map(ToString::to_string).collect(),
@@ -255,6 +331,14 @@ impl fmt::Display for Report {
                     .map(|(k, v, after)| format!("{k} {v} after {after}"))
                     .collect(),
             ),
+            (
+                "out of order (committed before the INSERT of one that arrived first)",
+                self.verdict
+                    .out_of_causal_order
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
             ("unexpected relay exits", self.unexpected_exits.clone()),
             ("unclean stops", self.unclean_stops.clone()),
             ("dead letters", self.dead_letters.clone()),
@@ -267,6 +351,14 @@ impl fmt::Display for Report {
                     writeln!(f, "    {item}")?;
                 }
             }
+        }
+        if self.dead_letter_count > self.dead_letters.len() as u64 {
+            writeln!(
+                f,
+                "  dead letters in the outbox: {} (the first {} above)",
+                self.dead_letter_count,
+                self.dead_letters.len()
+            )?;
         }
         if self.pending_after_drain > 0 {
             writeln!(
@@ -312,6 +404,93 @@ enum Broker {
     Amqp { queue: Queue },
 }
 
+/// A fault proxy and when its outages end: faults that overlap extend each other, so that the
+/// end of a short one never lifts a longer one.
+struct Faulted {
+    proxy: FaultProxy,
+    down_until: Option<Instant>,
+    blackhole_until: Option<Instant>,
+}
+
+impl Faulted {
+    fn new(proxy: FaultProxy) -> Self {
+        Self {
+            proxy,
+            down_until: None,
+            blackhole_until: None,
+        }
+    }
+
+    fn later(until: Option<Instant>, span: Duration) -> Option<Instant> {
+        let end = Instant::now() + span;
+        Some(until.map_or(end, |u| u.max(end)))
+    }
+
+    /// Refuses and cuts connections for `span` (or longer, if already down for longer).
+    fn down_for(&mut self, span: Duration) {
+        self.down_until = Self::later(self.down_until, span);
+        self.proxy.set_down(true);
+    }
+
+    /// Black-holes connections for `span` (or longer, if already black-holed for longer).
+    fn blackhole_for(&mut self, span: Duration) {
+        self.blackhole_until = Self::later(self.blackhole_until, span);
+        self.proxy.set_blackhole(true);
+    }
+
+    /// Lifts the outages whose time is up.
+    fn lift_due(&mut self) {
+        let now = Instant::now();
+        if self.down_until.is_some_and(|at| at <= now) {
+            self.proxy.set_down(false);
+            self.down_until = None;
+        }
+        if self.blackhole_until.is_some_and(|at| at <= now) {
+            self.proxy.set_blackhole(false);
+            self.blackhole_until = None;
+        }
+    }
+
+    /// Lifts every outage.
+    fn lift_all(&mut self) {
+        self.down_until = Some(Instant::now());
+        self.blackhole_until = Some(Instant::now());
+        self.lift_due();
+    }
+}
+
+/// A long broker outage of the schedule.
+struct LongOutage {
+    start: Instant,
+    span: Duration,
+    blackhole: bool,
+}
+
+/// Spreads `count` long outages over the fault phase `[begin, begin + phase)`, one in each
+/// equal window, each between `floor` and 1.25 times `floor` long (a window shorter than that
+/// makes its outage run past the window).
+fn schedule_long_outages(
+    rng: &mut fastrand::Rng,
+    begin: Instant,
+    phase: Duration,
+    count: usize,
+    floor: Duration,
+) -> Vec<LongOutage> {
+    let window = phase / count.max(1) as u32;
+    (0..count)
+        .map(|i| {
+            let span = floor.mul_f64(1.0 + rng.f64() * 0.25);
+            let slack = window.saturating_sub(span);
+            let start = begin + window * i as u32 + slack.mul_f64(rng.f64());
+            LongOutage {
+                start,
+                span,
+                blackhole: rng.bool(),
+            }
+        })
+        .collect()
+}
+
 /// Runs `combination` under `options`; `Err(Unavailable)` when a server is missing.
 pub async fn run(combination: Combination, options: &Options) -> Result<Report, Unavailable> {
     let started = Instant::now();
@@ -327,35 +506,76 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
     let run_name = unique_name("chaos");
     let table = run_name.clone();
     let keys: Vec<String> = (0..profile.keys).map(key_name).collect();
+    let concurrent_keys: Vec<String> = (0..profile.concurrent_keys)
+        .map(concurrent_key_name)
+        .collect();
+    let all_keys: Vec<String> = keys.iter().chain(&concurrent_keys).cloned().collect();
 
-    let db = match combination {
+    // The database: a private server behind a proxy for the relays, or a SQLite file.
+    let server = match combination {
         Combination::PostgresNats | Combination::PostgresKafka => {
-            Db::postgres(&run_name, &table, keys.len()).await
+            Some(DbServer::postgres(dir.path()).await)
         }
-        Combination::MysqlAmqp => Db::mysql(&run_name, &table, keys.len()).await,
-        Combination::SqliteNats => Db::sqlite(dir.path(), &table, keys.len()).await,
+        Combination::MysqlAmqp => Some(DbServer::mariadb(dir.path()).await),
+        Combination::SqliteNats => None,
     }
-    .map_err(|e| unavailable("database", e))?;
+    .transpose()
+    .map_err(|e| unavailable("database server", e.into()))?;
+    let db_proxy = match &server {
+        Some(server) => Some(
+            FaultProxy::start(server.addr())
+                .await
+                .map_err(|e| unavailable("database proxy", e.into()))?,
+        ),
+        None => None,
+    };
+    let relay_db_addr = db_proxy.as_ref().map(FaultProxy::addr);
+    let db = match (&server, combination) {
+        (Some(server), Combination::MysqlAmqp) => {
+            Db::mysql_at(&server.url(), relay_db_addr, &run_name, &table, &all_keys).await
+        }
+        (Some(server), _) => {
+            Db::postgres(&server.url(), relay_db_addr, &run_name, &table, &all_keys).await
+        }
+        (None, _) => Db::sqlite(dir.path(), &table, &all_keys).await,
+    };
+    let db = match db {
+        Ok(db) => db,
+        Err(err) => {
+            if let Some(server) = server {
+                server.stop().await;
+            }
+            return Err(unavailable("database", err));
+        }
+    };
 
     let (broker, proxy, destination, publisher) =
         match setup_broker(combination, dir.path(), &run_name).await {
             Ok(setup) => setup,
             Err(err) => {
                 db.teardown(&table).await;
+                if let Some(server) = server {
+                    server.stop().await;
+                }
                 return Err(unavailable("broker", err));
             }
         };
     let publish_timeout = if matches!(broker, Broker::Kafka { .. }) {
-        "3s"
+        Duration::from_secs(3)
     } else {
-        "2s"
+        Duration::from_secs(2)
     };
+    let policy = retry_policy();
+    let retry_budget = retry_budget(&policy);
+    let outage_floor = long_outage_floor(&policy, publish_timeout);
     let config = dir.path().join("relay.toml");
+    // store_timeout: a store call that hangs in a black hole is abandoned after 3 s and
+    // retried like any failed call.
     let text = format!(
         r#"[store]
 url = "{url}"
 table = "{table}"
-max_connections = 4
+max_connections = 6
 
 [publisher]
 {publisher}
@@ -364,18 +584,27 @@ max_connections = 4
 batch_size = 100
 concurrency = 4
 lease = "8s"
-publish_timeout = "{publish_timeout}"
+publish_timeout = "{publish_timeout}ms"
+store_timeout = "3s"
 partition_lease = "1500ms"
 poll_max = "100ms"
 shutdown_timeout = "4s"
 stats_interval = "1s"
 
 [relay.retry]
-initial_delay = "50ms"
-max_delay = "1s"
-max_attempts = 100000
+initial_delay = "{initial}ms"
+max_delay = "{max}ms"
+multiplier = {multiplier:?}
+jitter = {jitter:?}
+max_attempts = {attempts}
 "#,
         url = db.relay_url(),
+        publish_timeout = publish_timeout.as_millis(),
+        initial = policy.initial_delay.as_millis(),
+        max = policy.max_delay.as_millis(),
+        multiplier = policy.multiplier,
+        jitter = policy.jitter,
+        attempts = policy.max_attempts,
     );
     std::fs::write(&config, text).map_err(|e| unavailable("relay configuration", e.into()))?;
 
@@ -392,16 +621,24 @@ max_attempts = 100000
     )
     .map_err(|e| unavailable("relay processes", e.into()))?;
 
-    // Producers.
+    // Producers: serialized ones on `keys`, concurrent ones on `concurrent_keys`.
     let mut producers = tokio::task::JoinSet::new();
-    for p in 0..profile.producers {
-        let (db, history, stop, keys) = (
-            Arc::clone(&db),
-            Arc::clone(&history),
-            Arc::clone(&stop),
-            keys.clone(),
-        );
+    let serialized = (0..profile.producers).map(|p| (p, false));
+    let concurrent = (0..profile.concurrent_producers).map(|p| (p + 1000, true));
+    for (p, open) in serialized.chain(concurrent) {
+        let (db, history, stop) = (Arc::clone(&db), Arc::clone(&history), Arc::clone(&stop));
+        let keys = if open {
+            concurrent_keys.clone()
+        } else {
+            keys.clone()
+        };
         let (table, destination, profile) = (table.clone(), destination.clone(), profile.clone());
+        // SQLite has one writer at a time: a transaction held open only holds everyone up.
+        let hold = if combination.has_db_server() {
+            profile.hold
+        } else {
+            Duration::ZERO
+        };
         let mut rng = fastrand::Rng::with_seed(options.seed.wrapping_add(p as u64 + 1));
         producers.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -413,9 +650,19 @@ max_attempts = 100000
                     .collect();
                 // Rows locked in one order everywhere: no deadlocks between producers.
                 chosen.sort();
+                let shape = if open {
+                    let hold = rng.u64(0..=hold.as_millis() as u64);
+                    Shape::Concurrent {
+                        hold: Duration::from_millis(hold),
+                    }
+                } else {
+                    Shape::Serialized
+                };
                 let rollback = rng.u32(0..100) < profile.rollback_percent;
-                let (outcome, written) = db.transact(&table, &destination, &chosen, rollback).await;
-                history.record(outcome, written);
+                let (outcome, committed, written) = db
+                    .transact(&table, &destination, &chosen, shape, rollback)
+                    .await;
+                history.record(outcome, committed, written);
                 tokio::time::sleep(profile.pause).await;
             }
         });
@@ -430,6 +677,7 @@ max_attempts = 100000
         Fault::KillRelay,
         Fault::CutBroker,
         Fault::BrokerDown,
+        Fault::BlackholeBroker,
     ];
     if matches!(broker, Broker::Nats { .. }) {
         kinds.push(Fault::RestartBroker);
@@ -437,32 +685,95 @@ max_attempts = 100000
     if db.can_kill_connections() {
         kinds.extend([Fault::KillDbConnections, Fault::KillDbConnections]);
     }
+    if server.is_some() {
+        kinds.extend([Fault::BlackholeDb, Fault::RestartDb]);
+    }
+    // `OUTBOX_CHAOS_FAULTS=db-restart,broker-cut` keeps only the faults named (`none`: none),
+    // to tell which fault a finding needs; `OUTBOX_CHAOS_VERBOSE=1` prints each fault as it
+    // comes and the backlog while the outbox drains.
+    let verbose = std::env::var_os("OUTBOX_CHAOS_VERBOSE").is_some_and(|v| v == "1");
+    let only: Option<Vec<String>> = std::env::var("OUTBOX_CHAOS_FAULTS")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let allowed = |fault: Fault| {
+        only.as_ref()
+            .is_none_or(|names| names.iter().any(|n| *n == fault.name().replace(' ', "-")))
+    };
+    kinds.retain(|f| allowed(*f));
     let mut broker = broker;
-    let fault_end = Instant::now() + profile.fault_phase;
+    let mut server = server;
+    let mut proxy = Faulted::new(proxy);
+    let mut db_proxy = db_proxy.map(Faulted::new);
+    let fault_begin = Instant::now();
+    let mut long_outages = schedule_long_outages(
+        &mut rng,
+        fault_begin,
+        profile.fault_phase,
+        if allowed(Fault::LongBrokerOutage) {
+            profile.long_outages
+        } else {
+            0
+        },
+        outage_floor,
+    );
+    long_outages.reverse();
+    // The fault phase lasts at least until the last long outage is over.
+    let fault_end = long_outages
+        .iter()
+        .map(|o| o.start + o.span)
+        .fold(fault_begin + profile.fault_phase, Instant::max);
+    let mut outages_done = Vec::new();
     let mut next_fault = Instant::now() + gap(&mut rng, profile);
-    let mut proxy_up_at: Option<Instant> = None;
     while Instant::now() < fault_end {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = relays.supervise(false);
-        if proxy_up_at.is_some_and(|at| at <= Instant::now()) {
-            proxy.set_down(false);
-            proxy_up_at = None;
+        proxy.lift_due();
+        if let Some(db_proxy) = db_proxy.as_mut() {
+            db_proxy.lift_due();
+        }
+        // Long outages are scheduled; other faults come at random meanwhile.
+        if let Some(outage) = long_outages.pop_if(|o| o.start <= Instant::now()) {
+            let how = if outage.blackhole {
+                proxy.blackhole_for(outage.span);
+                "black hole"
+            } else {
+                proxy.down_for(outage.span);
+                "down"
+            };
+            if verbose {
+                eprintln!(
+                    "{:>6.1} s: long broker outage ({how}) for {:.1} s",
+                    fault_begin.elapsed().as_secs_f64(),
+                    outage.span.as_secs_f64()
+                );
+            }
+            outages_done.push((outage.span, how));
+            *faults.entry(Fault::LongBrokerOutage).or_insert(0) += 1;
         }
         if Instant::now() < next_fault {
             continue;
         }
         next_fault = Instant::now() + gap(&mut rng, profile);
-        let fault = kinds[rng.usize(..kinds.len())];
+        let Some(&fault) = rng.choice(&kinds) else {
+            continue;
+        };
+        if verbose {
+            eprintln!(
+                "{:>6.1} s: {}",
+                fault_begin.elapsed().as_secs_f64(),
+                fault.name()
+            );
+        }
         match fault {
             Fault::KillRelay => {
                 let i = rng.usize(..relays.len());
                 let down = Duration::from_millis(rng.u64(100..2000));
                 relays.kill(i, down).await;
             }
-            Fault::CutBroker => proxy.cut(),
-            Fault::BrokerDown => {
-                proxy.set_down(true);
-                proxy_up_at = Some(Instant::now() + Duration::from_millis(rng.u64(500..3000)));
+            Fault::CutBroker => proxy.proxy.cut(),
+            Fault::BrokerDown => proxy.down_for(Duration::from_millis(rng.u64(500..3000))),
+            Fault::BlackholeBroker => {
+                proxy.blackhole_for(Duration::from_millis(rng.u64(1000..4000)));
             }
             Fault::RestartBroker => {
                 if let Broker::Nats { server, .. } = &mut broker {
@@ -476,14 +787,36 @@ max_attempts = 100000
                 Ok(n) => db_killed += n,
                 Err(err) => eprintln!("killing database connections: {err}"),
             },
+            Fault::BlackholeDb => {
+                if let Some(db_proxy) = db_proxy.as_mut() {
+                    db_proxy.blackhole_for(Duration::from_millis(rng.u64(1000..6000)));
+                }
+            }
+            Fault::RestartDb => {
+                if let Some(server) = server.as_mut() {
+                    let how = if rng.bool() {
+                        Restart::Clean
+                    } else {
+                        Restart::Crash
+                    };
+                    let down = Duration::from_millis(rng.u64(0..1000));
+                    if let Err(err) = server.restart(how, down).await {
+                        eprintln!("restarting the database server: {err}");
+                    }
+                }
+            }
+            Fault::LongBrokerOutage => {}
         }
         *faults.entry(fault).or_insert(0) += 1;
     }
 
-    // Quiet: producers stop, the broker is reachable, every relay runs.
+    // Quiet: producers stop, the broker and the database are reachable, every relay runs.
     stop.store(true, Ordering::Relaxed);
     while producers.join_next().await.is_some() {}
-    proxy.set_down(false);
+    proxy.lift_all();
+    if let Some(db_proxy) = db_proxy.as_mut() {
+        db_proxy.lift_all();
+    }
     let _ = relays.supervise(true);
     let drain_started = Instant::now();
     let drain_deadline = drain_started + profile.drain_bound;
@@ -492,6 +825,12 @@ max_attempts = 100000
         let _ = relays.supervise(false);
         if let Ok(stats) = db.stats().await {
             pending = stats.pending;
+            if verbose {
+                eprintln!(
+                    "drain {:>5.1} s: {pending} pending",
+                    drain_started.elapsed().as_secs_f64()
+                );
+            }
             if pending == 0 {
                 break;
             }
@@ -501,6 +840,10 @@ max_attempts = 100000
     let drain = drain_started.elapsed();
     let unclean_stops = relays.stop(Duration::from_secs(15)).await;
     let dead_letters = db.dead_letters().await.unwrap_or_default();
+    let dead_letter_count = match db.stats().await {
+        Ok(stats) => stats.dead,
+        Err(_) => dead_letters.len() as u64,
+    };
 
     // Read everything back and check.
     let committed = history.committed_ids();
@@ -516,7 +859,7 @@ max_attempts = 100000
     };
     let verdict = check(&history, &deliveries, &pending_ids);
     let versions = db.versions(&table).await.unwrap_or_default();
-    let mut business_mismatches = business_check(&history, &deliveries, &versions);
+    let mut business_mismatches = business_check(&history, &deliveries, &pending_ids, &versions);
     if let Some(err) = read_error {
         business_mismatches.push(format!("reading the broker failed: {err}"));
     }
@@ -531,6 +874,9 @@ max_attempts = 100000
         drain,
         faults,
         db_connections_killed: db_killed,
+        retry_budget,
+        long_outage_floor: outage_floor,
+        long_outages: outages_done,
         relay_starts: relays.starts,
         clock_skews: (0..profile.relays)
             .map(|i| skews.get(i).copied().unwrap_or(0))
@@ -539,6 +885,7 @@ max_attempts = 100000
         unexpected_exits,
         unclean_stops,
         pending_after_drain: if pending == u64::MAX { 0 } else { pending },
+        dead_letter_count,
         dead_letters,
         business_mismatches,
         kept_dir: None,
@@ -549,7 +896,12 @@ max_attempts = 100000
     if let Ok(db) = Arc::try_unwrap(db) {
         db.teardown(&table).await;
     }
-    if !report.passed() {
+    drop(db_proxy);
+    if let Some(server) = server {
+        server.stop().await;
+    }
+    // `OUTBOX_CHAOS_KEEP=1` keeps the logs of a run that passed too.
+    if !report.passed() || std::env::var_os("OUTBOX_CHAOS_KEEP").is_some_and(|v| v == "1") {
         report.kept_dir = Some(dir.keep());
     }
     report.elapsed = started.elapsed();
@@ -658,14 +1010,17 @@ async fn teardown(broker: Broker) {
 }
 
 /// Each key's business row must count the messages committed for it: its version is the
-/// number of committed transactions that touched it.
+/// number of committed transactions that touched it. A message of an indeterminate transaction
+/// committed if it was delivered or is still pending in the outbox (`pending`).
 fn business_check(
     history: &History,
     deliveries: &[Delivery],
+    pending: &HashSet<MessageId>,
     versions: &[(String, i64)],
 ) -> Vec<String> {
-    let delivered: HashSet<MessageId> = deliveries.iter().map(|d| d.id).collect();
-    let expected: HashMap<String, i64> = history.committed_per_key(&delivered);
+    let mut found: HashSet<MessageId> = deliveries.iter().map(|d| d.id).collect();
+    found.extend(pending.iter().copied());
+    let expected: HashMap<String, i64> = history.committed_per_key(&found);
     versions
         .iter()
         .filter_map(|(key, version)| {

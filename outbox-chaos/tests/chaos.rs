@@ -1,6 +1,9 @@
 //! The chaos harness on every combination, short profile (`OUTBOX_CHAOS_PROFILE=long` for the
-//! soak): the guarantee must hold through killed relays, cut and restarted brokers and killed
-//! database connections.
+//! soak): the guarantee must hold through killed relays; cut, refused, black-holed and restarted
+//! brokers; a broker away for far longer than the relays' retry budget; killed and black-holed
+//! database connections and restarted database servers; with producers that serialize each
+//! key's transactions and producers that do not. No message may be lost, invented, reordered
+//! against the order promise or dead-lettered.
 
 use outbox_chaos::{Combination, Options, Profile, run, seed_from_env};
 use outbox_testkit::env::or_skip;

@@ -170,7 +170,10 @@ async fn postgres_and_amqp_passwords_stay_hidden() {
 async fn mysql_and_nats_passwords_stay_hidden() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = unique_name("sec");
-    let Some(db) = or_skip("MySQL", Db::mysql(&run, &run, 1).await) else {
+    let Some(db) = or_skip(
+        "MySQL",
+        Db::mysql(&run, &run, &[outbox_chaos::db::key_name(0)]).await,
+    ) else {
         return;
     };
     let password = url::Url::parse(db.relay_url())

@@ -17,7 +17,8 @@
 //! too, to be called on its own.
 //!
 //! Also here: [`ScriptedPublisher`] (faults on cue), [`FaultyStore`] (settle failures on cue),
-//! [`proxy::FaultProxy`] (cuts TCP connections) and [`env`] (service URLs, skip-or-fail).
+//! [`proxy::FaultProxy`] (cuts, refuses or black-holes TCP connections), [`servers`] (private
+//! PostgreSQL and MariaDB servers to restart) and [`env`] (service URLs, skip-or-fail).
 //!
 //! With the `testcontainers` feature, [`containers`] starts the servers in Docker containers
 //! for developers who have a Docker engine; the workspace's own CI runs against servers on the
@@ -37,6 +38,7 @@ pub mod publisher;
 pub mod relay;
 pub mod schedule;
 mod scripted;
+pub mod servers;
 pub mod store;
 pub mod tansu;
 #[cfg(feature = "tls")]
