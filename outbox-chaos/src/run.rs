@@ -575,7 +575,7 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
         r#"[store]
 url = "{url}"
 table = "{table}"
-max_connections = 6
+max_connections = 7
 
 [publisher]
 {publisher}

@@ -216,6 +216,16 @@ impl Config {
         self.store
             .validate()
             .map_err(|err| ConfigFileError(format!("store.{}", err.message())))?;
+        // The relay's store calls in flight (its batches and claims, a renewal, a stats or
+        // cleanup call) plus the readiness probe's.
+        let needed = self.relay.concurrency + 3;
+        if (self.store.max_connections as usize) < needed {
+            return Err(ConfigFileError(format!(
+                "store.max_connections: {} is too few for relay.concurrency {}: the relay and \
+                 its readiness probe can have {needed} store calls in flight",
+                self.store.max_connections, self.relay.concurrency
+            )));
+        }
         Ok(())
     }
 }

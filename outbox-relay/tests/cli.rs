@@ -167,6 +167,10 @@ async fn bad_configuration_exits_2_and_names_the_key() {
             "[store]\nurl = \"sqlite://x.db\"\n[publisher]\nkind = \"stdout\"\n[http]\nlisten = \"not an address\"\n",
             "http.listen",
         ),
+        (
+            "[store]\nurl = \"sqlite://x.db\"\nmax_connections = 4\n[publisher]\nkind = \"stdout\"\n",
+            "store.max_connections",
+        ),
         ("[store\nurl = ", "relay.toml"),
     ];
     for (text, key) in cases {
