@@ -781,3 +781,88 @@ async fn a_store_unreachable_at_start_is_waited_for() {
     );
     store.drop_tables().await.expect("drop");
 }
+
+/// With default settings, SIGTERM ends the program within 25 s even when its broker stopped
+/// answering in the middle of the run (a black hole: connections open, nothing comes back),
+/// so Kubernetes' default grace period of 30 s never has to kill it; nothing is lost.
+#[tokio::test]
+async fn sigterm_with_default_settings_exits_within_25_s_when_the_broker_hangs() {
+    let amqp = url::Url::parse(&amqp_url()).expect("url");
+    let Some(upstream) = or_skip(
+        "RabbitMQ",
+        tokio::net::lookup_host((
+            amqp.host_str().unwrap_or("127.0.0.1"),
+            amqp.port().unwrap_or(5672),
+        ))
+        .await,
+    ) else {
+        return;
+    };
+    let upstream: Vec<_> = upstream.collect();
+    let proxy = outbox_testkit::proxy::FaultProxy::start(upstream[0])
+        .await
+        .expect("proxy");
+    let mut through = amqp.clone();
+    through.set_host(Some("127.0.0.1")).expect("host");
+    through.set_port(Some(proxy.addr().port())).expect("port");
+    let queue_name = unique_name("hung");
+    let Some(queue) = Queue::declare(&queue_name).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, url) = sqlite_store(dir.path(), "outbox").await;
+    // Nothing but the store and the broker: every relay setting at its default.
+    let config = dir.path().join("defaults.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"{url}\"\n\n[publisher]\nkind = \"amqp\"\nuri = \"{through}\"\nrouting = \"queue\"\n"
+        ),
+    )
+    .expect("write config");
+    let first = enqueue_sqlite(&store, keyed(&queue_name, 50, 5)).await;
+    let mut child = command(&config, &["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let got = queue.read(first.len(), Duration::from_secs(30)).await;
+    assert_eq!(got.len(), first.len(), "the relay runs");
+    proxy.set_blackhole(true);
+    let second = enqueue_sqlite(&store, keyed(&queue_name, 50, 5)).await;
+    // Let the relay claim them and hang in publishing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let signalled = tokio::time::Instant::now();
+    let status = sigterm(&mut child, Duration::from_secs(30)).await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "a clean exit");
+    assert!(took <= Duration::from_secs(25), "SIGTERM to exit took {took:?}");
+    println!("SIGTERM to exit, broker black-holed: {took:?}");
+    proxy.set_blackhole(false);
+    assert_eq!(
+        store.stats().await.expect("stats").dead,
+        0,
+        "nothing dead-lettered"
+    );
+    // What the stopped relay held is handed back: the next relay publishes it.
+    let mut next = command(&config, &["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // One reader for all of them (each read is a consumer of its own); the hung publish may
+    // also have gone out once the black hole lifted: duplicates are allowed.
+    let seen: HashSet<MessageId> = queue
+        .read(2 * second.len(), Duration::from_secs(20))
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let missing = second.iter().filter(|id| !seen.contains(id)).count();
+    assert_eq!(missing, 0, "the held messages are published by the next relay");
+    assert_eq!(
+        sigterm(&mut next, Duration::from_secs(25)).await.code(),
+        Some(0)
+    );
+    queue.delete().await;
+}
