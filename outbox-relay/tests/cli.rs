@@ -836,7 +836,10 @@ async fn sigterm_with_default_settings_exits_within_25_s_when_the_broker_hangs()
     let status = sigterm(&mut child, Duration::from_secs(30)).await;
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "a clean exit");
-    assert!(took <= Duration::from_secs(25), "SIGTERM to exit took {took:?}");
+    assert!(
+        took <= Duration::from_secs(25),
+        "SIGTERM to exit took {took:?}"
+    );
     println!("SIGTERM to exit, broker black-holed: {took:?}");
     proxy.set_blackhole(false);
     assert_eq!(
@@ -859,7 +862,10 @@ async fn sigterm_with_default_settings_exits_within_25_s_when_the_broker_hangs()
         .map(|(id, _)| id)
         .collect();
     let missing = second.iter().filter(|id| !seen.contains(id)).count();
-    assert_eq!(missing, 0, "the held messages are published by the next relay");
+    assert_eq!(
+        missing, 0,
+        "the held messages are published by the next relay"
+    );
     assert_eq!(
         sigterm(&mut next, Duration::from_secs(25)).await.code(),
         Some(0)
