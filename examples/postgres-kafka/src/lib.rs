@@ -21,16 +21,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outbox_core::{
-    ConfigError, Enqueue, NewMessage, PublishError, Publisher, Relay, RelayError, StoreError,
-    Wakeup,
+use outbox::prelude::*;
+use outbox::sqlx::{self, PgPool};
+use outbox::{
+    ConfigError, KafkaConfig, KafkaError, KafkaPublisher, NewMessage, PostgresStore, Relay,
+    RelayError, StoreConfig, StoreError, Wakeup,
 };
-use outbox_kafka::{KafkaConfig, KafkaPublisher};
-use outbox_sqlx::sqlx::{self, PgPool};
-use outbox_sqlx::{PostgresStore, StoreConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 /// The outbox destination of order events; [`Config::topic`] names its Kafka topic.
@@ -91,12 +89,10 @@ pub enum Error {
     /// The outbox store failed.
     #[error("outbox: {0}")]
     Outbox(#[from] StoreError),
-    /// The Kafka publisher could not be created.
-    #[error("Kafka publisher: {0}")]
-    Kafka(#[from] outbox_kafka::KafkaError),
-    /// The Kafka cluster is unreachable or the topic is missing.
+    /// The Kafka publisher could not be created, the cluster is unreachable or the topic is
+    /// missing.
     #[error("Kafka: {0}")]
-    Broker(#[from] PublishError),
+    Kafka(#[from] KafkaError),
     /// The relay configuration is invalid.
     #[error("relay configuration: {0}")]
     RelayConfig(#[from] ConfigError),
@@ -106,9 +102,6 @@ pub enum Error {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
-    /// The relay task panicked or was cancelled.
-    #[error("relay task: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// An order, as stored and as the API returns it.
@@ -238,12 +231,12 @@ impl OrderService {
         .execute(&pool)
         .await?;
 
-        let publisher = KafkaPublisher::new(
+        // Connected now: fails at start, rather than at the first event, when Kafka is
+        // unreachable or the topic was not created.
+        let publisher = KafkaPublisher::connect(
             KafkaConfig::new(&config.kafka_brokers).topic(ORDER_EVENTS, &config.topic),
         )
         .await?;
-        // Fails now, rather than at the first event, when the topic was not created.
-        publisher.check().await?;
         let relay = Relay::builder(store.clone(), publisher).build()?;
 
         Ok(Self {
@@ -282,34 +275,48 @@ impl OrderService {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let (stop_relay, relay_stopped) = oneshot::channel::<()>();
-        let relay = self.relay.clone();
-        let mut relaying = tokio::spawn(async move {
-            relay
-                .run(async {
-                    relay_stopped.await.ok();
-                })
-                .await
-        });
-        let server = axum::serve(listener, self.router())
+        let router = self.router();
+        let mut relay = self.relay.spawn(std::future::pending());
+        let server = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .into_future();
         tokio::select! {
             served = server => {
                 // No request is in progress any more: nothing new can be enqueued.
-                stop_relay.send(()).ok();
-                let relayed = relaying.await;
+                relay.shutdown();
+                let relayed = relay.await;
                 served?;
-                relayed??;
+                relayed?;
                 Ok(())
             }
-            relayed = &mut relaying => {
+            relayed = &mut relay => {
                 // Only a permanent store failure ends the relay early; stop serving rather than
                 // take orders whose events nobody publishes.
-                relayed??;
+                relayed?;
                 Ok(())
             }
         }
+    }
+}
+
+/// Completes on SIGTERM (what Kubernetes and systemd send) or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+                }
+                return;
+            }
+            Err(err) => tracing::error!(error = %err, "cannot watch SIGTERM; Ctrl-C only"),
+        }
+    }
+    if let Err(err) = tokio::signal::ctrl_c().await {
+        tracing::error!(error = %err, "cannot listen for Ctrl-C; stopping");
     }
 }
 

@@ -1,6 +1,7 @@
-//! Runs the order service until Ctrl-C. Settings come from the environment; see the README.
+//! Runs the order service until SIGTERM or Ctrl-C. Settings come from the environment; see the
+//! README.
 
-use postgres_kafka::{Config, OrderService};
+use postgres_kafka::{Config, OrderService, shutdown_signal};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -18,15 +19,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(
         addr = %listener.local_addr()?,
         topic = %config.topic,
-        "order service listening; Ctrl-C stops it"
+        "order service listening; SIGTERM or Ctrl-C stops it"
     );
-    service
-        .serve(listener, async {
-            if let Err(err) = tokio::signal::ctrl_c().await {
-                tracing::error!(error = %err, "cannot listen for Ctrl-C; stopping");
-            }
-        })
-        .await?;
+    service.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

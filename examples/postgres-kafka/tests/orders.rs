@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use outbox_core::{MESSAGE_ID_HEADER, MessageId, Store};
-use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use outbox_kafka::rdkafka::client::DefaultClientContext;
-use outbox_kafka::rdkafka::config::ClientConfig;
-use outbox_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
-use outbox_kafka::rdkafka::message::{Headers, Message};
-use outbox_sqlx::sqlx::{self, postgres::PgPoolOptions};
+use outbox::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use outbox::kafka::rdkafka::client::DefaultClientContext;
+use outbox::kafka::rdkafka::config::ClientConfig;
+use outbox::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+use outbox::kafka::rdkafka::message::{Headers, Message};
+use outbox::sqlx::{self, postgres::PgPoolOptions};
+use outbox::{MESSAGE_ID_HEADER, MessageId, Store};
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use postgres_kafka::{Config, Order, OrderEvent, OrderService, PlaceOrder};
 use reqwest::StatusCode;
@@ -32,56 +32,112 @@ struct Record {
     event: OrderEvent,
 }
 
+/// The servers of the tests: PostgreSQL, and a Kafka broker with an admin client.
+struct Servers {
+    database_url: String,
+    brokers: String,
+    pool: sqlx::PgPool,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+impl Servers {
+    /// The servers, or `None` to skip when one is missing (a failure under
+    /// `OUTBOX_TEST_REQUIRE=1`).
+    async fn reach() -> Option<Self> {
+        let database_url = service_url(
+            "OUTBOX_TEST_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        );
+        let brokers = service_url("OUTBOX_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
+        let connecting = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&database_url)
+            .await;
+        let pool = or_skip("PostgreSQL", connecting)?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("admin client");
+        let reachable = tokio::task::block_in_place(|| {
+            admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(drop)
+        });
+        or_skip("Kafka broker", reachable)?;
+        Some(Self {
+            database_url,
+            brokers,
+            pool,
+            admin,
+        })
+    }
+
+    /// A topic of the test's own, created first: the broker does not create topics by itself.
+    async fn topic(&self) -> String {
+        let topic = unique_name("postgres_kafka_orders");
+        for created in self
+            .admin
+            .create_topics(
+                &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+                &admin_options(),
+            )
+            .await
+            .expect("create topic")
+        {
+            created.expect("topic created");
+        }
+        topic
+    }
+
+    /// A configuration on tables and a topic of the test's own.
+    async fn config(&self) -> Config {
+        Config {
+            database_url: self.database_url.clone(),
+            kafka_brokers: self.brokers.clone(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            orders_table: unique_name("orders"),
+            outbox_table: unique_name("outbox"),
+            topic: self.topic().await,
+        }
+    }
+
+    /// Drops the test's tables and deletes its topic.
+    async fn clean_up(&self, config: &Config) {
+        let outbox = outbox::PostgresStore::new(
+            self.pool.clone(),
+            outbox::StoreConfig::new().table(&config.outbox_table),
+        )
+        .expect("store");
+        outbox.drop_tables().await.expect("drop outbox tables");
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", config.orders_table))
+            .execute(&self.pool)
+            .await
+            .expect("drop orders");
+        for deleted in self
+            .admin
+            .delete_topics(&[&config.topic], &admin_options())
+            .await
+            .expect("delete topic")
+        {
+            if let Err((topic, code)) = deleted {
+                eprintln!("deleting topic {topic}: {code:?}");
+            }
+        }
+    }
+}
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_orders_reach_kafka_in_order_and_rejected_requests_never_do() {
-    let database_url = service_url(
-        "OUTBOX_TEST_POSTGRES_URL",
-        "postgres://postgres@127.0.0.1:5432/test",
-    );
-    let brokers = service_url("OUTBOX_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
-    let connecting = PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&database_url)
-        .await;
-    let Some(pool) = or_skip("PostgreSQL", connecting) else {
+    let Some(servers) = Servers::reach().await else {
         return;
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin client");
-    let reachable = tokio::task::block_in_place(|| {
-        admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(5))
-            .map(drop)
-    });
-    if or_skip("Kafka broker", reachable).is_none() {
-        return;
-    }
-
-    // A topic of its own, created first: the broker does not create topics by itself.
-    let topic = unique_name("postgres_kafka_orders");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for created in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
-            &options,
-        )
-        .await
-        .expect("create topic")
-    {
-        created.expect("topic created");
-    }
-
-    let config = Config {
-        database_url: database_url.clone(),
-        kafka_brokers: brokers.clone(),
-        listen: "127.0.0.1:0".parse().expect("address"),
-        orders_table: unique_name("orders"),
-        outbox_table: unique_name("outbox"),
-        topic: topic.clone(),
-    };
+    let config = servers.config().await;
+    let (brokers, topic) = (servers.brokers.clone(), config.topic.clone());
     let service = OrderService::connect(&config)
         .await
         .expect("service starts");
@@ -200,21 +256,79 @@ async fn committed_orders_reach_kafka_in_order_and_rejected_requests_never_do() 
         .expect("server task")
         .expect("graceful shutdown");
 
-    // Clean up.
-    store.drop_tables().await.expect("drop outbox tables");
-    sqlx::query(&format!("DROP TABLE {}", config.orders_table))
-        .execute(&pool)
-        .await
-        .expect("drop orders");
-    for deleted in admin
-        .delete_topics(&[&topic], &options)
-        .await
-        .expect("delete topic")
-    {
-        if let Err((topic, code)) = deleted {
-            eprintln!("deleting topic {topic}: {code:?}");
+    servers.clean_up(&config).await;
+}
+
+/// The service as deployed: the binary, configured by its environment, stops gracefully on
+/// SIGTERM with exit status 0, and an order placed just before is published by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_publishes_and_stops_gracefully_on_sigterm() {
+    let Some(servers) = Servers::reach().await else {
+        return;
+    };
+    let config = servers.config().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_postgres-kafka"))
+        .env("DATABASE_URL", &config.database_url)
+        .env("KAFKA_BROKERS", &config.kafka_brokers)
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORDERS_TABLE", &config.orders_table)
+        .env("OUTBOX_TABLE", &config.outbox_table)
+        .env("ORDERS_TOPIC", &config.topic)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the service starts");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let order: Order = loop {
+        let placed = http
+            .post(format!("{base}/orders"))
+            .json(&PlaceOrder {
+                customer: String::from("ada"),
+                total_cents: 4200,
+            })
+            .send()
+            .await;
+        match placed {
+            Ok(response) if response.status() == StatusCode::CREATED => {
+                break response.json().await.expect("order");
+            }
+            other => {
+                assert!(Instant::now() < deadline, "the service answers: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-    }
+    };
+    let pid = child.id().expect("running").to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(25), child.wait())
+        .await
+        .expect("the service stops within 25 s of SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "SIGTERM is a clean exit");
+    let records = consume(
+        &config.kafka_brokers,
+        &config.topic,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        records.iter().any(|r| r.event.order_id() == order.id),
+        "the order's event reached Kafka: {records:?}"
+    );
+    servers.clean_up(&config).await;
 }
 
 /// Reads `topic` from its beginning in a consumer group of its own, until `count` records came
