@@ -317,6 +317,21 @@ impl DeadLetterFilter {
 
 /// The outbox table of one database.
 ///
+/// # Three roles
+///
+/// The methods serve three roles; a backend implements all of them, since the relay uses all of
+/// them, but they matter differently:
+///
+/// | role | methods | what rests on it | checked by |
+/// | --- | --- | --- | --- |
+/// | **claims** | [`claim`](Store::claim), [`settle`](Store::settle), [`listen`](Store::listen) | the guarantee: at least once, per-key order, fencing | the store suite's claim and settle checks, and the whole relay suite |
+/// | **membership** | [`heartbeat`](Store::heartbeat), [`members`](Store::members), [`acquire`](Store::acquire), [`release`](Store::release), [`leave`](Store::leave) | several relays sharing the work: one owner per partition | `partitions_have_one_owner_at_a_time`, `heartbeats_track_live_relays`, `relays_share_the_work` |
+/// | **operations** | [`stats`](Store::stats), [`dead_letters`](Store::dead_letters), [`replay`](Store::replay), [`purge`](Store::purge), [`cleanup`](Store::cleanup) | what operators see and do, retention | `stats_count_the_backlog`, `dead_letters_are_listed_replayed_and_purged`, `published_messages_are_done` |
+///
+/// They stay one trait: every store implements all three, the relay needs all three, and
+/// splitting them would make every caller of, say, [`stats`](Store::stats) import a trait of
+/// its own, for no bound that any code needs narrower than `Store`.
+///
 /// # Contract
 ///
 /// Every implementation must pass the `outbox-testkit` store suite. In short:

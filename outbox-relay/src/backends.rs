@@ -4,48 +4,7 @@ use std::sync::Arc;
 
 use outbox_core::{DynPublisher, DynStore, JsonLinesPublisher, StoreError};
 
-use crate::config::PublisherConfig;
-
-/// Which database a store URL names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum StoreKind {
-    Postgres,
-    MySql,
-    Sqlite,
-}
-
-impl StoreKind {
-    /// Reads the scheme of `url`; the error names the schemes this build supports.
-    pub(crate) fn from_url(url: &str) -> Result<Self, String> {
-        let scheme = url
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let kind = match scheme.as_str() {
-            "postgres" | "postgresql" => StoreKind::Postgres,
-            "mysql" | "mariadb" => StoreKind::MySql,
-            "sqlite" => StoreKind::Sqlite,
-            _ => {
-                return Err(format!(
-                    "store.url: unsupported scheme `{scheme}`: use postgres://, mysql:// or sqlite:"
-                ));
-            }
-        };
-        let built = match kind {
-            StoreKind::Postgres => cfg!(feature = "store-postgres"),
-            StoreKind::MySql => cfg!(feature = "store-mysql"),
-            StoreKind::Sqlite => cfg!(feature = "store-sqlite"),
-        };
-        if built {
-            Ok(kind)
-        } else {
-            Err(format!(
-                "store.url: this build has no {kind:?} support (cargo feature store-*)"
-            ))
-        }
-    }
-}
+use crate::config::{PublisherConfig, StoreKind};
 
 /// The configured store.
 #[derive(Clone)]

@@ -212,7 +212,7 @@ impl Config {
         let url = self.store.url.as_deref().ok_or_else(|| {
             ConfigFileError("store.url: missing (postgres://, mysql:// or sqlite: URL)".into())
         })?;
-        crate::backends::StoreKind::from_url(url).map_err(ConfigFileError)?;
+        StoreKind::from_url(url).map_err(ConfigFileError)?;
         self.store
             .validate()
             .map_err(|err| ConfigFileError(format!("store.{}", err.message())))?;
@@ -227,6 +227,47 @@ impl Config {
             )));
         }
         Ok(())
+    }
+}
+
+/// Which database a store URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreKind {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl StoreKind {
+    /// Reads the scheme of `url`; the error names the schemes this build supports.
+    pub(crate) fn from_url(url: &str) -> Result<Self, String> {
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let kind = match scheme.as_str() {
+            "postgres" | "postgresql" => StoreKind::Postgres,
+            "mysql" | "mariadb" => StoreKind::MySql,
+            "sqlite" => StoreKind::Sqlite,
+            _ => {
+                return Err(format!(
+                    "store.url: unsupported scheme `{scheme}`: use postgres://, mysql:// or sqlite:"
+                ));
+            }
+        };
+        let built = match kind {
+            StoreKind::Postgres => cfg!(feature = "store-postgres"),
+            StoreKind::MySql => cfg!(feature = "store-mysql"),
+            StoreKind::Sqlite => cfg!(feature = "store-sqlite"),
+        };
+        if built {
+            Ok(kind)
+        } else {
+            Err(format!(
+                "store.url: this build has no {kind:?} support (cargo feature store-*)"
+            ))
+        }
     }
 }
 
