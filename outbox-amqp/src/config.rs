@@ -146,7 +146,7 @@ pub struct AmqpConfig {
 }
 
 fn default_key_header() -> Option<String> {
-    Some(String::from("outbox-key"))
+    Some(String::from(crate::DEFAULT_KEY_HEADER))
 }
 fn default_max_message_size() -> usize {
     128 * 1024 * 1024

@@ -246,7 +246,7 @@ fn damaged_postgres_rows_are_dead_lettered_or_published() {
     let url = outbox_chaos::db::postgres_url();
     let Some(pool) = or_skip(
         "PostgreSQL",
-        rt.block_on(PgPoolOptions::new().max_connections(4).connect(&url)),
+        rt.block_on(PgPoolOptions::new().max_connections(8).connect(&url)),
     ) else {
         return;
     };
@@ -299,7 +299,7 @@ fn damaged_mysql_rows_are_dead_lettered_or_published() {
     let url = outbox_chaos::db::mysql_url();
     let Some(pool) = or_skip(
         "MySQL",
-        rt.block_on(MySqlPoolOptions::new().max_connections(4).connect(&url)),
+        rt.block_on(MySqlPoolOptions::new().max_connections(8).connect(&url)),
     ) else {
         return;
     };

@@ -4,6 +4,7 @@ mod config;
 mod dynamic;
 mod error;
 mod error_text;
+mod incoming;
 mod jsonl;
 mod memory;
 mod message;
@@ -18,6 +19,7 @@ pub use config::RelayConfig;
 pub use dynamic::{DynPublisher, DynStore};
 pub use error::{ConfigError, PublishError, RelayError, Retryable, StoreError, StoreErrorKind};
 pub use error_text::{MAX_ERROR_TEXT, sanitize as sanitize_error_text};
+pub use incoming::{Incoming, IncomingError};
 pub use jsonl::JsonLinesPublisher;
 pub use memory::{MemoryPublisher, MemoryStore, MemoryTransaction};
 pub use message::{

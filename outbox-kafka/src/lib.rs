@@ -2,10 +2,12 @@
 
 mod config;
 mod error;
+mod incoming;
 mod kafka;
 
 pub use config::KafkaConfig;
 pub use error::{KafkaError, classify};
+pub use incoming::incoming;
 pub use kafka::KafkaPublisher;
 
 /// The Kafka client this crate is built on, for matching versions and error codes.

@@ -212,7 +212,7 @@ pub struct NatsConfig {
 }
 
 fn default_key_header() -> Option<String> {
-    Some(String::from("Outbox-Key"))
+    Some(String::from(crate::DEFAULT_KEY_HEADER))
 }
 fn default_window() -> usize {
     256

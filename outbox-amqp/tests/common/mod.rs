@@ -2,7 +2,6 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,11 +9,11 @@ use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use outbox_amqp::{AmqpConfig, AmqpPublisher};
 use outbox_core::{
-    DeadLetterFilter, MemoryStore, MessageId, NewMessage, Relay, RelayConfig, RetryPolicy, Store,
+    DeadLetterFilter, MemoryStore, NewMessage, Relay, RelayConfig, RetryPolicy, Store,
 };
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use outbox_testkit::{PublisherHarness, Received};
@@ -168,32 +167,24 @@ impl AmqpHarness {
     }
 }
 
-/// Decodes a delivery as the suite expects it.
+/// Decodes a delivery as the suite expects it, through [`outbox_amqp::incoming`]: the
+/// suite's checks of ids, keys, headers and payloads check the conversion too.
 pub fn received(delivery: &lapin::message::Delivery) -> Received {
-    let properties = &delivery.properties;
-    let id = properties
-        .message_id()
-        .as_ref()
-        .expect("message_id set")
-        .as_str()
-        .parse::<MessageId>()
-        .expect("message_id is the outbox id");
-    let mut headers = HashMap::new();
-    if let Some(table) = properties.headers() {
-        for (name, value) in table.inner() {
-            if let AMQPValue::LongString(value) = value {
-                headers.insert(
-                    name.as_str().to_owned(),
-                    String::from_utf8(value.as_bytes().to_vec()).expect("UTF-8 header"),
-                );
-            }
-        }
-    }
+    let incoming = outbox_amqp::incoming(delivery).expect("an outbox delivery");
+    assert_eq!(
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        Some(incoming.id.to_string()),
+        "message_id is the outbox id"
+    );
     Received {
-        id,
-        key: headers.get("outbox-key").cloned(),
-        payload: delivery.data.clone(),
-        headers: headers.into_iter().collect(),
+        id: incoming.id,
+        key: incoming.key,
+        payload: incoming.payload,
+        headers: incoming.headers,
     }
 }
 

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use outbox_core::{Headers, MESSAGE_ID_HEADER, MessageId};
+use outbox_core::MessageId;
 use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use outbox_kafka::rdkafka::client::DefaultClientContext;
 use outbox_kafka::rdkafka::config::ClientConfig;
 use outbox_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
-use outbox_kafka::rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use outbox_kafka::rdkafka::message::{BorrowedMessage, Message as _};
 use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{KafkaConfig, KafkaPublisher};
 use outbox_testkit::proxy::FaultProxy;
@@ -188,33 +188,17 @@ impl Reader {
     }
 }
 
+/// A record as the suite expects it, through [`outbox_kafka::incoming`]: the suite's checks
+/// of ids, keys, headers and payloads check the conversion too.
 fn received(message: &BorrowedMessage<'_>) -> Received {
-    let mut headers = Headers::new();
-    if let Some(kafka_headers) = message.headers() {
-        for header in kafka_headers.iter() {
-            let value = header
-                .value
-                .map(|v| String::from_utf8(v.to_vec()).expect("UTF-8 header"))
-                .unwrap_or_default();
-            headers.insert(header.key.to_owned(), value);
-        }
-    }
-    let id: MessageId = headers
-        .get(MESSAGE_ID_HEADER)
-        .expect("every message carries its id")
-        .parse()
-        .expect("the id header holds a UUID");
+    // The publisher never sends a null value (a tombstone), even for an empty payload.
+    assert!(message.payload().is_some(), "a value, not a tombstone");
+    let incoming = outbox_kafka::incoming(message).expect("an outbox record");
     Received {
-        id,
-        key: message
-            .key()
-            .map(|k| String::from_utf8(k.to_vec()).expect("UTF-8 key")),
-        // The publisher never sends a null value (a tombstone), even for an empty payload.
-        payload: message
-            .payload()
-            .map(<[u8]>::to_vec)
-            .expect("a value, not a tombstone"),
-        headers,
+        id: incoming.id,
+        key: incoming.key,
+        payload: incoming.payload,
+        headers: incoming.headers,
     }
 }
 

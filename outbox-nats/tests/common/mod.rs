@@ -155,31 +155,21 @@ impl NatsHarness {
     }
 }
 
-/// Decodes a message as the suite expects it.
+/// Decodes a message as the suite expects it, through [`outbox_nats::incoming`]: the suite's
+/// checks of ids, keys, headers and payloads check the conversion too.
 pub fn received(message: &async_nats::Message) -> Received {
-    let mut headers = HashMap::new();
-    if let Some(map) = &message.headers {
-        for (name, values) in map.iter() {
-            if let Some(value) = values.first() {
-                headers.insert(name.to_string(), value.as_str().to_owned());
-            }
-        }
-    }
-    let id = headers
-        .get("Nats-Msg-Id")
-        .expect("Nats-Msg-Id set")
-        .parse::<MessageId>()
-        .expect("the outbox id");
-    assert_eq!(
-        headers.get(MESSAGE_ID_HEADER),
-        Some(&id.to_string()),
-        "both id headers agree"
-    );
+    let incoming = outbox_nats::incoming(message).expect("an outbox message");
+    let both = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(MESSAGE_ID_HEADER))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(both, Some(incoming.id.to_string()), "both id headers agree");
     Received {
-        id,
-        key: headers.get("Outbox-Key").cloned(),
-        payload: message.payload.to_vec(),
-        headers: headers.into_iter().collect(),
+        id: incoming.id,
+        key: incoming.key,
+        payload: incoming.payload,
+        headers: incoming.headers,
     }
 }
 
