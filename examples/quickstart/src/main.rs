@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use outbox_core::{Enqueue, JsonLinesPublisher, NewMessage, Relay, RelayConfig, Store};
-use outbox_sqlx::sqlx::{self, SqliteConnection};
-use outbox_sqlx::{SqliteStore, StoreConfig};
+use outbox::prelude::*;
+use outbox::sqlx::{self, SqliteConnection};
+use outbox::{JsonLinesPublisher, NewMessage, Relay, RelayConfig, SqliteStore, StoreConfig};
 use serde::Serialize;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -53,7 +53,7 @@ async fn place_order(
     let message = NewMessage::json("orders", &event)?
         .key(format!("order-{order_id}"))
         .header("type", "OrderPlaced");
-    store.enqueue(tx, message).await?;
+    store.enqueue(&mut *tx, message).await?;
     Ok(())
 }
 
@@ -70,8 +70,18 @@ async fn ship_order(
     let message = NewMessage::json("orders", &OrderShipped { order_id })?
         .key(format!("order-{order_id}"))
         .header("type", "OrderShipped");
-    store.enqueue(tx, message).await?;
+    store.enqueue(&mut *tx, message).await?;
     Ok(())
+}
+
+/// Completes once the outbox holds no pending message.
+async fn drained(store: SqliteStore) {
+    loop {
+        if store.stats().await.is_ok_and(|stats| stats.pending == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::main]
@@ -110,24 +120,16 @@ async fn main() -> Result<(), Error> {
         .await?;
     eprintln!("orders in the table: {orders:?}");
 
-    // The relay, embedded: it publishes the committed events (order-1's in enqueue order) and
-    // stops once the outbox is empty.
+    // The relay, embedded: it runs in a task of its own, publishes the committed events
+    // (order-1's in enqueue order) and shuts down gracefully once its shutdown future
+    // completes, here when the outbox is empty (in a service: on SIGTERM).
+    eprintln!("relaying:");
     let relay = Relay::builder(store.clone(), JsonLinesPublisher::stdout())
         .config(RelayConfig::default().poll_max(Duration::from_millis(100)))
-        .build()?;
-    let drained = {
-        let store = store.clone();
-        async move {
-            loop {
-                if store.stats().await.is_ok_and(|stats| stats.pending == 0) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    eprintln!("relaying:");
-    relay.run(drained).await?;
+        .build()?
+        .spawn(drained(store.clone()));
+    // The handle completes with the relay's run: Ok once it has stopped gracefully.
+    relay.await?;
     eprintln!("every committed event was published; the rolled-back one never was");
     store.pool().close().await;
     Ok(())
