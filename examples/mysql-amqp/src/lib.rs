@@ -10,16 +10,16 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use outbox_amqp::{AmqpConfig, AmqpError, AmqpPublisher};
-use outbox_core::{ConfigError, Enqueue, NewMessage, Relay, RelayError, Store, StoreError, Wakeup};
-use outbox_sqlx::sqlx::{self, MySqlPool};
-use outbox_sqlx::{MySqlStore, StoreConfig};
+use outbox::amqp::lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use outbox::amqp::lapin::types::FieldTable;
+use outbox::amqp::lapin::{self, Connection, ConnectionProperties, ExchangeKind};
+use outbox::prelude::*;
+use outbox::sqlx::{self, MySqlPool};
+use outbox::{
+    AmqpConfig, AmqpError, AmqpPublisher, ConfigError, MySqlStore, NewMessage, Relay, RelayError,
+    RelayHandle, StoreConfig, StoreError,
+};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Settings of the service. [`Config::from_env`] reads them from the environment, with
 /// defaults for servers on loopback.
@@ -102,12 +102,9 @@ pub enum Error {
     /// The relay configuration is invalid.
     #[error("relay configuration: {0}")]
     RelayConfig(#[from] ConfigError),
-    /// The relay stopped on a permanent failure.
+    /// The relay stopped on a permanent failure (or its task panicked).
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
-    /// The relay task panicked or was cancelled.
-    #[error("relay task: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 impl Error {
@@ -233,11 +230,10 @@ impl Statements {
 pub struct Billing {
     pool: MySqlPool,
     store: MySqlStore,
-    wakeup: Wakeup,
     exchange: String,
     sql: Statements,
-    stop_relay: oneshot::Sender<()>,
-    relaying: JoinHandle<Result<(), RelayError>>,
+    /// The relay, in a task of its own: wakes it, stops it, reports how its run ended.
+    relay: RelayHandle<MySqlStore, AmqpPublisher>,
 }
 
 impl Billing {
@@ -286,25 +282,17 @@ impl Billing {
 
         // Connects now, so that a wrong URL fails here rather than in the relay's retries.
         let publisher = AmqpPublisher::connect(AmqpConfig::new(&config.amqp_url)).await?;
-        let relay = Relay::builder(store.clone(), publisher).build()?;
-        let wakeup = relay.wakeup();
-        let (stop_relay, relay_stopped) = oneshot::channel::<()>();
-        let relaying = tokio::spawn(async move {
-            relay
-                .run(async {
-                    relay_stopped.await.ok();
-                })
-                .await
-        });
+        // The relay runs until `shutdown` asks it to stop.
+        let relay = Relay::builder(store.clone(), publisher)
+            .build()?
+            .spawn(std::future::pending());
 
         Ok(Self {
             pool,
             store,
-            wakeup,
             exchange: config.exchange.clone(),
             sql: Statements::new(&invoices, &payments),
-            stop_relay,
-            relaying,
+            relay,
         })
     }
 
@@ -331,7 +319,7 @@ impl Billing {
         tx.commit().await?;
         // MySQL has no notifications: wake the relay in this process instead of waiting for
         // its next poll.
-        self.wakeup.wake();
+        self.relay.wake();
         Ok(invoice_id)
     }
 
@@ -388,7 +376,7 @@ impl Billing {
         // One statement for both; messages of one key keep the order of the batch.
         self.store.enqueue_batch(&mut *tx, messages).await?;
         tx.commit().await?;
-        self.wakeup.wake();
+        self.relay.wake();
         Ok(payment_id)
     }
 
@@ -410,18 +398,26 @@ impl Billing {
     }
 
     /// Waits until the outbox holds no pending message, for at most `timeout`; returns
-    /// whether it got there.
+    /// whether it got there. Returns `false` at once if the relay stopped on a failure
+    /// ([`Billing::shutdown`] then says which).
     pub async fn wait_until_published(&self, timeout: Duration) -> Result<bool, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.store.stats().await?.pending == 0 {
                 return Ok(true);
             }
-            if tokio::time::Instant::now() >= deadline {
+            if self.relay.is_finished() || tokio::time::Instant::now() >= deadline {
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the relay is running. It stops on its own only on a permanent failure, such as
+    /// a dropped outbox table, which [`Billing::shutdown`] then returns; a readiness probe would
+    /// report it.
+    pub fn relay_running(&self) -> bool {
+        !self.relay.is_finished()
     }
 
     /// The outbox store.
@@ -435,12 +431,12 @@ impl Billing {
     }
 
     /// Stops the relay gracefully (it publishes or hands back what it holds) and closes the
-    /// pool.
+    /// pool. Returns the relay's failure if it stopped on one.
     pub async fn shutdown(self) -> Result<(), Error> {
-        self.stop_relay.send(()).ok();
-        let relayed = self.relaying.await;
+        self.relay.shutdown();
+        let relayed = self.relay.await;
         self.pool.close().await;
-        relayed??;
+        relayed?;
         Ok(())
     }
 }

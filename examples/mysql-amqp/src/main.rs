@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
-use lapin::{Connection, ConnectionProperties};
 use mysql_amqp::{Billing, Config};
+use outbox::amqp::incoming;
+use outbox::amqp::lapin::options::{BasicAckOptions, BasicGetOptions};
+use outbox::amqp::lapin::{Connection, ConnectionProperties};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,16 +38,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     billing.record_payment(acme, 6_000).await?;
     println!("invoice {acme}: payment of 60.00 recorded, paid in full");
 
-    if !billing
+    let published = billing
         .wait_until_published(Duration::from_secs(30))
-        .await?
-    {
+        .await?;
+    // Stops the relay gracefully; fails with the relay's error if it stopped on one.
+    billing.shutdown().await?;
+    if !published {
         return Err("the relay did not publish every event within 30 s".into());
     }
-    billing.shutdown().await?;
 
     // A consumer of the queue: every event with its message id (the key to deduplicate by)
-    // and its ordering key.
+    // and its ordering key, as `outbox::amqp::incoming` reads them from the delivery.
     println!("queue {}:", config.queue);
     let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -56,33 +57,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?
     {
         let delivery = message.delivery;
-        let properties = &delivery.properties;
-        let key = properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| {
-                headers
-                    .inner()
-                    .iter()
-                    .find(|(name, _)| name.as_str() == "outbox-key")
-            })
-            .and_then(|(_, value)| match value {
-                AMQPValue::LongString(key) => {
-                    Some(String::from_utf8_lossy(key.as_bytes()).into_owned())
-                }
-                _ => None,
-            })
-            .unwrap_or_default();
+        let event = incoming(&delivery)?;
         println!(
             "  {:<16} message_id={} key={} {}",
-            delivery.routing_key.as_str(),
-            properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str())
-                .unwrap_or("-"),
-            key,
-            String::from_utf8_lossy(&delivery.data)
+            event.destination,
+            event.id,
+            event.key.as_deref().unwrap_or_default(),
+            String::from_utf8_lossy(&event.payload)
         );
         delivery.ack(BasicAckOptions::default()).await?;
     }

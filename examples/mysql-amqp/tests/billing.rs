@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use mysql_amqp::{Billing, BillingEvent, Config, Error};
-use outbox_core::{MESSAGE_ID_HEADER, MessageId, Store};
-use outbox_sqlx::sqlx::{self, mysql::MySqlPoolOptions};
-use outbox_sqlx::{MySqlStore, StoreConfig};
+use outbox::amqp::lapin::options::{
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use outbox::amqp::lapin::types::{AMQPValue, FieldTable};
+use outbox::amqp::lapin::{self, Connection, ConnectionProperties};
+use outbox::sqlx::{self, mysql::MySqlPoolOptions};
+use outbox::{MESSAGE_ID_HEADER, MessageId, MySqlStore, Store, StoreConfig};
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use tokio::time::Instant;
 
@@ -30,35 +31,100 @@ struct Received {
     event: BillingEvent,
 }
 
+/// The servers of the tests: MariaDB / MySQL and RabbitMQ.
+struct Servers {
+    database_url: String,
+    amqp_url: String,
+    pool: sqlx::MySqlPool,
+    connection: Connection,
+}
+
+impl Servers {
+    /// The servers, or `None` to skip when one is missing (a failure under
+    /// `OUTBOX_TEST_REQUIRE=1`).
+    async fn reach() -> Option<Self> {
+        let database_url = service_url("OUTBOX_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+        let amqp_url = service_url(
+            "OUTBOX_TEST_AMQP_URL",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        );
+        let connecting = MySqlPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&database_url)
+            .await;
+        let pool = or_skip("MySQL", connecting)?;
+        let connection = or_skip(
+            "RabbitMQ",
+            Connection::connect(&amqp_url, ConnectionProperties::default()).await,
+        )?;
+        Some(Self {
+            database_url,
+            amqp_url,
+            pool,
+            connection,
+        })
+    }
+
+    /// A configuration on tables, an exchange and a queue of the test's own.
+    fn config(&self) -> Config {
+        let name = unique_name("billing");
+        Config {
+            database_url: self.database_url.clone(),
+            amqp_url: self.amqp_url.clone(),
+            table_prefix: name.clone(),
+            exchange: name.clone(),
+            queue: format!("{name}.events"),
+        }
+    }
+
+    /// The outbox of `config`.
+    fn outbox(&self, config: &Config) -> MySqlStore {
+        MySqlStore::new(
+            self.pool.clone(),
+            StoreConfig::new().table(format!("{}_outbox", config.table_prefix)),
+        )
+        .expect("store")
+    }
+
+    /// Deletes the test's queue and exchange and drops its tables.
+    async fn clean_up(self, config: &Config) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .queue_delete(config.queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
+        channel
+            .exchange_delete(
+                config.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .expect("delete exchange");
+        self.connection
+            .close(200, "done".into())
+            .await
+            .expect("close connection");
+        self.outbox(config)
+            .drop_tables()
+            .await
+            .expect("drop outbox tables");
+        let prefix = &config.table_prefix;
+        sqlx::query(&format!(
+            "DROP TABLE IF EXISTS {prefix}_invoices, {prefix}_payments"
+        ))
+        .execute(&self.pool)
+        .await
+        .expect("drop tables");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_billing_events_reach_the_queue_in_order_and_refused_payments_never_do() {
-    let database_url = service_url("OUTBOX_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
-    let amqp_url = service_url(
-        "OUTBOX_TEST_AMQP_URL",
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-    );
-    let connecting = MySqlPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&database_url)
-        .await;
-    let Some(pool) = or_skip("MySQL", connecting) else {
+    let Some(servers) = Servers::reach().await else {
         return;
     };
-    let Some(connection) = or_skip(
-        "RabbitMQ",
-        Connection::connect(&amqp_url, ConnectionProperties::default()).await,
-    ) else {
-        return;
-    };
-
-    let name = unique_name("billing");
-    let config = Config {
-        database_url,
-        amqp_url,
-        table_prefix: name.clone(),
-        exchange: name.clone(),
-        queue: format!("{name}.events"),
-    };
+    let config = servers.config();
+    let name = config.table_prefix.clone();
     let billing = Billing::start(&config).await.expect("service starts");
 
     // Two invoices, both paid in full; four calls that are refused.
@@ -101,7 +167,7 @@ async fn committed_billing_events_reach_the_queue_in_order_and_refused_payments_
         "SELECT COUNT(*) FROM {name}_payments WHERE invoice_id = ?"
     ))
     .bind(acme)
-    .fetch_one(&pool)
+    .fetch_one(&servers.pool)
     .await
     .expect("count");
     assert_eq!(payments, 2);
@@ -118,7 +184,7 @@ async fn committed_billing_events_reach_the_queue_in_order_and_refused_payments_
     billing.shutdown().await.expect("graceful shutdown");
 
     // What a consumer of the queue sees.
-    let channel = connection.create_channel().await.expect("channel");
+    let channel = servers.connection.create_channel().await.expect("channel");
     let received = consume(&channel, &config.queue, 7, Duration::from_secs(30)).await;
     let expected: BTreeMap<String, Vec<&str>> = [
         (
@@ -169,34 +235,41 @@ async fn committed_billing_events_reach_the_queue_in_order_and_refused_payments_
     );
     assert_eq!(seen.len(), 7, "seven distinct message ids");
 
-    // Clean up.
     channel
-        .queue_delete(config.queue.as_str().into(), QueueDeleteOptions::default())
+        .close(200, "read".into())
         .await
-        .expect("delete queue");
-    channel
-        .exchange_delete(
-            config.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
+        .expect("close channel");
+    servers.clean_up(&config).await;
+}
+
+/// The service sees its relay stop on a permanent failure, here a dropped outbox table: the
+/// relay's handle reports it, and shutdown returns it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_on_a_permanent_failure_is_reported() {
+    let Some(servers) = Servers::reach().await else {
+        return;
+    };
+    let config = servers.config();
+    let billing = Billing::start(&config).await.expect("service starts");
+    assert!(billing.relay_running());
+
+    servers
+        .outbox(&config)
+        .drop_tables()
         .await
-        .expect("delete exchange");
-    connection
-        .close(200, "done".into())
-        .await
-        .expect("close connection");
-    MySqlStore::new(
-        pool.clone(),
-        StoreConfig::new().table(format!("{name}_outbox")),
-    )
-    .expect("store")
-    .drop_tables()
-    .await
-    .expect("drop outbox tables");
-    sqlx::query(&format!("DROP TABLE {name}_invoices, {name}_payments"))
-        .execute(&pool)
-        .await
-        .expect("drop tables");
+        .expect("drop outbox tables");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while billing.relay_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay stops within 30 s of its table's drop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = billing.shutdown().await;
+    assert!(matches!(stopped, Err(Error::Relay(_))), "{stopped:?}");
+
+    servers.clean_up(&config).await;
 }
 
 /// Reads `queue` until `count` deliveries came and a further second passed without more (a
