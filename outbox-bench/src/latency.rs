@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use outbox_core::{
-    Capabilities, DynPublisher, Enqueue, Message, MessageId, NewMessage, PublishError,
-    PublishOutcome, Publisher, Relay, RelayConfig,
+    Capabilities, DynPublisher, Message, MessageId, NewMessage, PublishError, PublishOutcome,
+    Publisher, Relay, RelayConfig,
 };
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::env::unique_name;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox_core::{DynStore, Enqueue, NewMessage, Store};
+use outbox_core::{DynStore, NewMessage, Store};
 use outbox_sqlx::sqlx::{self, Row};
 use outbox_sqlx::{MySqlStore, PostgresStore, SqliteStore, StoreConfig};
 

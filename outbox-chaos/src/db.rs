@@ -8,7 +8,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use outbox_core::{Enqueue, MessageId, NewMessage, Stats, Store, StoreError};
+use outbox_core::{MessageId, NewMessage, Stats, Store, StoreError};
 use outbox_sqlx::sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
 use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use outbox_sqlx::sqlx::sqlite::{SqliteConnection, SqlitePool};

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_core::{Enqueue, NewMessage, PARTITIONS, RelayId, Store};
+use outbox_core::{NewMessage, PARTITIONS, RelayId, Store};
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};
 

@@ -8,9 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_chaos::broker::{self, NatsServer, Queue};
-use outbox_core::{
-    DeadLetterFilter, Enqueue, Limits, MessageId, NewMessage, Store, StoreErrorKind,
-};
+use outbox_core::{DeadLetterFilter, Limits, MessageId, NewMessage, Store, StoreErrorKind};
 use outbox_sqlx::{PostgresStore, SqliteStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};
 use tokio::process::{Child, Command};

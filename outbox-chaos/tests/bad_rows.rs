@@ -150,7 +150,6 @@ async fn sqlite_store(dir: &std::path::Path) -> SqliteStore {
 }
 
 async fn enqueue_sqlite(store: &SqliteStore, messages: Vec<NewMessage>) -> Vec<MessageId> {
-    use outbox_core::Enqueue;
     let mut tx = store
         .pool()
         .begin_with("BEGIN IMMEDIATE")
@@ -255,7 +254,6 @@ fn damaged_postgres_rows_are_dead_lettered_or_published() {
     rt.block_on(store.migrate()).expect("migrate");
     let result = runner(12).run(&server_damage(), |damage| {
         rt.block_on(async {
-            use outbox_core::Enqueue;
             let key = unique_name("k");
             let mut tx = pool.begin().await.expect("begin");
             let ids = store
@@ -308,7 +306,6 @@ fn damaged_mysql_rows_are_dead_lettered_or_published() {
     rt.block_on(store.migrate()).expect("migrate");
     let result = runner(12).run(&server_damage(), |damage| {
         rt.block_on(async {
-            use outbox_core::Enqueue;
             let key = unique_name("k");
             let mut tx = pool.begin().await.expect("begin");
             let ids = store
@@ -353,7 +350,6 @@ fn damaged_mysql_rows_are_dead_lettered_or_published() {
     // Invalid UTF-8 in the headers: refused in strict mode, else stored mangled; either way the
     // relay gets past it.
     let invalid = rt.block_on(async {
-        use outbox_core::Enqueue;
         let mut conn = pool.acquire().await.expect("conn");
         sqlx::query("SET SESSION sql_mode = ''")
             .execute(&mut *conn)

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use outbox_chaos::broker;
-use outbox_core::{Enqueue, MessageId, NewMessage};
+use outbox_core::{MessageId, NewMessage};
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::env::or_skip;
 use outbox_testkit::tls::Certificates;

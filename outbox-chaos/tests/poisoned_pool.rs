@@ -8,7 +8,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use outbox_core::{Enqueue, NewMessage, PARTITIONS, RelayId, Store};
+use outbox_core::{NewMessage, PARTITIONS, RelayId, Store};
 use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};

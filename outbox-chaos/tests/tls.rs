@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outbox_chaos::broker::{self, NatsServer};
-use outbox_core::{Enqueue, MessageId, NewMessage, Store};
+use outbox_core::{MessageId, NewMessage, Store};
 use outbox_nats::async_nats;
 use outbox_sqlx::{SqliteStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use outbox_core::{Enqueue, MessageId, NewMessage, Store};
+use outbox_core::{MessageId, NewMessage, Store};
 use outbox_sqlx::{PostgresStore, SqliteStore, StoreConfig};
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -10,6 +10,7 @@ mod config;
 // Only MySqlStore needs its calls detached from their callers.
 #[cfg(feature = "mysql")]
 mod detached;
+mod enqueue;
 mod error;
 #[cfg(feature = "mysql")]
 mod mysql;

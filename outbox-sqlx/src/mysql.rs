@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, Enqueue, LeaseToken, MessageId, NewMessage, RelayId,
-    RelayMember, Settled, Settlement, Stats, Store, StoreError, StoreErrorKind,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
+    Settled, Settlement, Stats, Store, StoreError, StoreErrorKind,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use std::collections::HashMap;
@@ -72,7 +72,7 @@ type Inner = Base<MySql>;
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use outbox_core::{Enqueue, NewMessage};
+/// use outbox_core::NewMessage;
 /// use outbox_sqlx::{MySqlStore, StoreConfig};
 ///
 /// let pool = outbox_sqlx::sqlx::MySqlPool::connect("mysql://app@127.0.0.1/app").await?;
@@ -165,12 +165,14 @@ impl MySqlStore {
     async fn migrate_locked(&self, conn: &mut MySqlConnection) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
         let names = &self.inner.names;
-        sqlx::raw_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (version INT NOT NULL PRIMARY KEY, \
+        sql::run_script(
+            &mut *conn,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} (version INT NOT NULL PRIMARY KEY, \
              applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB",
-            names.schema
-        ))
-        .execute(&mut *conn)
+                names.schema
+            ),
+        )
         .await
         .doing(DOING)?;
         let current: i64 = sqlx::query_scalar(&format!(
@@ -183,8 +185,7 @@ impl MySqlStore {
         let current = i32::try_from(current).unwrap_or(i32::MAX);
         crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sqlx::raw_sql(&sql::render(template, names))
-                .execute(&mut *conn)
+            sql::run_script(&mut *conn, &sql::render(template, names))
                 .await
                 .doing(DOING)?;
             sqlx::query(&format!(
@@ -196,14 +197,16 @@ impl MySqlStore {
             .await
             .doing(DOING)?;
         }
-        sqlx::raw_sql(&sql::seed_partitions(
-            names,
-            &MY,
-            "INSERT IGNORE INTO",
-            "",
-            "'1970-01-01 00:00:00'",
-        ))
-        .execute(&mut *conn)
+        sql::run_script(
+            &mut *conn,
+            &sql::seed_partitions(
+                names,
+                &MY,
+                "INSERT IGNORE INTO",
+                "",
+                "'1970-01-01 00:00:00'",
+            ),
+        )
         .await
         .doing(DOING)
         .map(drop)
@@ -358,28 +361,7 @@ impl MySqlStore {
     }
 }
 
-impl<'c> Enqueue<&'c mut MySqlConnection> for MySqlStore {
-    async fn enqueue(
-        &self,
-        tx: &'c mut MySqlConnection,
-        message: NewMessage,
-    ) -> Result<MessageId, StoreError> {
-        let id = message.id();
-        self.insert(tx, vec![message]).await?;
-        Ok(id)
-    }
-
-    async fn enqueue_batch(
-        &self,
-        tx: &'c mut MySqlConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.insert(tx, messages).await
-    }
-}
+crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection);
 
 /// `args` as MySQL values: UUIDs as 16 bytes, times as UTC `DATETIME`s.
 fn arguments(args: Vec<Arg>) -> Result<MySqlArguments, StoreError> {

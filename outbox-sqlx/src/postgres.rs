@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, Enqueue, LeaseToken, MessageId, NewMessage, RelayId,
-    RelayMember, Settled, Settlement, Stats, Store, StoreError, Wakeup,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
+    Settled, Settlement, Stats, Store, StoreError, Wakeup,
 };
 use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
@@ -174,12 +174,14 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .doing(DOING)?;
-        sqlx::raw_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, \
+        sql::run_script(
+            &mut *tx,
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, \
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-            names.schema
-        ))
-        .execute(&mut *tx)
+                names.schema
+            ),
+        )
         .await
         .doing(DOING)?;
         let current: i32 = sqlx::query_scalar(&format!(
@@ -191,8 +193,7 @@ impl PostgresStore {
         .doing(DOING)?;
         crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sqlx::raw_sql(&sql::render(template, names))
-                .execute(&mut *tx)
+            sql::run_script(&mut *tx, &sql::render(template, names))
                 .await
                 .doing(DOING)?;
             sqlx::query(&format!(
@@ -204,14 +205,16 @@ impl PostgresStore {
             .await
             .doing(DOING)?;
         }
-        sqlx::raw_sql(&sql::seed_partitions(
-            names,
-            &PG,
-            "INSERT INTO",
-            " ON CONFLICT DO NOTHING",
-            "'epoch'",
-        ))
-        .execute(&mut *tx)
+        sql::run_script(
+            &mut *tx,
+            &sql::seed_partitions(
+                names,
+                &PG,
+                "INSERT INTO",
+                " ON CONFLICT DO NOTHING",
+                "'epoch'",
+            ),
+        )
         .await
         .doing(DOING)?;
         tx.commit().await.doing(DOING)
@@ -282,28 +285,7 @@ impl PostgresStore {
     }
 }
 
-impl<'c> Enqueue<&'c mut PgConnection> for PostgresStore {
-    async fn enqueue(
-        &self,
-        tx: &'c mut PgConnection,
-        message: NewMessage,
-    ) -> Result<MessageId, StoreError> {
-        let id = message.id();
-        self.insert(tx, vec![message]).await?;
-        Ok(id)
-    }
-
-    async fn enqueue_batch(
-        &self,
-        tx: &'c mut PgConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.insert(tx, messages).await
-    }
-}
+crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection);
 
 /// `args` as PostgreSQL values.
 fn arguments(args: Vec<Arg>) -> Result<PgArguments, StoreError> {

@@ -7,6 +7,8 @@
 //! or microseconds since the epoch).
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -192,6 +194,25 @@ pub(crate) async fn begin<DB: sqlx::Database>(
         )
         .with_source(err)),
     }
+}
+
+/// What a statement run by an `E` returns.
+type QueryResult<'e, E> = <<E as sqlx::Executor<'e>>::Database as sqlx::Database>::QueryResult;
+
+/// Runs `script` (statements separated by `;`, no parameters) on `executor`.
+///
+/// Not `sqlx::raw_sql(script).execute(executor)`: that is an `async fn` generic over its
+/// executor, and a future that holds it across an await on `&mut *tx` is not `Send` for every
+/// lifetime ("implementation of `Executor` is not general enough"), so a caller could not run
+/// `migrate` in `tokio::spawn`. `Executor::execute` returns a boxed `Send` future.
+pub(crate) fn run_script<'e, E>(
+    executor: E,
+    script: &'e str,
+) -> Pin<Box<dyn Future<Output = Result<QueryResult<'e, E>, sqlx::Error>> + Send + 'e>>
+where
+    E: sqlx::Executor<'e>,
+{
+    executor.execute(sqlx::raw_sql(script))
 }
 
 /// Checks every message against `limits` before anything is written.

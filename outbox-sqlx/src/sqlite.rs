@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, Enqueue, LeaseToken, MessageId, NewMessage, RelayId,
-    RelayMember, Settled, Settlement, Stats, Store, StoreError,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
+    Settled, Settlement, Stats, Store, StoreError,
 };
 use sqlx::query::Query;
 use sqlx::sqlite::{
@@ -79,7 +79,7 @@ type Inner = Base<Sqlite>;
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use outbox_core::{Enqueue, NewMessage};
+/// use outbox_core::NewMessage;
 /// use outbox_sqlx::{SqliteStore, StoreConfig};
 ///
 /// let store = SqliteStore::connect(StoreConfig::new().url("sqlite://app.db")).await?;
@@ -165,11 +165,10 @@ impl SqliteStore {
             .await
             .doing(DOING)?;
         let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
-        sqlx::raw_sql(&format!(
+        sql::run_script(&mut *tx, &format!(
             "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
             names.schema
         ))
-        .execute(&mut *tx)
         .await
         .doing(DOING)?;
         let current: i64 = sqlx::query_scalar(&format!(
@@ -182,8 +181,7 @@ impl SqliteStore {
         let current = i32::try_from(current).unwrap_or(i32::MAX);
         crate::check_version(current, Self::SCHEMA_VERSION)?;
         for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sqlx::raw_sql(&sql::render(template, names))
-                .execute(&mut *tx)
+            sql::run_script(&mut *tx, &sql::render(template, names))
                 .await
                 .doing(DOING)?;
             sqlx::query(&format!(
@@ -195,14 +193,10 @@ impl SqliteStore {
             .await
             .doing(DOING)?;
         }
-        sqlx::raw_sql(&sql::seed_partitions(
-            names,
-            &LITE,
-            "INSERT OR IGNORE INTO",
-            "",
-            "0",
-        ))
-        .execute(&mut *tx)
+        sql::run_script(
+            &mut *tx,
+            &sql::seed_partitions(names, &LITE, "INSERT OR IGNORE INTO", "", "0"),
+        )
         .await
         .doing(DOING)?;
         tx.commit().await.doing(DOING)
@@ -282,28 +276,7 @@ impl SqliteStore {
     }
 }
 
-impl<'c> Enqueue<&'c mut SqliteConnection> for SqliteStore {
-    async fn enqueue(
-        &self,
-        tx: &'c mut SqliteConnection,
-        message: NewMessage,
-    ) -> Result<MessageId, StoreError> {
-        let id = message.id();
-        self.insert(tx, vec![message]).await?;
-        Ok(id)
-    }
-
-    async fn enqueue_batch(
-        &self,
-        tx: &'c mut SqliteConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.insert(tx, messages).await
-    }
-}
+crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection);
 
 /// An instant from stored microseconds (out-of-range values, which no store writes, clamp).
 fn time(micros: i64) -> DateTime<Utc> {

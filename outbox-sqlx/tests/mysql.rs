@@ -1,6 +1,7 @@
 //! MySqlStore against a real MariaDB (or MySQL 8): transactions, several relays, killed
 //! connections, damaged rows, table names, concurrent claimers, migrations.
 
+#[macro_use]
 mod common;
 
 use std::sync::{Arc, Mutex};
@@ -8,9 +9,7 @@ use std::time::Duration;
 
 use common::my::{MyHarness, pool, url};
 use common::scenarios;
-use outbox_core::{
-    Enqueue, MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind,
-};
+use outbox_core::{MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind};
 use outbox_sqlx::{MySqlStore, StoreConfig};
 use outbox_testkit::StoreHarness;
 use sqlx::Executor as _;
@@ -337,5 +336,15 @@ async fn cancelled_reads_leave_connections_in_step() {
         return;
     };
     scenarios::cancelled_reads_leave_connections_in_step(&h).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_takes_what_sqlx_takes_and_batches_are_whole_or_nothing() {
+    let Some(h) = MyHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    enqueue_forms!(store.clone(), store.pool().begin());
     h.teardown().await;
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use outbox_core::{Enqueue, MessageId, NewMessage, RelayId, Settlement, Store, StoreErrorKind};
+use outbox_core::{MessageId, NewMessage, RelayId, Settlement, Store, StoreErrorKind};
 use outbox_sqlx::{MySqlStore, StoreConfig};
 use outbox_testkit::env::{free_port, or_skip, unique_name};
 use outbox_testkit::tls::Certificates;

@@ -1,6 +1,7 @@
 //! PostgresStore against a real PostgreSQL: transactions, several relays, killed
 //! connections, damaged rows, table names, wake-ups, migrations.
 
+#[macro_use]
 mod common;
 
 use std::str::FromStr;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use common::pg::{PgHarness, pool, url};
 use common::scenarios;
 use outbox_core::{
-    Enqueue, MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind, Wakeup,
+    MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind, Wakeup,
 };
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::StoreHarness;
@@ -548,5 +549,15 @@ async fn cancelled_reads_leave_connections_in_step() {
         return;
     };
     scenarios::cancelled_reads_leave_connections_in_step(&h).await;
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_takes_what_sqlx_takes_and_batches_are_whole_or_nothing() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    enqueue_forms!(store.clone(), store.pool().begin());
     h.teardown().await;
 }

@@ -1,15 +1,14 @@
 //! SqliteStore on database files: transactions, several relays with pools of their own on
 //! one file (as separate processes would have), damaged rows, table names, migrations.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
 use common::lite::{LiteHarness, pool_on};
 use common::scenarios;
-use outbox_core::{
-    Enqueue, MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind,
-};
+use outbox_core::{MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind};
 use outbox_sqlx::{SqliteStore, StoreConfig};
 use outbox_testkit::StoreHarness;
 
@@ -235,5 +234,13 @@ async fn a_cancelled_heartbeat_never_leaves_the_file_locked() {
             .unwrap_or_else(|_| panic!("a write waited for a lock after cancellation #{i}"))
             .expect("leave");
     }
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_takes_what_sqlx_takes_and_batches_are_whole_or_nothing() {
+    let h = LiteHarness::new().await;
+    let store = h.store();
+    enqueue_forms!(store.clone(), store.pool().begin_with("BEGIN IMMEDIATE"));
     h.teardown().await;
 }

@@ -21,7 +21,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outbox::prelude::*;
 use outbox::sqlx::{self, PgPool};
 use outbox::{
     ConfigError, KafkaConfig, KafkaError, KafkaPublisher, NewMessage, PostgresStore, Relay,
@@ -368,7 +367,7 @@ async fn place_order(
         .bind(order.total_cents)
         .execute(&mut *tx)
         .await?;
-    app.store.enqueue(&mut *tx, event.message()?).await?;
+    app.store.enqueue(&mut tx, event.message()?).await?;
     tx.commit().await?;
     // The relay listens for PostgreSQL notifications too; this saves the round trip.
     app.wakeup.wake();
@@ -398,7 +397,7 @@ async fn cancel_order(
         .execute(&mut *tx)
         .await?;
     let event = OrderEvent::OrderCancelled { order_id: id };
-    app.store.enqueue(&mut *tx, event.message()?).await?;
+    app.store.enqueue(&mut tx, event.message()?).await?;
     let order = fetch(&mut tx, &app.sql.select, id)
         .await?
         .ok_or(ApiError::NotFound)?;

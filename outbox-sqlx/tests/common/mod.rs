@@ -3,14 +3,89 @@
 //! `OUTBOX_TEST_MYSQL_URL` (loopback defaults); a missing one skips the test unless
 //! `OUTBOX_TEST_REQUIRE=1`.
 
-#![allow(dead_code, unreachable_pub, unused_imports)]
+#![allow(dead_code, unreachable_pub, unused_imports, unused_macros)]
 
 use std::time::Duration;
 
-use outbox_core::{Enqueue, MessageId, NewMessage, StoreError};
+use outbox_core::{MessageId, NewMessage, StoreError};
 use outbox_sqlx::StoreConfig;
 use outbox_testkit::StoreHarness;
 use outbox_testkit::env::{or_skip, service_url, unique_name};
+
+/// The body of a test that every store's inherent `enqueue` takes what sqlx's `execute` takes
+/// (`&mut tx`, `&mut *tx`, a connection, the pool), and that a batch written in several
+/// statements is written whole or not at all, leaving the caller's transaction usable.
+/// A macro: the executor types differ by database.
+macro_rules! enqueue_forms {
+    ($store:expr, $begin:expr) => {{
+        let store = $store;
+        let message = |n: usize| outbox_core::NewMessage::new("orders", format!("{n}")).key("k");
+        let mut expected = Vec::new();
+
+        let mut tx = $begin.await.expect("begin");
+        expected.push(store.enqueue(&mut tx, message(1)).await.expect("&mut tx"));
+        expected.push(store.enqueue(&mut *tx, message(2)).await.expect("&mut *tx"));
+        tx.commit().await.expect("commit");
+        expected.push(
+            store
+                .enqueue(store.pool(), message(3))
+                .await
+                .expect("&pool"),
+        );
+        let mut conn = store.pool().acquire().await.expect("acquire");
+        expected.push(
+            store
+                .enqueue(&mut *conn, message(4))
+                .await
+                .expect("connection"),
+        );
+        drop(conn);
+
+        // A batch of two statements (more than 1,000 rows) whose second one fails on an id
+        // that is already stored: nothing of it stays, and the caller's transaction goes on.
+        let mut tx = $begin.await.expect("begin");
+        expected.push(
+            store
+                .enqueue(&mut tx, message(5))
+                .await
+                .expect("before the batch"),
+        );
+        let mut batch: Vec<_> = (0..1_001).map(|n| message(100 + n)).collect();
+        batch.push(message(0).with_id(expected[0]));
+        let failed = store.enqueue_batch(&mut tx, batch).await;
+        assert!(
+            failed.is_err(),
+            "a duplicate id fails the batch: {failed:?}"
+        );
+        let after = store
+            .enqueue_batch(&mut tx, vec![message(6), message(7)])
+            .await;
+        expected.extend(after.expect("after the failed batch"));
+        tx.commit().await.expect("commit");
+        assert!(
+            store
+                .enqueue_batch(store.pool(), Vec::new())
+                .await
+                .expect("empty")
+                .is_empty()
+        );
+
+        let relay = outbox_core::RelayId::random();
+        let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
+        let ttl = std::time::Duration::from_secs(60);
+        outbox_core::Store::acquire(&store, &relay, &all, ttl)
+            .await
+            .expect("acquire");
+        let claim = outbox_core::Store::claim(&store, &relay, 10_000, ttl)
+            .await
+            .expect("claim");
+        let claimed: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
+        assert_eq!(
+            claimed, expected,
+            "each form enqueued once, the failed batch not at all"
+        );
+    }};
+}
 
 /// Connections per test pool: enough for three relays sharing one store.
 pub const POOL_SIZE: u32 = 16;
