@@ -1,4 +1,4 @@
-//! A publisher written by a user against [`outbox_core::Publisher`]: it delivers each message
+//! A publisher written by a user against [`outbox::Publisher`]: it delivers each message
 //! as an HTTP `POST` to a webhook, and it is checked with the same `outbox-testkit` suite as the
 //! workspace's own publishers (see `tests/conformance.rs`).
 //!
@@ -6,11 +6,15 @@
 //! `Outbox-Message-Id`, the key in `Outbox-Key`, and each user header as `Outbox-Header-{name}`.
 //! A 2xx answer means published; 408, 429, 5xx and connection failures are transient; any
 //! other answer (400, 404, 413, ...) is permanent.
+//!
+//! Its constructors follow the workspace's publishers: [`WebhookPublisher::new`] is lazy (the
+//! first publish reaches the webhook), [`WebhookPublisher::connect`] eager (it fails when the
+//! webhook cannot be reached).
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use outbox_core::{Message, PublishError, PublishOutcome, Publisher};
+use outbox::{Message, PublishError, PublishOutcome, Publisher};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -31,8 +35,10 @@ pub struct WebhookPublisher {
 
 impl WebhookPublisher {
     /// A publisher posting to `base_url` (for example `http://127.0.0.1:8080/events`), with at
-    /// most 32 requests in flight and a 10 s timeout per request.
-    pub fn new(base_url: impl Into<String>) -> Result<Self, PublishError> {
+    /// most 32 requests in flight and a 10 s timeout per request. Sends nothing yet: the first
+    /// publish or [`Publisher::check`] does. (Async, as every publisher's constructor is, though
+    /// this one does not wait for anything.)
+    pub async fn new(base_url: impl Into<String>) -> Result<Self, PublishError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -44,6 +50,14 @@ impl WebhookPublisher {
             base_url: base_url.into().trim_end_matches('/').to_owned(),
             in_flight: 32,
         })
+    }
+
+    /// A publisher posting to `base_url`, checked: fails when the webhook cannot be reached, so
+    /// that a wrong address shows at start rather than in the relay's retries.
+    pub async fn connect(base_url: impl Into<String>) -> Result<Self, PublishError> {
+        let publisher = Self::new(base_url).await?;
+        publisher.check().await?;
+        Ok(publisher)
     }
 
     fn headers(msg: &Message) -> Result<HeaderMap, PublishError> {

@@ -4,15 +4,19 @@ use std::time::Duration;
 
 use custom_publisher::WebhookPublisher;
 use custom_publisher::receiver::Receiver;
-use outbox_core::{MemoryStore, NewMessage, Relay};
+use outbox::{MemoryStore, NewMessage, Relay};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let receiver = Receiver::start(1 << 20).await?;
     receiver.accept("orders");
     let store = MemoryStore::new();
-    let publisher = WebhookPublisher::new(format!("http://{}", receiver.addr))?;
-    let relay = Relay::builder(store.clone(), publisher).build()?;
+    // Connected: fails here if the webhook cannot be reached.
+    let publisher = WebhookPublisher::connect(format!("http://{}", receiver.addr)).await?;
+    // The relay, in a task of its own, until it is told to stop.
+    let relay = Relay::builder(store.clone(), publisher)
+        .build()?
+        .spawn(std::future::pending());
 
     let mut tx = store.begin();
     for id in 1..=3 {
@@ -21,18 +25,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
     tx.commit();
+    relay.wake();
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        async move {
-            relay
-                .run(async {
-                    stopped.await.ok();
-                })
-                .await
-        }
-    });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while receiver.deliveries("orders").len() < 3 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -45,7 +39,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::from_utf8_lossy(&delivery.payload)
         );
     }
-    stop.send(()).ok();
-    running.await??;
+    // Graceful shutdown: the handle completes with the relay's result.
+    relay.shutdown();
+    relay.await?;
     Ok(())
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use custom_publisher::WebhookPublisher;
 use custom_publisher::receiver::Receiver;
-use outbox_core::MessageId;
+use outbox::MessageId;
 use outbox_testkit::{PublisherHarness, Received};
 
 const MAX_BODY: usize = 64 * 1024;
@@ -73,7 +73,9 @@ async fn harness() -> Option<Harness> {
     let receiver = Receiver::start(MAX_BODY).await.expect("receiver");
     let destination = outbox_testkit::env::unique_name("events");
     receiver.accept(&destination);
-    let publisher = WebhookPublisher::new(format!("http://{}", receiver.addr)).expect("publisher");
+    let publisher = WebhookPublisher::connect(format!("http://{}", receiver.addr))
+        .await
+        .expect("publisher");
     Some(Harness {
         receiver,
         cursor: std::sync::Mutex::new(0),
@@ -83,3 +85,25 @@ async fn harness() -> Option<Harness> {
 }
 
 outbox_testkit::publisher_suite!(harness);
+
+/// As the workspace's publishers: `new` is lazy (it succeeds with nothing listening, and a
+/// check then fails transiently, as a publish would); `connect` is eager and fails at once.
+#[tokio::test]
+async fn new_is_lazy_and_connect_is_eager() {
+    // A port with nothing listening: bound, then released.
+    let port = outbox_testkit::env::free_port().expect("free port");
+    let url = format!("http://127.0.0.1:{port}");
+    let lazy = WebhookPublisher::new(&url)
+        .await
+        .expect("new does not connect");
+    let unreachable = outbox::Publisher::check(&lazy).await;
+    assert!(
+        unreachable.as_ref().is_err_and(|err| err.is_transient()),
+        "{unreachable:?}"
+    );
+    let eager = WebhookPublisher::connect(&url).await;
+    assert!(
+        eager.is_err(),
+        "connect fails when the webhook is unreachable"
+    );
+}
