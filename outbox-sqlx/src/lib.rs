@@ -16,6 +16,7 @@ mod error;
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod shared;
 // With some dialects left out, some shared helpers are unused.
 #[cfg_attr(
     not(all(feature = "postgres", feature = "mysql", feature = "sqlite")),

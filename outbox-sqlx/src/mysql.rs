@@ -30,7 +30,7 @@ use sqlx::{Arguments as _, Connection as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, Dialect, HeldIndex, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{self, Arg, Base, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`MySqlStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))];
@@ -57,6 +57,7 @@ const MY: Dialect = Dialect {
     quote: '`',
     now: "UTC_TIMESTAMP(6)",
     now_plus,
+    limited: Limited::Direct,
 };
 
 /// Starts the claim transaction. One text-protocol round trip, so the isolation level can
@@ -115,24 +116,6 @@ impl MySqlStore {
             .await
             .doing("connecting to MySQL")?;
         Self::new(pool, config)
-    }
-
-    /// The pool, for the service's own queries and transactions.
-    pub fn pool(&self) -> &MySqlPool {
-        &self.inner.pool
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &StoreConfig {
-        &self.inner.config
-    }
-
-    /// The same outbox, keeping published messages for `retention` (or deleting them at once
-    /// with `None`).
-    pub fn with_retention(&self, retention: Option<Duration>) -> Self {
-        Self {
-            inner: Arc::new(self.inner.with_retention(retention)),
-        }
     }
 
     /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
@@ -361,6 +344,8 @@ impl MySqlStore {
     }
 }
 
+crate::shared::accessors!(MySqlStore, MySqlPool);
+
 crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection);
 
 /// `args` as MySQL values: UUIDs as 16 bytes, times as UTC `DATETIME`s.
@@ -447,6 +432,8 @@ fn row_parts(row: &MySqlRow) -> Result<RowParts, sqlx::Error> {
 crate::detached::detached_store!(MySqlStore);
 
 impl Store for crate::detached::Direct<MySqlStore> {
+    crate::shared::operations!(MY);
+
     async fn claim(
         &self,
         relay: &RelayId,
@@ -651,10 +638,6 @@ impl Store for crate::detached::Direct<MySqlStore> {
         tx.commit().await.doing(DOING)
     }
 
-    fn max_connections(&self) -> Option<usize> {
-        Some(self.inner.pool.options().get_max_connections() as usize)
-    }
-
     async fn stats(&self) -> Result<Stats, StoreError> {
         let (pending, oldest, dead, published, now): (
             i64,
@@ -683,9 +666,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
             columns,
             ..
         } = &*self.inner;
-        let mut statement = Sql::new(&MY);
-        statement.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
-        push_limited_dead_filter(&mut statement, filter);
+        let statement = sql::dead_letters(&MY, names, columns, filter);
         let rows = bound(&statement.text, statement.args)?
             .fetch_all(pool)
             .await
@@ -699,59 +680,4 @@ impl Store for crate::detached::Direct<MySqlStore> {
             })
             .collect()
     }
-
-    async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let mut statement = Sql::new(&MY);
-        statement.push(&format!(
-            "UPDATE {} SET state = {PENDING}, attempts = 0, available_at = UTC_TIMESTAMP(6), \
-             lease_token = NULL, lease_until = NULL, dead_at = NULL",
-            self.inner.names.table
-        ));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("replaying dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let mut statement = Sql::new(&MY);
-        statement.push(&format!("DELETE FROM {}", self.inner.names.table));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("purging dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn cleanup(&self, limit: usize) -> Result<u64, StoreError> {
-        let Some(retention) = self.inner.config.retention else {
-            return Ok(0);
-        };
-        let mut statement = Sql::new(&MY);
-        statement.push(&format!(
-            "DELETE FROM {} WHERE state = {PUBLISHED} AND published_at < ",
-            self.inner.names.table
-        ));
-        now_plus(&mut statement, -sql::micros(retention));
-        statement
-            .push(" ORDER BY published_at LIMIT ")
-            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("deleting expired published messages")
-            .map(|done| done.rows_affected())
-    }
-}
-
-/// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n`: MySQL takes the order and limit on
-/// single-table `UPDATE` and `DELETE` too (but no `LIMIT` in an `IN` subquery).
-fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
-    sql::push_dead_filter(statement, &MY, filter);
-    statement
-        .push(" ORDER BY dead_at, seq LIMIT ")
-        .bind(Arg::Int(sql::limit_of(filter)));
 }

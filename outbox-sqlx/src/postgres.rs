@@ -31,7 +31,9 @@ use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
-use crate::sql::{self, Arg, Base, DEAD, Dialect, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{
+    self, Arg, Base, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column,
+};
 
 /// The migrations, in order; the last one's version is [`PostgresStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -64,6 +66,7 @@ const PG: Dialect = Dialect {
     quote: '"',
     now: "now()",
     now_plus,
+    limited: Limited::Subquery { locks: true },
 };
 
 /// Starts a settle transaction. Claims (in their function, schema version 3) and settles
@@ -141,24 +144,6 @@ impl PostgresStore {
         .await
         .doing(doing)
         .map(drop)
-    }
-
-    /// The pool, for the service's own queries and transactions.
-    pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &StoreConfig {
-        &self.inner.config
-    }
-
-    /// The same outbox, keeping published messages for `retention` (or deleting them at once
-    /// with `None`).
-    pub fn with_retention(&self, retention: Option<Duration>) -> Self {
-        Self {
-            inner: Arc::new(self.inner.with_retention(retention)),
-        }
     }
 
     /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
@@ -285,6 +270,8 @@ impl PostgresStore {
     }
 }
 
+crate::shared::accessors!(PostgresStore, PgPool);
+
 crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection);
 
 /// `args` as PostgreSQL values.
@@ -326,6 +313,8 @@ fn row_parts(row: &PgRow) -> Result<RowParts, sqlx::Error> {
 }
 
 impl Store for PostgresStore {
+    crate::shared::operations!(PG);
+
     async fn claim(
         &self,
         relay: &RelayId,
@@ -573,10 +562,6 @@ impl Store for PostgresStore {
         tx.commit().await.doing(DOING)
     }
 
-    fn max_connections(&self) -> Option<usize> {
-        Some(self.inner.pool.options().get_max_connections() as usize)
-    }
-
     async fn stats(&self) -> Result<Stats, StoreError> {
         let row: (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>) =
             sqlx::query_as(&sql::stats(&self.inner.names, &PG))
@@ -593,12 +578,7 @@ impl Store for PostgresStore {
             columns,
             ..
         } = &*self.inner;
-        let mut statement = Sql::new(&PG);
-        statement.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
-        sql::push_dead_filter(&mut statement, &PG, filter);
-        statement
-            .push(" ORDER BY dead_at, seq LIMIT ")
-            .bind(Arg::Int(sql::limit_of(filter)));
+        let statement = sql::dead_letters(&PG, names, columns, filter);
         let rows = bound(&statement.text, statement.args)?
             .fetch_all(pool)
             .await
@@ -609,58 +589,6 @@ impl Store for PostgresStore {
                 parts.into_dead_letter(column(row, "dead_at"))
             })
             .collect()
-    }
-
-    async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let names = &self.inner.names;
-        let mut statement = Sql::new(&PG);
-        statement.push(&format!(
-            "UPDATE {t} SET state = {PENDING}, attempts = 0, available_at = now(), \
-             lease_token = NULL, lease_until = NULL, dead_at = NULL WHERE seq IN (SELECT seq FROM {t}",
-            t = names.table
-        ));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("replaying dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let names = &self.inner.names;
-        let mut statement = Sql::new(&PG);
-        statement.push(&format!(
-            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t}",
-            t = names.table
-        ));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("purging dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn cleanup(&self, limit: usize) -> Result<u64, StoreError> {
-        let Some(retention) = self.inner.config.retention else {
-            return Ok(0);
-        };
-        let t = &self.inner.names.table;
-        let mut statement = Sql::new(&PG);
-        statement.push(&format!(
-            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = {PUBLISHED} AND published_at < "
-        ));
-        now_plus(&mut statement, -sql::micros(retention));
-        statement
-            .push(" ORDER BY published_at LIMIT ")
-            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
-            .push(" FOR UPDATE SKIP LOCKED)");
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("deleting expired published messages")
-            .map(|done| done.rows_affected())
     }
 
     /// Listens on the notify channel with a connection of its own, waking the relay on each
@@ -688,16 +616,6 @@ impl Store for PostgresStore {
             }
         }
     }
-}
-
-/// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n FOR UPDATE)`: the subquery selecting the
-/// dead letters to replay or purge.
-fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
-    sql::push_dead_filter(statement, &PG, filter);
-    statement
-        .push(" ORDER BY dead_at, seq LIMIT ")
-        .bind(Arg::Int(sql::limit_of(filter)))
-        .push(" FOR UPDATE)");
 }
 
 fn uuids(ids: &[MessageId]) -> Vec<Uuid> {

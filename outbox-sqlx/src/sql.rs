@@ -78,6 +78,23 @@ pub(crate) struct Dialect {
     pub(crate) now: &'static str,
     /// Writes "now plus the bound number of microseconds".
     pub(crate) now_plus: fn(&mut Sql, i64),
+    /// How an `UPDATE` or `DELETE` takes the first rows in some order.
+    pub(crate) limited: Limited,
+}
+
+/// How an `UPDATE` or `DELETE` takes at most `n` rows in some order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Limited {
+    /// `ORDER BY ... LIMIT n` on the statement itself (MySQL, which takes no `LIMIT` in an `IN`
+    /// subquery).
+    Direct,
+    /// `WHERE seq IN (SELECT seq ... ORDER BY ... LIMIT n)`, the subquery locking its rows
+    /// (`FOR UPDATE`, or `FOR UPDATE SKIP LOCKED` where skipping is safe) when `locks`
+    /// (PostgreSQL; SQLite's one writer needs no row locks).
+    Subquery {
+        /// The subquery locks the rows it selects.
+        locks: bool,
+    },
 }
 
 /// The per-key check of a MySQL or SQLite claim: no earlier pending message of the key is held
@@ -480,6 +497,96 @@ pub(crate) fn push_dead_filter(sql: &mut Sql, d: &Dialect, filter: &DeadLetterFi
     if let Some(before) = filter.dead_before {
         sql.push(" AND dead_at < ").bind(Arg::Time(before));
     }
+}
+
+/// `head` (an `UPDATE` or `DELETE` of the outbox table, up to its `SET`) applied to the dead
+/// letters `filter` matches, oldest first, at most its limit.
+fn limited_dead(d: &Dialect, names: &Names, head: &str, filter: &DeadLetterFilter) -> Sql {
+    let mut sql = Sql::new(d);
+    sql.push(head);
+    let conditions = |sql: &mut Sql| push_dead_filter(sql, d, filter);
+    let limit = limit_of(filter);
+    push_limited(
+        &mut sql,
+        d,
+        names,
+        conditions,
+        "dead_at, seq",
+        limit,
+        " FOR UPDATE",
+    );
+    sql
+}
+
+/// Pushes what limits an `UPDATE` or `DELETE` to its first `limit` rows in `order` among
+/// those `conditions` (a ` WHERE ...`) select, in the dialect's way; `lock` locks them where
+/// the dialect locks rows.
+fn push_limited(
+    sql: &mut Sql,
+    d: &Dialect,
+    names: &Names,
+    conditions: impl FnOnce(&mut Sql),
+    order: &str,
+    limit: i64,
+    lock: &str,
+) {
+    if let Limited::Subquery { .. } = d.limited {
+        sql.push(&format!(" WHERE seq IN (SELECT seq FROM {}", names.table));
+    }
+    conditions(sql);
+    sql.push(&format!(" ORDER BY {order} LIMIT "))
+        .bind(Arg::Int(limit));
+    if let Limited::Subquery { locks } = d.limited {
+        if locks {
+            sql.push(lock);
+        }
+        sql.push(")");
+    }
+}
+
+/// Makes the dead letters `filter` matches pending again, as new (attempts 0, available now).
+pub(crate) fn replay(d: &Dialect, names: &Names, filter: &DeadLetterFilter) -> Sql {
+    let head = format!(
+        "UPDATE {} SET state = {PENDING}, attempts = 0, available_at = {}, lease_token = NULL, \
+         lease_until = NULL, dead_at = NULL",
+        names.table, d.now
+    );
+    limited_dead(d, names, &head, filter)
+}
+
+/// Deletes the dead letters `filter` matches.
+pub(crate) fn purge(d: &Dialect, names: &Names, filter: &DeadLetterFilter) -> Sql {
+    limited_dead(d, names, &format!("DELETE FROM {}", names.table), filter)
+}
+
+/// Lists the dead letters `filter` matches, oldest first, with `columns` and `dead_at`.
+pub(crate) fn dead_letters(
+    d: &Dialect,
+    names: &Names,
+    columns: &str,
+    filter: &DeadLetterFilter,
+) -> Sql {
+    let mut sql = Sql::new(d);
+    sql.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
+    push_dead_filter(&mut sql, d, filter);
+    sql.push(" ORDER BY dead_at, seq LIMIT ")
+        .bind(Arg::Int(limit_of(filter)));
+    sql
+}
+
+/// Deletes at most `limit` published messages kept longer than `retention`, oldest first;
+/// rows another cleanup holds are skipped, not waited for.
+pub(crate) fn cleanup(d: &Dialect, names: &Names, retention: Duration, limit: usize) -> Sql {
+    let mut sql = Sql::new(d);
+    sql.push(&format!("DELETE FROM {}", names.table));
+    let conditions = |sql: &mut Sql| {
+        sql.push(&format!(" WHERE state = {PUBLISHED} AND published_at < "));
+        (d.now_plus)(sql, -micros(retention));
+    };
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let lock = " FOR UPDATE SKIP LOCKED";
+    push_limited(&mut sql, d, names, conditions, "published_at", limit, lock);
+    sql
 }
 
 /// `filter.limit` as a bindable number (unlimited as the largest one).
@@ -937,6 +1044,7 @@ mod tests {
         now_plus: |sql, micros| {
             sql.push("NOW() + ").bind(Arg::Int(micros));
         },
+        limited: Limited::Direct,
     };
 
     fn names() -> Names {

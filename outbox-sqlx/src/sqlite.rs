@@ -28,9 +28,7 @@ use sqlx::{Arguments as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
-use crate::sql::{
-    self, Arg, Base, DEAD, Dialect, HeldIndex, PENDING, PUBLISHED, RowParts, Sql, column,
-};
+use crate::sql::{self, Arg, Base, DEAD, Dialect, HeldIndex, Limited, RowParts, Sql, column};
 
 /// The migrations, in order; the last one's version is [`SqliteStore::SCHEMA_VERSION`].
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))];
@@ -61,6 +59,7 @@ const LITE: Dialect = Dialect {
     quote: '"',
     now: NOW,
     now_plus,
+    limited: Limited::Subquery { locks: false },
 };
 
 /// Takes the write lock at once, waiting for it up to the busy timeout.
@@ -132,24 +131,6 @@ impl SqliteStore {
             .await
             .doing(DOING)?;
         Self::new(pool, config)
-    }
-
-    /// The pool, for the service's own queries and transactions.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &StoreConfig {
-        &self.inner.config
-    }
-
-    /// The same outbox, keeping published messages for `retention` (or deleting them at once
-    /// with `None`).
-    pub fn with_retention(&self, retention: Option<Duration>) -> Self {
-        Self {
-            inner: Arc::new(self.inner.with_retention(retention)),
-        }
     }
 
     /// Puts the database in WAL mode (readers and the writer then do not block each other)
@@ -276,6 +257,8 @@ impl SqliteStore {
     }
 }
 
+crate::shared::accessors!(SqliteStore, SqlitePool);
+
 crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection);
 
 /// An instant from stored microseconds (out-of-range values, which no store writes, clamp).
@@ -346,6 +329,8 @@ fn row_parts(row: &SqliteRow) -> Result<RowParts, sqlx::Error> {
 }
 
 impl Store for SqliteStore {
+    crate::shared::operations!(LITE);
+
     async fn claim(
         &self,
         relay: &RelayId,
@@ -515,10 +500,6 @@ impl Store for SqliteStore {
         tx.commit().await.doing(DOING)
     }
 
-    fn max_connections(&self) -> Option<usize> {
-        Some(self.inner.pool.options().get_max_connections() as usize)
-    }
-
     async fn stats(&self) -> Result<Stats, StoreError> {
         let (pending, oldest, dead, published, now): (i64, Option<i64>, i64, i64, i64) =
             sqlx::query_as(&sql::stats(&self.inner.names, &LITE))
@@ -542,12 +523,7 @@ impl Store for SqliteStore {
             columns,
             ..
         } = &*self.inner;
-        let mut statement = Sql::new(&LITE);
-        statement.push(&format!("SELECT {columns}, dead_at FROM {}", names.table));
-        sql::push_dead_filter(&mut statement, &LITE, filter);
-        statement
-            .push(" ORDER BY dead_at, seq LIMIT ")
-            .bind(Arg::Int(sql::limit_of(filter)));
+        let statement = sql::dead_letters(&LITE, names, columns, filter);
         let rows = bound(&statement.text, statement.args)?
             .fetch_all(pool)
             .await
@@ -568,64 +544,4 @@ impl Store for SqliteStore {
             })
             .collect()
     }
-
-    async fn replay(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let mut statement = Sql::new(&LITE);
-        statement.push(&format!(
-            "UPDATE {t} SET state = {PENDING}, attempts = 0, available_at = {NOW}, \
-             lease_token = NULL, lease_until = NULL, dead_at = NULL WHERE seq IN (SELECT seq FROM {t}",
-            t = self.inner.names.table
-        ));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("replaying dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let mut statement = Sql::new(&LITE);
-        statement.push(&format!(
-            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t}",
-            t = self.inner.names.table
-        ));
-        push_limited_dead_filter(&mut statement, filter);
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("purging dead letters")
-            .map(|done| done.rows_affected())
-    }
-
-    async fn cleanup(&self, limit: usize) -> Result<u64, StoreError> {
-        let Some(retention) = self.inner.config.retention else {
-            return Ok(0);
-        };
-        let t = &self.inner.names.table;
-        let mut statement = Sql::new(&LITE);
-        statement.push(&format!(
-            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE state = {PUBLISHED} AND published_at < "
-        ));
-        now_plus(&mut statement, -sql::micros(retention));
-        statement
-            .push(" ORDER BY published_at LIMIT ")
-            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
-            .push(")");
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("deleting expired published messages")
-            .map(|done| done.rows_affected())
-    }
-}
-
-/// ` WHERE <filter> ORDER BY dead_at, seq LIMIT n)`: the subquery selecting the dead letters
-/// to replay or purge.
-fn push_limited_dead_filter(statement: &mut Sql, filter: &DeadLetterFilter) {
-    sql::push_dead_filter(statement, &LITE, filter);
-    statement
-        .push(" ORDER BY dead_at, seq LIMIT ")
-        .bind(Arg::Int(sql::limit_of(filter)))
-        .push(")");
 }

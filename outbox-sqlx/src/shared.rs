@@ -1,0 +1,77 @@
+//! What every SQL store has whatever its dialect, written once: macros that a dialect file
+//! invokes with its own types and [`Dialect`](crate::sql::Dialect). A store is a struct with
+//! an `inner: Arc<Base<DB>>` field; the dialect file defines `bound(text, args)`, which binds a
+//! statement's arguments in its database's types.
+
+/// The accessors of `$store`, whose pool is a `$pool`.
+macro_rules! accessors {
+    ($store:ident, $pool:ty) => {
+        impl $store {
+            /// The pool, for the service's own queries and transactions.
+            pub fn pool(&self) -> &$pool {
+                &self.inner.pool
+            }
+
+            /// The configuration.
+            pub fn config(&self) -> &$crate::StoreConfig {
+                &self.inner.config
+            }
+
+            /// The same outbox, keeping published messages for `retention` (or deleting them
+            /// at once with `None`).
+            pub fn with_retention(&self, retention: Option<::std::time::Duration>) -> Self {
+                Self {
+                    inner: ::std::sync::Arc::new(self.inner.with_retention(retention)),
+                }
+            }
+        }
+    };
+}
+
+/// The operator's operations of the `Store` implementation (replay, purge, cleanup) and the
+/// pool size, for the dialect `$d`: items of an `impl Store` block.
+macro_rules! operations {
+    ($d:expr) => {
+        fn max_connections(&self) -> Option<usize> {
+            Some(self.inner.pool.options().get_max_connections() as usize)
+        }
+
+        async fn replay(
+            &self,
+            filter: &::outbox_core::DeadLetterFilter,
+        ) -> Result<u64, ::outbox_core::StoreError> {
+            let statement = $crate::sql::replay(&$d, &self.inner.names, filter);
+            bound(&statement.text, statement.args)?
+                .execute(&self.inner.pool)
+                .await
+                .doing("replaying dead letters")
+                .map(|done| done.rows_affected())
+        }
+
+        async fn purge(
+            &self,
+            filter: &::outbox_core::DeadLetterFilter,
+        ) -> Result<u64, ::outbox_core::StoreError> {
+            let statement = $crate::sql::purge(&$d, &self.inner.names, filter);
+            bound(&statement.text, statement.args)?
+                .execute(&self.inner.pool)
+                .await
+                .doing("purging dead letters")
+                .map(|done| done.rows_affected())
+        }
+
+        async fn cleanup(&self, limit: usize) -> Result<u64, ::outbox_core::StoreError> {
+            let Some(retention) = self.inner.config.retention else {
+                return Ok(0);
+            };
+            let statement = $crate::sql::cleanup(&$d, &self.inner.names, retention, limit);
+            bound(&statement.text, statement.args)?
+                .execute(&self.inner.pool)
+                .await
+                .doing("deleting expired published messages")
+                .map(|done| done.rows_affected())
+        }
+    };
+}
+
+pub(crate) use {accessors, operations};
