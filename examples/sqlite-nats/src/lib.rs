@@ -11,13 +11,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use outbox_core::{ConfigError, Enqueue, NewMessage, Relay, RelayError, Store, StoreError, Wakeup};
-use outbox_nats::{NatsConfig, NatsError, NatsPublisher, StreamSpec};
-use outbox_sqlx::sqlx;
-use outbox_sqlx::{SqliteStore, StoreConfig};
+use outbox::nats::StreamSpec;
+use outbox::prelude::*;
+use outbox::sqlx;
+use outbox::{
+    ConfigError, NatsConfig, NatsError, NatsPublisher, NewMessage, Relay, RelayError, RelayHandle,
+    SqliteStore, StoreConfig, StoreError,
+};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Settings of the service. [`Config::from_env`] reads them from the environment.
 ///
@@ -85,12 +86,9 @@ pub enum Error {
     /// The relay configuration is invalid.
     #[error("relay configuration: {0}")]
     RelayConfig(#[from] ConfigError),
-    /// The relay stopped on a permanent failure.
+    /// The relay stopped on a permanent failure (or its task panicked).
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
-    /// The relay task panicked or was cancelled.
-    #[error("relay task: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 impl Error {
@@ -164,9 +162,8 @@ impl StockEvent {
 /// The inventory service, with its relay running in the background.
 pub struct Inventory {
     store: SqliteStore,
-    wakeup: Wakeup,
-    stop_relay: oneshot::Sender<()>,
-    relaying: JoinHandle<Result<(), RelayError>>,
+    /// The relay, in a task of its own: wakes it, stops it, reports how its run ended.
+    relay: RelayHandle<SqliteStore, NatsPublisher>,
 }
 
 impl Inventory {
@@ -201,23 +198,12 @@ impl Inventory {
                 [format!("{}.>", config.subject_prefix)],
             ));
         let publisher = NatsPublisher::connect(nats).await?;
-        let relay = Relay::builder(store.clone(), publisher).build()?;
-        let wakeup = relay.wakeup();
-        let (stop_relay, relay_stopped) = oneshot::channel::<()>();
-        let relaying = tokio::spawn(async move {
-            relay
-                .run(async {
-                    relay_stopped.await.ok();
-                })
-                .await
-        });
+        // The relay runs until `shutdown` asks it to stop.
+        let relay = Relay::builder(store.clone(), publisher)
+            .build()?
+            .spawn(std::future::pending());
 
-        Ok(Self {
-            store,
-            wakeup,
-            stop_relay,
-            relaying,
-        })
+        Ok(Self { store, relay })
     }
 
     /// Adds `quantity` of `sku` to the stock and enqueues `StockReceived`, in one transaction.
@@ -244,7 +230,7 @@ impl Inventory {
         tx.commit().await?;
         // SQLite has no notifications: wake the relay in this process instead of waiting for
         // its next poll.
-        self.wakeup.wake();
+        self.relay.wake();
         Ok(available)
     }
 
@@ -300,7 +286,7 @@ impl Inventory {
         // One statement for both; messages of one key keep the order of the batch.
         self.store.enqueue_batch(&mut *tx, messages).await?;
         tx.commit().await?;
-        self.wakeup.wake();
+        self.relay.wake();
         Ok(reservation_id)
     }
 
@@ -315,18 +301,26 @@ impl Inventory {
     }
 
     /// Waits until the outbox holds no pending message, for at most `timeout`; returns
-    /// whether it got there.
+    /// whether it got there. Returns `false` at once if the relay stopped on a failure
+    /// ([`Inventory::shutdown`] then says which).
     pub async fn wait_until_published(&self, timeout: Duration) -> Result<bool, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.store.stats().await?.pending == 0 {
                 return Ok(true);
             }
-            if tokio::time::Instant::now() >= deadline {
+            if self.relay.is_finished() || tokio::time::Instant::now() >= deadline {
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the relay is running. It stops on its own only on a permanent failure, such as
+    /// a dropped outbox table, which [`Inventory::shutdown`] then returns; a readiness probe
+    /// would report it.
+    pub fn relay_running(&self) -> bool {
+        !self.relay.is_finished()
     }
 
     /// The outbox store.
@@ -335,12 +329,12 @@ impl Inventory {
     }
 
     /// Stops the relay gracefully (it publishes or hands back what it holds) and closes the
-    /// database.
+    /// database. Returns the relay's failure if it stopped on one.
     pub async fn shutdown(self) -> Result<(), Error> {
-        self.stop_relay.send(()).ok();
-        let relayed = self.relaying.await;
+        self.relay.shutdown();
+        let relayed = self.relay.await;
         self.store.pool().close().await;
-        relayed??;
+        relayed?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_nats::async_nats::{self, jetstream};
+use outbox::nats::async_nats::{self, jetstream};
 use sqlite_nats::{Config, Inventory};
 
 #[tokio::main]
@@ -42,13 +42,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     inventory.reserve("sku-desk", 2, "order-3").await?;
     println!("sku-desk: 2 reserved for order-3, none left");
 
-    if !inventory
+    let published = inventory
         .wait_until_published(Duration::from_secs(30))
-        .await?
-    {
+        .await?;
+    // Stops the relay gracefully; fails with the relay's error if it stopped on one.
+    inventory.shutdown().await?;
+    if !published {
         return Err("the relay did not publish every event within 30 s".into());
     }
-    inventory.shutdown().await?;
 
     // A reader of the stream: every event with its Nats-Msg-Id (the id the stream deduplicates
     // by) and its key.

@@ -9,27 +9,35 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use outbox_core::{MESSAGE_ID_HEADER, MessageId, Store};
-use outbox_nats::async_nats::{self, jetstream};
+use outbox::nats::async_nats::{self, jetstream};
+use outbox::{MESSAGE_ID_HEADER, MessageId, RelayError, Store, StoreErrorKind};
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use sqlite_nats::{Config, Error, Inventory, StockEvent};
+use tokio::time::Instant;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn committed_stock_events_reach_the_stream_in_order_and_refused_ones_never_do() {
+/// What a test runs on: a JetStream context to read and delete its stream, a temporary
+/// directory for the database, and a configuration with a stream and subject prefix of its
+/// own. `None` to skip without a NATS server (a failure under `OUTBOX_TEST_REQUIRE=1`).
+async fn setup() -> Option<(jetstream::Context, tempfile::TempDir, Config)> {
     let nats_url = service_url("OUTBOX_TEST_NATS_URL", "nats://127.0.0.1:4222");
-    let Some(client) = or_skip("NATS", async_nats::connect(&nats_url).await) else {
-        return;
-    };
-    let admin = jetstream::new(client);
-
+    let client = or_skip("NATS", async_nats::connect(&nats_url).await)?;
     let dir = tempfile::tempdir().expect("temporary directory");
     let name = unique_name("inventory");
     let config = Config {
         database_path: dir.path().join("inventory.db"),
         nats_url,
         subject_prefix: name.clone(),
-        stream: name.clone(),
+        stream: name,
     };
+    Some((jetstream::new(client), dir, config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_stock_events_reach_the_stream_in_order_and_refused_ones_never_do() {
+    let Some((admin, _dir, config)) = setup().await else {
+        return;
+    };
+    let name = config.stream.clone();
     let inventory = Inventory::start(&config).await.expect("service starts");
 
     // Two SKUs received, reserved and depleted; four calls that are refused.
@@ -143,4 +151,42 @@ async fn committed_stock_events_reach_the_stream_in_order_and_refused_ones_never
     assert_eq!(arrived, expected, "every committed event, in per-SKU order");
 
     admin.delete_stream(&name).await.expect("delete stream");
+}
+
+/// The service sees its relay stop on a permanent failure, here a dropped outbox table: the
+/// relay's handle reports it, and shutdown returns it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_on_a_permanent_failure_is_reported() {
+    let Some((admin, _dir, config)) = setup().await else {
+        return;
+    };
+    let inventory = Inventory::start(&config).await.expect("service starts");
+    assert!(inventory.relay_running());
+
+    inventory
+        .store()
+        .drop_tables()
+        .await
+        .expect("drop outbox tables");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inventory.relay_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay stops within 30 s of its table's drop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped = inventory.shutdown().await;
+    assert!(
+        matches!(
+            &stopped,
+            Err(Error::Relay(RelayError::Store(err))) if err.kind() == StoreErrorKind::Schema
+        ),
+        "the relay's failure, a missing table: {stopped:?}"
+    );
+
+    admin
+        .delete_stream(&config.stream)
+        .await
+        .expect("delete stream");
 }
