@@ -17,7 +17,9 @@ use outbox::amqp::lapin::options::{
 use outbox::amqp::lapin::types::{AMQPValue, FieldTable};
 use outbox::amqp::lapin::{self, Connection, ConnectionProperties};
 use outbox::sqlx::{self, mysql::MySqlPoolOptions};
-use outbox::{MESSAGE_ID_HEADER, MessageId, MySqlStore, Store, StoreConfig};
+use outbox::{
+    MESSAGE_ID_HEADER, MessageId, MySqlStore, RelayError, Store, StoreConfig, StoreErrorKind,
+};
 use outbox_testkit::env::{or_skip, service_url, unique_name};
 use tokio::time::Instant;
 
@@ -267,7 +269,13 @@ async fn a_relay_that_stops_on_a_permanent_failure_is_reported() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stopped = billing.shutdown().await;
-    assert!(matches!(stopped, Err(Error::Relay(_))), "{stopped:?}");
+    assert!(
+        matches!(
+            &stopped,
+            Err(Error::Relay(RelayError::Store(err))) if err.kind() == StoreErrorKind::Schema
+        ),
+        "the relay's failure, a missing table: {stopped:?}"
+    );
 
     servers.clean_up(&config).await;
 }
