@@ -12,6 +12,7 @@ mod config;
 mod detached;
 mod enqueue;
 mod error;
+mod migrations;
 #[cfg(feature = "mysql")]
 mod mysql;
 #[cfg(feature = "postgres")]
@@ -27,6 +28,7 @@ mod sql;
 mod sqlite;
 
 pub use config::StoreConfig;
+pub use migrations::SqlxMigrations;
 #[cfg(feature = "mysql")]
 pub use mysql::MySqlStore;
 #[cfg(feature = "postgres")]
@@ -37,15 +39,6 @@ pub use sqlite::SqliteStore;
 /// The `sqlx` this crate is built on, so that pools and transactions handed to the stores come
 /// from the same version.
 pub use sqlx;
-
-/// The version of the last of `migrations`: the schema a store of this release migrates to
-/// and expects. Each dialect has its own sequence.
-pub(crate) const fn latest_version(migrations: &[(i32, &str)]) -> i32 {
-    match migrations.last() {
-        Some((version, _)) => *version,
-        None => 0,
-    }
-}
 
 /// Refuses a database migrated by a newer release: this one would misread its rows.
 pub(crate) fn check_version(found: i32, latest: i32) -> Result<(), outbox_core::StoreError> {

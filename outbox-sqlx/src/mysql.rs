@@ -30,10 +30,19 @@ use sqlx::{Arguments as _, Connection as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
+use crate::migrations::Schema;
 use crate::sql::{self, Arg, Base, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
 
-/// The migrations, in order; the last one's version is [`MySqlStore::SCHEMA_VERSION`].
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))];
+/// The outbox schema; its last migration's version is [`MySqlStore::SCHEMA_VERSION`].
+const SCHEMA: Schema = Schema {
+    migrations: &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))],
+    dialect: &MY,
+    versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INT NOT NULL PRIMARY KEY, \
+                     applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB",
+    insert_ignore: ("INSERT IGNORE INTO", ""),
+    epoch: "'1970-01-01 00:00:00'",
+    bigint: "SIGNED",
+};
 
 const QUOTING: Quoting = Quoting {
     quote: '`',
@@ -82,7 +91,7 @@ type Inner = Base<MySql>;
 ///
 /// let mut tx = pool.begin().await?;
 /// // ... the service's own writes in `tx` ...
-/// store.enqueue(&mut *tx, NewMessage::new("orders", "created").key("order-7")).await?;
+/// store.enqueue(&mut tx, NewMessage::new("orders", "created").key("order-7")).await?;
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
@@ -92,10 +101,6 @@ pub struct MySqlStore {
 }
 
 impl MySqlStore {
-    /// The schema version this release migrates the outbox tables to and expects; a database
-    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
-    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
-
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name is not a plain identifier (`database.table` is accepted).
     ///
@@ -148,51 +153,17 @@ impl MySqlStore {
     async fn migrate_locked(&self, conn: &mut MySqlConnection) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
         let names = &self.inner.names;
-        sql::run_script(
-            &mut *conn,
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {} (version INT NOT NULL PRIMARY KEY, \
-             applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB",
-                names.schema
-            ),
-        )
-        .await
-        .doing(DOING)?;
-        let current: i64 = sqlx::query_scalar(&format!(
-            "SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM {}",
-            names.schema
-        ))
-        .fetch_one(&mut *conn)
-        .await
-        .doing(DOING)?;
-        let current = i32::try_from(current).unwrap_or(i32::MAX);
-        crate::check_version(current, Self::SCHEMA_VERSION)?;
-        for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sql::run_script(&mut *conn, &sql::render(template, names))
-                .await
-                .doing(DOING)?;
-            sqlx::query(&format!(
-                "INSERT IGNORE INTO {} (version, applied_at) VALUES (?, UTC_TIMESTAMP(6))",
-                names.schema
-            ))
-            .bind(version)
-            .execute(&mut *conn)
+        sql::run_script(&mut *conn, &SCHEMA.create_versions(names))
             .await
             .doing(DOING)?;
+        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
+            .fetch_one(&mut *conn)
+            .await
+            .doing(DOING)?;
+        for step in SCHEMA.steps(names, current)? {
+            sql::run_script(&mut *conn, &step).await.doing(DOING)?;
         }
-        sql::run_script(
-            &mut *conn,
-            &sql::seed_partitions(
-                names,
-                &MY,
-                "INSERT IGNORE INTO",
-                "",
-                "'1970-01-01 00:00:00'",
-            ),
-        )
-        .await
-        .doing(DOING)
-        .map(drop)
+        Ok(())
     }
 
     /// The schema version of the outbox tables; 0 when they were never migrated.
@@ -344,7 +315,7 @@ impl MySqlStore {
     }
 }
 
-crate::shared::accessors!(MySqlStore, MySqlPool);
+crate::shared::accessors!(MySqlStore, MySqlPool, SCHEMA);
 
 crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection);
 

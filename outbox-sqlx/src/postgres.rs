@@ -31,22 +31,31 @@ use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
+use crate::migrations::Schema;
 use crate::sql::{
     self, Arg, Base, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column,
 };
 
-/// The migrations, in order; the last one's version is [`PostgresStore::SCHEMA_VERSION`].
-const MIGRATIONS: &[(i32, &str)] = &[
-    (1, include_str!("../migrations/postgres/0001_outbox.sql")),
-    (
-        2,
-        include_str!("../migrations/postgres/0002_hot_claims.sql"),
-    ),
-    (
-        3,
-        include_str!("../migrations/postgres/0003_claim_function.sql"),
-    ),
-];
+/// The outbox schema; its last migration's version is [`PostgresStore::SCHEMA_VERSION`].
+const SCHEMA: Schema = Schema {
+    migrations: &[
+        (1, include_str!("../migrations/postgres/0001_outbox.sql")),
+        (
+            2,
+            include_str!("../migrations/postgres/0002_hot_claims.sql"),
+        ),
+        (
+            3,
+            include_str!("../migrations/postgres/0003_claim_function.sql"),
+        ),
+    ],
+    dialect: &PG,
+    versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INTEGER PRIMARY KEY, \
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
+    epoch: "'epoch'",
+    bigint: "BIGINT",
+};
 
 const QUOTING: Quoting = Quoting {
     quote: '"',
@@ -92,10 +101,6 @@ pub struct PostgresStore {
 type Inner = Base<Postgres>;
 
 impl PostgresStore {
-    /// The schema version this release migrates the outbox tables to and expects; a database
-    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
-    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
-
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name or the notify channel is not a plain identifier.
     ///
@@ -159,49 +164,16 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .doing(DOING)?;
-        sql::run_script(
-            &mut *tx,
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, \
-             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                names.schema
-            ),
-        )
-        .await
-        .doing(DOING)?;
-        let current: i32 = sqlx::query_scalar(&format!(
-            "SELECT COALESCE(MAX(version), 0) FROM {}",
-            names.schema
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .doing(DOING)?;
-        crate::check_version(current, Self::SCHEMA_VERSION)?;
-        for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sql::run_script(&mut *tx, &sql::render(template, names))
-                .await
-                .doing(DOING)?;
-            sqlx::query(&format!(
-                "INSERT INTO {} (version) VALUES ($1)",
-                names.schema
-            ))
-            .bind(version)
-            .execute(&mut *tx)
+        sql::run_script(&mut *tx, &SCHEMA.create_versions(names))
             .await
             .doing(DOING)?;
+        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
+            .fetch_one(&mut *tx)
+            .await
+            .doing(DOING)?;
+        for step in SCHEMA.steps(names, current)? {
+            sql::run_script(&mut *tx, &step).await.doing(DOING)?;
         }
-        sql::run_script(
-            &mut *tx,
-            &sql::seed_partitions(
-                names,
-                &PG,
-                "INSERT INTO",
-                " ON CONFLICT DO NOTHING",
-                "'epoch'",
-            ),
-        )
-        .await
-        .doing(DOING)?;
         tx.commit().await.doing(DOING)
     }
 
@@ -270,7 +242,7 @@ impl PostgresStore {
     }
 }
 
-crate::shared::accessors!(PostgresStore, PgPool);
+crate::shared::accessors!(PostgresStore, PgPool, SCHEMA);
 
 crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection);
 

@@ -3,10 +3,22 @@
 //! an `inner: Arc<Base<DB>>` field; the dialect file defines `bound(text, args)`, which binds a
 //! statement's arguments in its database's types.
 
-/// The accessors of `$store`, whose pool is a `$pool`.
+/// The accessors of `$store`, whose pool is a `$pool` and whose schema is `$schema`.
 macro_rules! accessors {
-    ($store:ident, $pool:ty) => {
+    ($store:ident, $pool:ty, $schema:expr) => {
         impl $store {
+            /// The schema version this release migrates the outbox tables to and expects; a
+            /// database migrated by a newer release is refused with
+            /// [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
+            pub const SCHEMA_VERSION: i32 = $schema.latest();
+
+            /// The outbox's migrations as `sqlx` migrations numbered from `first_version`,
+            /// for services that run every schema change through `sqlx`'s `Migrator`
+            /// (instead of [`migrate`](Self::migrate)): see [`SqlxMigrations`]($crate::SqlxMigrations).
+            pub fn sqlx_migrations(&self, first_version: i64) -> $crate::SqlxMigrations {
+                $schema.sqlx_migrations(&self.inner.names, first_version)
+            }
+
             /// The pool, for the service's own queries and transactions.
             pub fn pool(&self) -> &$pool {
                 &self.inner.pool

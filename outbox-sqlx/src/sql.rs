@@ -829,14 +829,15 @@ pub(crate) fn seed_partitions(
     )
 }
 
-/// Migration text for `names`: the placeholders `{table}`, `{partitions}`, `{relays}` and
-/// `{ix_<suffix>}` replaced by quoted, validated names.
+/// Migration text for `names`: the placeholders `{table}`, `{partitions}`, `{relays}`,
+/// `{claim}`, `{schema}` and `{ix_<suffix>}` replaced by quoted, validated names.
 pub(crate) fn render(template: &str, names: &Names) -> String {
     let mut text = template
         .replace("{table}", &names.table)
         .replace("{partitions}", &names.partitions)
         .replace("{relays}", &names.relays)
-        .replace("{claim}", &names.claim);
+        .replace("{claim}", &names.claim)
+        .replace("{schema}", &names.schema);
     while let Some(start) = text.find("{ix_") {
         let Some(len) = text[start..].find('}') else {
             break;

@@ -28,10 +28,19 @@ use sqlx::{Arguments as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
+use crate::migrations::Schema;
 use crate::sql::{self, Arg, Base, DEAD, Dialect, HeldIndex, Limited, RowParts, Sql, column};
 
-/// The migrations, in order; the last one's version is [`SqliteStore::SCHEMA_VERSION`].
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))];
+/// The outbox schema; its last migration's version is [`SqliteStore::SCHEMA_VERSION`].
+const SCHEMA: Schema = Schema {
+    migrations: &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))],
+    dialect: &LITE,
+    versions_table: "CREATE TABLE IF NOT EXISTS {schema} \
+                     (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    insert_ignore: ("INSERT OR IGNORE INTO", ""),
+    epoch: "0",
+    bigint: "INTEGER",
+};
 
 const QUOTING: Quoting = Quoting {
     quote: '"',
@@ -87,7 +96,7 @@ type Inner = Base<Sqlite>;
 /// // BEGIN IMMEDIATE takes the write lock up front, as a transaction that writes should.
 /// let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
 /// // ... the service's own writes in `tx` ...
-/// store.enqueue(&mut *tx, NewMessage::new("orders", "created").key("order-7")).await?;
+/// store.enqueue(&mut tx, NewMessage::new("orders", "created").key("order-7")).await?;
 /// tx.commit().await?;
 /// # Ok(()) }
 /// ```
@@ -97,10 +106,6 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// The schema version this release migrates the outbox tables to and expects; a database
-    /// migrated by a newer release is refused with [`StoreErrorKind::Schema`](outbox_core::StoreErrorKind::Schema).
-    pub const SCHEMA_VERSION: i32 = crate::latest_version(MIGRATIONS);
-
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name is not a plain identifier (SQLite takes no `schema.table`).
     ///
@@ -146,40 +151,16 @@ impl SqliteStore {
             .await
             .doing(DOING)?;
         let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
-        sql::run_script(&mut *tx, &format!(
-            "CREATE TABLE IF NOT EXISTS {} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
-            names.schema
-        ))
-        .await
-        .doing(DOING)?;
-        let current: i64 = sqlx::query_scalar(&format!(
-            "SELECT COALESCE(MAX(version), 0) FROM {}",
-            names.schema
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .doing(DOING)?;
-        let current = i32::try_from(current).unwrap_or(i32::MAX);
-        crate::check_version(current, Self::SCHEMA_VERSION)?;
-        for (version, template) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sql::run_script(&mut *tx, &sql::render(template, names))
-                .await
-                .doing(DOING)?;
-            sqlx::query(&format!(
-                "INSERT INTO {} (version, applied_at) VALUES (?, {NOW})",
-                names.schema
-            ))
-            .bind(version)
-            .execute(&mut *tx)
+        sql::run_script(&mut *tx, &SCHEMA.create_versions(names))
             .await
             .doing(DOING)?;
+        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
+            .fetch_one(&mut *tx)
+            .await
+            .doing(DOING)?;
+        for step in SCHEMA.steps(names, current)? {
+            sql::run_script(&mut *tx, &step).await.doing(DOING)?;
         }
-        sql::run_script(
-            &mut *tx,
-            &sql::seed_partitions(names, &LITE, "INSERT OR IGNORE INTO", "", "0"),
-        )
-        .await
-        .doing(DOING)?;
         tx.commit().await.doing(DOING)
     }
 
@@ -257,7 +238,7 @@ impl SqliteStore {
     }
 }
 
-crate::shared::accessors!(SqliteStore, SqlitePool);
+crate::shared::accessors!(SqliteStore, SqlitePool, SCHEMA);
 
 crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection);
 

@@ -561,3 +561,12 @@ async fn enqueue_takes_what_sqlx_takes_and_batches_are_whole_or_nothing() {
     enqueue_forms!(store.clone(), store.pool().begin());
     h.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_migrations_run_from_a_sqlx_migrator() {
+    let Some(pool) = pool().await else {
+        return;
+    };
+    let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
+    sqlx_migrator_migrates!(store, &pool, PostgresStore::SCHEMA_VERSION);
+}

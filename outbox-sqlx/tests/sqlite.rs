@@ -244,3 +244,11 @@ async fn enqueue_takes_what_sqlx_takes_and_batches_are_whole_or_nothing() {
     enqueue_forms!(store.clone(), store.pool().begin_with("BEGIN IMMEDIATE"));
     h.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_migrations_run_from_a_sqlx_migrator() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pool = pool_on(&dir.path().join("outbox.db")).await;
+    let store = SqliteStore::new(pool.clone(), common::fresh_config()).expect("store");
+    sqlx_migrator_migrates!(store, &pool, SqliteStore::SCHEMA_VERSION);
+}

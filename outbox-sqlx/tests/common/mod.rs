@@ -87,6 +87,62 @@ macro_rules! enqueue_forms {
     }};
 }
 
+/// The body of a test that the outbox's migrations run from a `sqlx` `Migrator`: `$store` is
+/// a store on a table that was never migrated, `$pool` its pool, `$latest` its schema version. The versions are this test's
+/// own and removed at the end, so tests sharing a database do not see each other's.
+macro_rules! sqlx_migrator_migrates {
+    ($store:expr, $pool:expr, $latest:expr) => {{
+        let store = $store;
+        let pool = $pool;
+        assert_eq!(store.schema_version().await.expect("version"), 0);
+        let first = 9_000_000_000_000 + i64::from(fastrand::u32(..)) * 1_000;
+        let migrations = store.sqlx_migrations(first).into_vec();
+        assert_eq!(migrations.len() as i32, $latest);
+        let mut migrator = sqlx::migrate::Migrator::new(store.sqlx_migrations(first))
+            .await
+            .expect("migrator");
+        // Other tests' migrations share the database's record of applied migrations.
+        migrator.set_ignore_missing(true);
+        migrator
+            .run(pool)
+            .await
+            .expect("the outbox migrations through sqlx");
+        let latest = store.schema_version().await.expect("version");
+        assert_eq!(latest, $latest, "every step recorded");
+        migrator.run(pool).await.expect("run again: nothing to do");
+        store
+            .migrate()
+            .await
+            .expect("the store finds nothing to do");
+        let id = store
+            .enqueue(pool, outbox_core::NewMessage::new("orders", "x").key("k"))
+            .await
+            .expect("enqueue on the migrated tables");
+        let relay = outbox_core::RelayId::random();
+        let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
+        let ttl = std::time::Duration::from_secs(60);
+        let owned = outbox_core::Store::acquire(&store, &relay, &all, ttl)
+            .await
+            .expect("acquire: the partition rows were seeded");
+        assert_eq!(owned.len(), all.len());
+        let claim = outbox_core::Store::claim(&store, &relay, 10, ttl)
+            .await
+            .expect("claim");
+        assert_eq!(
+            claim.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![id]
+        );
+        sqlx::query(&format!(
+            "DELETE FROM _sqlx_migrations WHERE version BETWEEN {first} AND {}",
+            first + 999
+        ))
+        .execute(pool)
+        .await
+        .expect("forget this test's migrations");
+        store.drop_tables().await.expect("drop");
+    }};
+}
+
 /// Connections per test pool: enough for three relays sharing one store.
 pub const POOL_SIZE: u32 = 16;
 
