@@ -4,8 +4,8 @@
 //! what `sqlx`'s own `Acquire` takes (`&mut tx`, `&mut *tx`, a `&mut` connection, `&pool`),
 //! so that the common case needs no trait import, and implements
 //! [`Enqueue`](outbox_core::Enqueue) on `&mut Connection` by calling them, for code generic
-//! over stores. The dialect file supplies only `insert`, which writes validated messages on a
-//! connection, chunk by chunk.
+//! over stores. The dialect file supplies only what it adds to the first `INSERT` of an
+//! enqueue (PostgreSQL: the `pg_notify` that wakes relays on commit).
 
 /// What an enqueue does when `messages` are written in more than one statement (a large
 /// batch): in a transaction of their own (a savepoint inside the caller's transaction), so
@@ -14,11 +14,40 @@ pub(crate) fn needs_own_transaction(messages: &[outbox_core::NewMessage]) -> boo
     crate::sql::insert_chunks(messages).len() > 1
 }
 
-/// Implements the enqueue methods of `$store` on the database `$db` with connections `$conn`,
-/// given `$store::insert(&self, &mut $conn, Vec<NewMessage>) -> Result<Vec<MessageId>, _>`.
+/// Implements the enqueue methods of `$store` on the database `$db` with connections `$conn`
+/// and the dialect `$d`; `$first` (a `fn(&$store, &mut Sql)`) amends the first `INSERT` of
+/// each enqueue.
 macro_rules! enqueue_methods {
-    ($store:ident, $db:ty, $conn:ty) => {
+    ($store:ident, $db:ty, $conn:ty, $d:expr, $first:expr) => {
         impl $store {
+            /// Writes `messages`, checked against the limits, on `conn`, in chunks that stay
+            /// under the database's bind-parameter and packet limits.
+            async fn insert(
+                &self,
+                conn: &mut $conn,
+                messages: Vec<::outbox_core::NewMessage>,
+            ) -> Result<Vec<::outbox_core::MessageId>, ::outbox_core::StoreError> {
+                use $crate::error::Context as _;
+                $crate::sql::validate(&messages, &self.inner.config.limits)?;
+                let ids = messages.iter().map(::outbox_core::NewMessage::id).collect();
+                for (i, chunk) in $crate::sql::insert_chunks(&messages)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mut statement = $crate::sql::insert(&$d, &self.inner.names, chunk);
+                    if i == 0 {
+                        let first: fn(&$store, &mut $crate::sql::Sql) = $first;
+                        first(self, &mut statement);
+                    }
+                    bound(&statement.text, statement.args)?
+                        .persistent(chunk.len() == 1)
+                        .execute(&mut *conn)
+                        .await
+                        .doing("enqueueing into the outbox")?;
+                }
+                Ok(ids)
+            }
+
             /// Adds `message` to the outbox in the caller's transaction and returns its id.
             /// The relay sees it when, and only when, that transaction commits.
             ///

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
-    Settled, Settlement, Stats, Store, StoreError, StoreErrorKind,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, RelayId, RelayMember, Stats, Store,
+    StoreError, StoreErrorKind,
 };
 use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
 use std::collections::HashMap;
@@ -218,24 +218,6 @@ impl MySqlStore {
         .await
     }
 
-    async fn insert(
-        &self,
-        conn: &mut MySqlConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        sql::validate(&messages, &self.inner.config.limits)?;
-        let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
-        for chunk in sql::insert_chunks(&messages) {
-            let statement = sql::insert(&MY, &self.inner.names, chunk);
-            bound(&statement.text, statement.args)?
-                .persistent(chunk.len() == 1)
-                .execute(&mut *conn)
-                .await
-                .doing("enqueueing into the outbox")?;
-        }
-        Ok(ids)
-    }
-
     async fn members_on(
         &self,
         conn: &mut MySqlConnection,
@@ -317,7 +299,7 @@ impl MySqlStore {
 
 crate::shared::accessors!(MySqlStore, MySqlPool, SCHEMA);
 
-crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection);
+crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY, |_, _| {});
 
 /// `args` as MySQL values: UUIDs as 16 bytes, times as UTC `DATETIME`s.
 fn arguments(args: Vec<Arg>) -> Result<MySqlArguments, StoreError> {
@@ -485,35 +467,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
         Ok(sql::assemble_claim(token, parts))
     }
 
-    async fn settle(
-        &self,
-        token: LeaseToken,
-        settlement: &Settlement,
-    ) -> Result<Settled, StoreError> {
-        const DOING: &str = "recording publish outcomes";
-        if settlement.is_empty() {
-            return Ok(Settled::default());
-        }
-        let Inner {
-            pool,
-            names,
-            config,
-            ..
-        } = &*self.inner;
-        let statements =
-            sql::settle_statements(&MY, names, config.retention.is_some(), token, settlement);
-        let mut applied = 0;
-        let mut tx = sql::begin(pool, None, DOING).await?;
-        for statement in statements {
-            applied += bound(&statement.text, statement.args)?
-                .execute(&mut *tx)
-                .await
-                .doing(DOING)?
-                .rows_affected();
-        }
-        tx.commit().await.doing(DOING)?;
-        Ok(sql::settled(settlement, applied))
-    }
+    crate::shared::settle_by_statements!(MY, None);
 
     /// Three statements without a transaction: under `REPEATABLE READ` the expiry `DELETE`
     /// of concurrent heartbeats would lock each other's rows.

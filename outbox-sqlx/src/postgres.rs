@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
-    Settled, Settlement, Stats, Store, StoreError, Wakeup,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, RelayId, RelayMember, Settled,
+    Settlement, Stats, Store, StoreError, Wakeup,
 };
 use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
@@ -209,42 +209,27 @@ impl PostgresStore {
         .doing("dropping the outbox tables")
         .map(drop)
     }
-
-    async fn insert(
-        &self,
-        conn: &mut PgConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        const DOING: &str = "enqueueing into the outbox";
-        sql::validate(&messages, &self.inner.config.limits)?;
-        let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
-        for (i, chunk) in sql::insert_chunks(&messages).into_iter().enumerate() {
-            let mut statement = sql::insert(&PG, &self.inner.names, chunk);
-            if i == 0 && self.inner.config.notify {
-                // Delivered on commit, once per transaction and channel whatever the count.
-                let insert = std::mem::take(&mut statement.text);
-                statement
-                    .push("WITH enqueued AS (")
-                    .push(&insert)
-                    .push(") SELECT pg_notify(");
-                statement
-                    .bind(Arg::Text(self.inner.config.channel().to_owned()))
-                    .push(", '')");
-            }
-            let (text, args) = (statement.text, statement.args);
-            bound(&text, args)?
-                .persistent(chunk.len() == 1)
-                .execute(&mut *conn)
-                .await
-                .doing(DOING)?;
-        }
-        Ok(ids)
-    }
 }
 
 crate::shared::accessors!(PostgresStore, PgPool, SCHEMA);
 
-crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection);
+/// Makes the first `INSERT` of an enqueue send `pg_notify` too (when notifications are on):
+/// delivered on commit, once per transaction and channel whatever the count.
+fn notify_on_commit(store: &PostgresStore, statement: &mut Sql) {
+    if !store.inner.config.notify {
+        return;
+    }
+    let insert = std::mem::take(&mut statement.text);
+    statement
+        .push("WITH enqueued AS (")
+        .push(&insert)
+        .push(") SELECT pg_notify(");
+    statement
+        .bind(Arg::Text(store.inner.config.channel().to_owned()))
+        .push(", '')");
+}
+
+crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG, notify_on_commit);
 
 /// `args` as PostgreSQL values.
 fn arguments(args: Vec<Arg>) -> Result<PgArguments, StoreError> {

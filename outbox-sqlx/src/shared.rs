@@ -86,4 +86,37 @@ macro_rules! operations {
     };
 }
 
-pub(crate) use {accessors, operations};
+/// `Store::settle` as one transaction (begun with `$begin`) of the set-based statements of
+/// [`settle_statements`](crate::sql::settle_statements), for the dialect `$d`: an item of an
+/// `impl Store` block. (PostgreSQL settles over arrays instead.)
+macro_rules! settle_by_statements {
+    ($d:expr, $begin:expr) => {
+        async fn settle(
+            &self,
+            token: ::outbox_core::LeaseToken,
+            settlement: &::outbox_core::Settlement,
+        ) -> Result<::outbox_core::Settled, ::outbox_core::StoreError> {
+            const DOING: &str = "recording publish outcomes";
+            if settlement.is_empty() {
+                return Ok(::outbox_core::Settled::default());
+            }
+            let inner = &*self.inner;
+            let retain = inner.config.retention.is_some();
+            let statements =
+                $crate::sql::settle_statements(&$d, &inner.names, retain, token, settlement);
+            let mut applied = 0;
+            let mut tx = $crate::sql::begin(&inner.pool, $begin, DOING).await?;
+            for statement in statements {
+                applied += bound(&statement.text, statement.args)?
+                    .execute(&mut *tx)
+                    .await
+                    .doing(DOING)?
+                    .rows_affected();
+            }
+            tx.commit().await.doing(DOING)?;
+            Ok($crate::sql::settled(settlement, applied))
+        }
+    };
+}
+
+pub(crate) use {accessors, operations, settle_by_statements};

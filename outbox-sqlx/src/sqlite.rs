@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, NewMessage, RelayId, RelayMember,
-    Settled, Settlement, Stats, Store, StoreError,
+    Claim, DeadLetter, DeadLetterFilter, LeaseToken, RelayId, RelayMember, Stats, Store, StoreError,
 };
 use sqlx::query::Query;
 use sqlx::sqlite::{
@@ -202,24 +201,6 @@ impl SqliteStore {
         .map(drop)
     }
 
-    async fn insert(
-        &self,
-        conn: &mut SqliteConnection,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageId>, StoreError> {
-        sql::validate(&messages, &self.inner.config.limits)?;
-        let ids: Vec<MessageId> = messages.iter().map(NewMessage::id).collect();
-        for chunk in sql::insert_chunks(&messages) {
-            let statement = sql::insert(&LITE, &self.inner.names, chunk);
-            bound(&statement.text, statement.args)?
-                .persistent(chunk.len() == 1)
-                .execute(&mut *conn)
-                .await
-                .doing("enqueueing into the outbox")?;
-        }
-        Ok(ids)
-    }
-
     async fn members_on(
         &self,
         conn: &mut SqliteConnection,
@@ -240,7 +221,7 @@ impl SqliteStore {
 
 crate::shared::accessors!(SqliteStore, SqlitePool, SCHEMA);
 
-crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection);
+crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection, LITE, |_, _| {});
 
 /// An instant from stored microseconds (out-of-range values, which no store writes, clamp).
 fn time(micros: i64) -> DateTime<Utc> {
@@ -364,35 +345,7 @@ impl Store for SqliteStore {
         Ok(sql::assemble_claim(token, parts))
     }
 
-    async fn settle(
-        &self,
-        token: LeaseToken,
-        settlement: &Settlement,
-    ) -> Result<Settled, StoreError> {
-        const DOING: &str = "recording publish outcomes";
-        if settlement.is_empty() {
-            return Ok(Settled::default());
-        }
-        let Inner {
-            pool,
-            names,
-            config,
-            ..
-        } = &*self.inner;
-        let statements =
-            sql::settle_statements(&LITE, names, config.retention.is_some(), token, settlement);
-        let mut applied = 0;
-        let mut tx = sql::begin(pool, Some(BEGIN_IMMEDIATE), DOING).await?;
-        for statement in statements {
-            applied += bound(&statement.text, statement.args)?
-                .execute(&mut *tx)
-                .await
-                .doing(DOING)?
-                .rows_affected();
-        }
-        tx.commit().await.doing(DOING)?;
-        Ok(sql::settled(settlement, applied))
-    }
+    crate::shared::settle_by_statements!(LITE, Some(BEGIN_IMMEDIATE));
 
     async fn heartbeat(
         &self,
