@@ -160,19 +160,33 @@ pub async fn jetstream(url: &str) -> Result<async_nats::jetstream::Context, BoxE
     Ok(async_nats::jetstream::new(client))
 }
 
-/// Creates a file-backed stream `name` for `subjects`.
+/// Creates a file-backed stream `name` for `subjects`. Tries again a few times: a NATS 2.9
+/// server creating a stream while another one of the account is being deleted can lose a race
+/// on the account's stream directory ("could not create storage directory").
 pub async fn create_stream(
     js: &async_nats::jetstream::Context,
     name: &str,
     subjects: &str,
 ) -> Result<(), BoxError> {
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: name.to_owned(),
-        subjects: vec![subjects.to_owned()],
-        ..Default::default()
-    })
-    .await?;
-    Ok(())
+    let mut attempt = 0;
+    loop {
+        let created = js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(err) if attempt < 4 => {
+                attempt += 1;
+                tracing::warn!(%err, attempt, "creating a stream failed; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
 /// Reads the whole stream `name` in stream order. Retries while the server comes back.

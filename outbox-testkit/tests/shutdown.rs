@@ -60,10 +60,16 @@ async fn shutdown_ends_within_its_bound_when_broker_and_database_hang() {
         defaults.shutdown_timeout
     );
 
-    // What the stopped relay could not hand back returns when its lease expires.
+    // What the stopped relay could not hand back returns when its lease expires. The store
+    // keeps time by the host's clock, which the paused test clock does not move: the next
+    // relay sees the store as it will be once every lease of the stopped one has expired.
     store.hang_all(false);
     publisher.hang_all(false);
-    let next = Relay::builder(memory.clone(), publisher.clone())
+    let expired = defaults.lease.max(defaults.partition_lease) * 2;
+    let later = memory
+        .clone()
+        .with_clock_skew(chrono::Duration::from_std(expired).expect("a duration"));
+    let next = Relay::builder(later, publisher.clone())
         .build()
         .expect("default relay");
     let deadline = Instant::now() + defaults.lease * 3;

@@ -86,16 +86,25 @@ impl NatsHarness {
         let client = or_skip("NATS", async_nats::connect(url.as_str()).await)?;
         let admin = jetstream::new(client);
         let stream = unique_name("outbox_nats");
-        let created = admin
-            .create_stream(StreamConfig {
-                name: stream.clone(),
-                subjects: vec![format!("{stream}.>")],
-                max_message_size: options
-                    .max_message_size
-                    .map_or(-1, |max| i32::try_from(max).expect("fits")),
-                ..StreamConfig::default()
-            })
-            .await;
+        let config = StreamConfig {
+            name: stream.clone(),
+            subjects: vec![format!("{stream}.>")],
+            max_message_size: options
+                .max_message_size
+                .map_or(-1, |max| i32::try_from(max).expect("fits")),
+            ..StreamConfig::default()
+        };
+        // A NATS 2.9 server creating a stream while another test deletes the account's last
+        // one can lose a race on the stream directory ("could not create storage directory"):
+        // a few tries.
+        let mut created = admin.create_stream(config.clone()).await;
+        for _ in 0..4 {
+            if created.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            created = admin.create_stream(config.clone()).await;
+        }
         let stream_handle = or_skip("NATS JetStream", created)?;
         let consumer: PullConsumer = stream_handle
             .create_consumer(pull::Config {
