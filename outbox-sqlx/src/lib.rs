@@ -12,6 +12,7 @@ mod config;
 mod detached;
 mod enqueue;
 mod error;
+mod inbox;
 mod migrations;
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -28,13 +29,14 @@ mod sql;
 mod sqlite;
 
 pub use config::StoreConfig;
+pub use inbox::DEFAULT_INBOX_TABLE;
 pub use migrations::SqlxMigrations;
 #[cfg(feature = "mysql")]
-pub use mysql::MySqlStore;
+pub use mysql::{MySqlInbox, MySqlStore};
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresInbox, PostgresStore};
 #[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteInbox, SqliteStore};
 
 /// The `sqlx` this crate is built on, so that pools and transactions handed to the stores come
 /// from the same version.

@@ -30,6 +30,7 @@ use sqlx::{Arguments as _, Connection as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
+use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::sql::{self, Arg, Base, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
 
@@ -606,3 +607,38 @@ impl Store for crate::detached::Direct<MySqlStore> {
             .collect()
     }
 }
+
+/// The inbox's SQL on MySQL or MariaDB.
+const INBOX: InboxSql = InboxSql {
+    dialect: &MY,
+    quoting: QUOTING,
+    create: include_str!("../migrations/mysql/inbox.sql"),
+    insert_ignore: ("INSERT IGNORE INTO", ""),
+    // Unused: MySQL limits the DELETE itself.
+    row_id: "",
+};
+
+crate::inbox::inbox!(
+    MySqlInbox,
+    MySql,
+    MySqlPool,
+    MySqlConnection,
+    INBOX,
+    "MySQL or MariaDB",
+    "```no_run
+# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error>> {
+use outbox_sqlx::{MySqlInbox, DEFAULT_INBOX_TABLE};
+
+let pool = outbox_sqlx::sqlx::MySqlPool::connect(\"mysql://app@127.0.0.1/app\").await?;
+let inbox = MySqlInbox::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
+inbox.migrate().await?;
+
+let mut tx = pool.begin().await?;
+if inbox.record(&mut tx, \"billing\", incoming.id).await? {
+    // New: apply the effect in `tx`.
+}
+tx.commit().await?;
+// ... then acknowledge the message to the broker.
+# Ok(()) }
+```"
+);

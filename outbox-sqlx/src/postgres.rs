@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
+use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::sql::{
     self, Arg, Base, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column,
@@ -578,3 +579,43 @@ impl Store for PostgresStore {
 fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
     ids.iter().map(|id| *id.as_uuid()).collect()
 }
+
+/// The inbox's SQL on PostgreSQL.
+const INBOX: InboxSql = InboxSql {
+    dialect: &PG,
+    quoting: QUOTING,
+    create: include_str!("../migrations/postgres/inbox.sql"),
+    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
+    row_id: "ctid",
+};
+
+crate::inbox::inbox!(
+    PostgresInbox,
+    Postgres,
+    PgPool,
+    PgConnection,
+    INBOX,
+    "PostgreSQL",
+    "```no_run
+# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error>> {
+use outbox_core::Processed;
+use outbox_sqlx::{PostgresInbox, DEFAULT_INBOX_TABLE};
+
+let pool = outbox_sqlx::sqlx::PgPool::connect(\"postgres://app@127.0.0.1/app\").await?;
+let inbox = PostgresInbox::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
+inbox.migrate().await?;
+
+// For each message received (`incoming`, from `outbox_kafka::incoming` or its kin):
+let mut tx = pool.begin().await?;
+let processed = inbox
+    .process(&mut tx, \"billing\", &incoming, async |tx| {
+        outbox_sqlx::sqlx::query(\"UPDATE accounts SET orders = orders + 1 WHERE id = 7\")
+            .execute(&mut *tx)
+            .await
+    })
+    .await?;
+tx.commit().await?;
+// ... then acknowledge the message to the broker, new or duplicate.
+# let _ = processed; Ok(()) }
+```"
+);

@@ -506,10 +506,11 @@ fn limited_dead(d: &Dialect, names: &Names, head: &str, filter: &DeadLetterFilte
     sql.push(head);
     let conditions = |sql: &mut Sql| push_dead_filter(sql, d, filter);
     let limit = limit_of(filter);
+    let rows = (names.table.as_str(), "seq");
     push_limited(
         &mut sql,
         d,
-        names,
+        rows,
         conditions,
         "dead_at, seq",
         limit,
@@ -518,20 +519,20 @@ fn limited_dead(d: &Dialect, names: &Names, head: &str, filter: &DeadLetterFilte
     sql
 }
 
-/// Pushes what limits an `UPDATE` or `DELETE` to its first `limit` rows in `order` among
-/// those `conditions` (a ` WHERE ...`) select, in the dialect's way; `lock` locks them where
-/// the dialect locks rows.
-fn push_limited(
+/// Pushes what limits an `UPDATE` or `DELETE` of `table` to its first `limit` rows in `order`
+/// among those `conditions` (a ` WHERE ...`) select, in the dialect's way (a subquery finds
+/// them by `row_id`); `lock` locks them where the dialect locks rows.
+pub(crate) fn push_limited(
     sql: &mut Sql,
     d: &Dialect,
-    names: &Names,
+    (table, row_id): (&str, &str),
     conditions: impl FnOnce(&mut Sql),
     order: &str,
     limit: i64,
     lock: &str,
 ) {
     if let Limited::Subquery { .. } = d.limited {
-        sql.push(&format!(" WHERE seq IN (SELECT seq FROM {}", names.table));
+        sql.push(&format!(" WHERE {row_id} IN (SELECT {row_id} FROM {table}"));
     }
     conditions(sql);
     sql.push(&format!(" ORDER BY {order} LIMIT "))
@@ -585,7 +586,8 @@ pub(crate) fn cleanup(d: &Dialect, names: &Names, retention: Duration, limit: us
     };
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let lock = " FOR UPDATE SKIP LOCKED";
-    push_limited(&mut sql, d, names, conditions, "published_at", limit, lock);
+    let rows = (names.table.as_str(), "seq");
+    push_limited(&mut sql, d, rows, conditions, "published_at", limit, lock);
     sql
 }
 

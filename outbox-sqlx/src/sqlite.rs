@@ -27,6 +27,7 @@ use sqlx::{Arguments as _, Row};
 
 use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
+use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::sql::{self, Arg, Base, DEAD, Dialect, HeldIndex, Limited, RowParts, Sql, column};
 
@@ -479,3 +480,36 @@ impl Store for SqliteStore {
             .collect()
     }
 }
+
+/// The inbox's SQL on SQLite.
+const INBOX: InboxSql = InboxSql {
+    dialect: &LITE,
+    quoting: QUOTING,
+    create: include_str!("../migrations/sqlite/inbox.sql"),
+    insert_ignore: ("INSERT OR IGNORE INTO", ""),
+    row_id: "rowid",
+};
+
+crate::inbox::inbox!(
+    SqliteInbox,
+    Sqlite,
+    SqlitePool,
+    SqliteConnection,
+    INBOX,
+    "SQLite",
+    "```no_run
+# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error>> {
+use outbox_sqlx::{SqliteInbox, DEFAULT_INBOX_TABLE};
+
+let pool = outbox_sqlx::sqlx::SqlitePool::connect(\"sqlite://consumer.db\").await?;
+let inbox = SqliteInbox::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
+inbox.migrate().await?;
+
+let mut tx = pool.begin_with(\"BEGIN IMMEDIATE\").await?;
+if inbox.record(&mut tx, \"billing\", incoming.id).await? {
+    // New: apply the effect in `tx`.
+}
+tx.commit().await?;
+# Ok(()) }
+```"
+);

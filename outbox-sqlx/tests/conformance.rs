@@ -1,27 +1,33 @@
-//! The testkit's store and relay suites, against each store on its real server.
+//! The testkit's store, relay and inbox suites, against each store on its real server.
 
 mod common;
 
 #[cfg(feature = "postgres")]
 mod postgres {
+    use super::common::inboxes::postgres as inbox;
     use super::common::pg::harness;
 
     outbox_testkit::store_suite!(harness);
     outbox_testkit::relay_suite!(harness);
+    outbox_testkit::inbox_suite!(inbox);
 }
 
 #[cfg(feature = "mysql")]
 mod mysql {
+    use super::common::inboxes::mysql as inbox;
     use super::common::my::harness;
 
     outbox_testkit::store_suite!(harness);
     outbox_testkit::relay_suite!(harness);
+    outbox_testkit::inbox_suite!(inbox);
 }
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
+    use super::common::inboxes::sqlite as inbox;
     use super::common::lite::harness;
 
     outbox_testkit::store_suite!(harness);
     outbox_testkit::relay_suite!(harness);
+    outbox_testkit::inbox_suite!(inbox);
 }

@@ -357,3 +357,12 @@ async fn the_outbox_migrations_run_from_a_sqlx_migrator() {
     let store = MySqlStore::new(pool.clone(), common::fresh_config()).expect("store");
     sqlx_migrator_migrates!(store, &pool, MySqlStore::SCHEMA_VERSION);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_applies_each_message_once_in_the_callers_transaction() {
+    let Some(h) = common::inboxes::mysql().await else {
+        return;
+    };
+    inbox_process_applies_once!(&h.inbox, &h.pool, h.pool.begin());
+    outbox_testkit::InboxHarness::teardown(h).await;
+}

@@ -1,4 +1,4 @@
-//! Every public future of the SQL stores is `Send` and can be spawned: a service runs them
+//! Every public future of the SQL stores and inboxes is `Send` and can be spawned: a service runs them
 //! from `tokio::spawn`, an axum handler or an `#[async_trait]` method. This file only has to
 //! compile; a future that stops being `Send` (a guard held across an await, a borrow that is
 //! not general enough) breaks the build.
@@ -9,7 +9,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use outbox_core::{DeadLetterFilter, Enqueue, LeaseToken, NewMessage, RelayId, Store, Wakeup};
-use outbox_sqlx::{MySqlStore, PostgresStore, SqliteStore, StoreConfig};
+use outbox_sqlx::{
+    MySqlInbox, MySqlStore, PostgresInbox, PostgresStore, SqliteInbox, SqliteStore, StoreConfig,
+};
 
 /// Compiles only for futures a multi-threaded runtime can spawn.
 fn spawnable<F: Future + Send + 'static>(_: F) {}
@@ -83,4 +85,42 @@ fn mysql(store: MySqlStore) {
 
 fn sqlite(store: SqliteStore) {
     inherent_methods!(SqliteStore)(store);
+}
+
+/// Every public method of an inbox, inside spawned tasks.
+macro_rules! inbox_methods {
+    ($inbox:ident) => {{
+        fn check(inbox: $inbox) {
+            let i = inbox.clone();
+            spawnable(async move {
+                let _ = i.migrate().await;
+                let _ = i.purge(Duration::from_secs(1), 10).await;
+                let _ = outbox_core::Inbox::purge(&i, Duration::from_secs(1), 10).await;
+                let _ = i.drop_table().await;
+            });
+            spawnable(async move {
+                let mut tx = inbox.pool().begin().await.expect("begin");
+                let id = outbox_core::MessageId::new();
+                let _ = inbox.record(&mut tx, "c", id).await;
+                let _ = inbox.record(&mut *tx, "c", id).await;
+                let _ = outbox_core::Inbox::record(&inbox, &mut *tx, "c", id).await;
+                let incoming = outbox_core::Incoming::new(Some(&id.to_string()), "t", "x");
+                if let Ok(incoming) = incoming {
+                    let _ = inbox
+                        .process(&mut tx, "c", &incoming, async |_conn| {
+                            Ok::<_, outbox_core::StoreError>(())
+                        })
+                        .await;
+                }
+                let _ = tx.commit().await;
+            });
+        }
+        check
+    }};
+}
+
+fn inboxes(postgres: PostgresInbox, mysql: MySqlInbox, sqlite: SqliteInbox) {
+    inbox_methods!(PostgresInbox)(postgres);
+    inbox_methods!(MySqlInbox)(mysql);
+    inbox_methods!(SqliteInbox)(sqlite);
 }

@@ -252,3 +252,12 @@ async fn the_outbox_migrations_run_from_a_sqlx_migrator() {
     let store = SqliteStore::new(pool.clone(), common::fresh_config()).expect("store");
     sqlx_migrator_migrates!(store, &pool, SqliteStore::SCHEMA_VERSION);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_applies_each_message_once_in_the_callers_transaction() {
+    let Some(h) = common::inboxes::sqlite().await else {
+        return;
+    };
+    inbox_process_applies_once!(&h.inbox, &h.pool, h.pool.begin_with("BEGIN IMMEDIATE"));
+    outbox_testkit::InboxHarness::teardown(h).await;
+}

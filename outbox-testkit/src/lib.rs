@@ -1,6 +1,6 @@
-//! Conformance suites for `outbox` stores and publishers, for this workspace's backends and for
-//! third-party ones: one [`StoreHarness`] or [`PublisherHarness`] and one macro line run the
-//! whole contract against your backend.
+//! Conformance suites for `outbox` stores, publishers and inboxes, for this workspace's
+//! backends and for third-party ones: one [`StoreHarness`], [`PublisherHarness`] or
+//! [`InboxHarness`] and one macro line run the whole contract against your backend.
 //!
 //! ```ignore
 //! // tests/conformance.rs of a store crate
@@ -33,6 +33,7 @@ mod cutting;
 pub mod env;
 mod faulty;
 mod harness;
+pub mod inbox;
 pub mod proxy;
 pub mod publisher;
 pub mod relay;
@@ -47,6 +48,7 @@ pub mod tls;
 pub use cutting::CuttingPublisher;
 pub use faulty::FaultyStore;
 pub use harness::{PublisherHarness, Received, StoreHarness};
+pub use inbox::InboxHarness;
 pub use scripted::{Outage, ScriptedPublisher};
 
 #[doc(hidden)]
@@ -89,6 +91,23 @@ macro_rules! store_suite {
             messages_round_trip_unchanged,
             invalid_messages_are_refused,
             undecodable_rows_are_reported_not_fatal,
+        );
+    };
+}
+
+/// Expands the inbox suite into one `#[tokio::test]` per check; `$factory` is a path to an
+/// `async fn() -> Option<impl InboxHarness>`.
+#[macro_export]
+macro_rules! inbox_suite {
+    ($factory:path) => {
+        $crate::__suite!(inbox, $factory;
+            a_message_is_new_once,
+            rolled_back_records_are_forgotten,
+            consumers_are_independent,
+            concurrent_deliveries_are_new_exactly_once,
+            a_waiting_delivery_records_after_a_rollback,
+            purges_delete_old_records_in_bounded_batches,
+            invalid_consumer_names_are_refused,
         );
     };
 }

@@ -5,7 +5,7 @@ pub use outbox_core::*;
 
 /// The traits to have in scope to call stores and publishers: `use outbox::prelude::*;`.
 pub mod prelude {
-    pub use outbox_core::{Enqueue, Publisher, Store};
+    pub use outbox_core::{Enqueue, Inbox, Publisher, Store};
 }
 
 /// The SQL stores and their configuration (features `postgres`, `mysql`, `sqlite`), and the
@@ -16,16 +16,16 @@ pub mod sql {
 }
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
-pub use outbox_sqlx::{StoreConfig, sqlx};
+pub use outbox_sqlx::{DEFAULT_INBOX_TABLE, SqlxMigrations, StoreConfig, sqlx};
 
 #[cfg(feature = "postgres")]
-pub use outbox_sqlx::PostgresStore;
+pub use outbox_sqlx::{PostgresInbox, PostgresStore};
 
 #[cfg(feature = "mysql")]
-pub use outbox_sqlx::MySqlStore;
+pub use outbox_sqlx::{MySqlInbox, MySqlStore};
 
 #[cfg(feature = "sqlite")]
-pub use outbox_sqlx::SqliteStore;
+pub use outbox_sqlx::{SqliteInbox, SqliteStore};
 
 /// The Kafka publisher (feature `kafka`), and `rdkafka`.
 #[cfg(feature = "kafka")]

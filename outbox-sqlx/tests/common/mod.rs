@@ -143,6 +143,85 @@ macro_rules! sqlx_migrator_migrates {
     }};
 }
 
+/// The body of a test that `$inbox.process` applies an effect once per message and consumer,
+/// in the caller's transaction (begun by `$begin`), and that a failed effect rolled back
+/// leaves the message new. `$pool` is the inbox's pool.
+macro_rules! inbox_process_applies_once {
+    ($inbox:expr, $pool:expr, $begin:expr) => {{
+        type BoxError = Box<dyn std::error::Error + Send + Sync>;
+        let inbox = $inbox;
+        let pool = $pool;
+        let counter = outbox_testkit::env::unique_name("effects");
+        sqlx::query(&format!("CREATE TABLE {counter} (n BIGINT NOT NULL)"))
+            .execute(pool)
+            .await
+            .expect("create the effect table");
+        sqlx::query(&format!("INSERT INTO {counter} (n) VALUES (0)"))
+            .execute(pool)
+            .await
+            .expect("insert the counter");
+        let bump = format!("UPDATE {counter} SET n = n + 1");
+        let count = async || -> i64 {
+            sqlx::query_scalar(&format!("SELECT n FROM {counter}"))
+                .fetch_one(pool)
+                .await
+                .expect("read the counter")
+        };
+        let incoming = |id: outbox_core::MessageId| {
+            outbox_core::Incoming::new(Some(&id.to_string()), "orders", "x").expect("incoming")
+        };
+
+        let first = incoming(outbox_core::MessageId::new());
+        for delivery in 0..3 {
+            let mut tx = $begin.await.expect("begin");
+            let processed = inbox
+                .process(&mut tx, "billing", &first, async |conn| {
+                    sqlx::query(&bump).execute(&mut *conn).await?;
+                    Ok::<_, BoxError>(delivery)
+                })
+                .await
+                .expect("process");
+            tx.commit().await.expect("commit");
+            let expected = if delivery == 0 {
+                outbox_core::Processed::Applied(0)
+            } else {
+                outbox_core::Processed::Duplicate
+            };
+            assert_eq!(processed, expected, "delivery {delivery}");
+        }
+        assert_eq!(count().await, 1, "applied once");
+
+        let second = incoming(outbox_core::MessageId::new());
+        let mut tx = $begin.await.expect("begin");
+        let failed = inbox
+            .process(&mut tx, "billing", &second, async |conn| {
+                sqlx::query(&bump).execute(&mut *conn).await?;
+                Err::<(), BoxError>("the effect failed".into())
+            })
+            .await;
+        assert!(failed.is_err());
+        tx.rollback().await.expect("rollback");
+        let mut tx = $begin.await.expect("begin");
+        let processed = inbox
+            .process(&mut tx, "billing", &second, async |conn| {
+                sqlx::query(&bump).execute(&mut *conn).await?;
+                Ok::<_, BoxError>(())
+            })
+            .await
+            .expect("process");
+        tx.commit().await.expect("commit");
+        assert!(
+            processed.is_applied(),
+            "the failed attempt left the message new"
+        );
+        assert_eq!(count().await, 2);
+        sqlx::query(&format!("DROP TABLE {counter}"))
+            .execute(pool)
+            .await
+            .expect("drop the effect table");
+    }};
+}
+
 /// Connections per test pool: enough for three relays sharing one store.
 pub const POOL_SIZE: u32 = 16;
 
@@ -1039,5 +1118,111 @@ pub mod scenarios {
             );
         }
         assert!(claimed > 0, "the claims read the messages");
+    }
+}
+
+/// Inbox harnesses: an inbox on a table of its own, and the consumer's transactions.
+pub mod inboxes {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use outbox_core::{Inbox, MessageId, StoreError};
+    use outbox_testkit::InboxHarness;
+    use outbox_testkit::env::unique_name;
+
+    /// An inbox harness type `$name` for `$inbox` on `$db`, beginning transactions with
+    /// `$begin` (a statement, or `None` for the default).
+    macro_rules! inbox_harness {
+        ($name:ident, $inbox:ty, $db:ty, $begin:expr) => {
+            pub struct $name {
+                pub inbox: $inbox,
+                pub pool: sqlx::Pool<$db>,
+                /// The folder of an SQLite database file, removed at teardown.
+                pub dir: Option<tempfile::TempDir>,
+            }
+
+            impl $name {
+                pub async fn on(pool: sqlx::Pool<$db>, dir: Option<tempfile::TempDir>) -> Self {
+                    let inbox = <$inbox>::new(pool.clone(), &unique_name("inbox")).expect("inbox");
+                    inbox.migrate().await.expect("migrate the inbox");
+                    inbox.migrate().await.expect("migrating again does nothing");
+                    Self { inbox, pool, dir }
+                }
+            }
+
+            impl InboxHarness for $name {
+                type Tx = sqlx::Transaction<'static, $db>;
+
+                async fn begin(&self) -> Self::Tx {
+                    let begin: Option<&'static str> = $begin;
+                    match begin {
+                        Some(statement) => self.pool.begin_with(statement).await,
+                        None => self.pool.begin().await,
+                    }
+                    .expect("begin")
+                }
+
+                fn record<'a>(
+                    &'a self,
+                    tx: &'a mut Self::Tx,
+                    consumer: &'a str,
+                    id: MessageId,
+                ) -> impl Future<Output = Result<bool, StoreError>> + Send + 'a {
+                    Inbox::record(&self.inbox, &mut **tx, consumer, id)
+                }
+
+                async fn commit(&self, tx: Self::Tx) {
+                    tx.commit().await.expect("commit");
+                }
+
+                async fn rollback(&self, tx: Self::Tx) {
+                    tx.rollback().await.expect("rollback");
+                }
+
+                fn purge(
+                    &self,
+                    older_than: Duration,
+                    limit: usize,
+                ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+                    Inbox::purge(&self.inbox, older_than, limit)
+                }
+
+                async fn teardown(self) {
+                    self.inbox.drop_table().await.expect("drop the inbox");
+                    super::close(&self.pool).await;
+                    drop(self.dir);
+                }
+            }
+        };
+    }
+
+    #[cfg(feature = "postgres")]
+    inbox_harness!(PgInbox, outbox_sqlx::PostgresInbox, sqlx::Postgres, None);
+    #[cfg(feature = "mysql")]
+    inbox_harness!(MyInbox, outbox_sqlx::MySqlInbox, sqlx::MySql, None);
+    #[cfg(feature = "sqlite")]
+    inbox_harness!(
+        LiteInbox,
+        outbox_sqlx::SqliteInbox,
+        sqlx::Sqlite,
+        Some("BEGIN IMMEDIATE")
+    );
+
+    #[cfg(feature = "postgres")]
+    pub async fn postgres() -> Option<PgInbox> {
+        Some(PgInbox::on(super::pg::pool().await?, None).await)
+    }
+
+    #[cfg(feature = "mysql")]
+    pub async fn mysql() -> Option<MyInbox> {
+        Some(MyInbox::on(super::my::pool().await?, None).await)
+    }
+
+    /// On a database file of its own.
+    #[cfg(feature = "sqlite")]
+    pub async fn sqlite() -> Option<LiteInbox> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let pool = super::lite::pool_on(&dir.path().join("inbox.db")).await;
+        Some(LiteInbox::on(pool, Some(dir)).await)
     }
 }
