@@ -1,6 +1,7 @@
 //! Enqueue overhead: business transactions that write one order row, with and without an
 //! outbox message in the same transaction, with 1 and 8 concurrent writers, per store.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,25 +27,23 @@ pub(crate) async fn run(options: &Options, services: &Services, report: &mut Rep
     }
 }
 
-/// Transactions per second of `writers` concurrent writers for `duration`.
-async fn rate(
-    store: &BenchStore,
-    writers: usize,
-    duration: Duration,
-    outbox: Option<&str>,
-    raw: bool,
-) -> Res<f64> {
+/// Transactions per second of `writers` concurrent writers for `duration`, each running
+/// `tx(i)` with its own sequence of `i`, one after the other.
+pub(crate) async fn rate<F, Fut>(writers: usize, duration: Duration, tx: F) -> Res<f64>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Res<()>> + Send,
+{
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for writer in 0..writers {
-        let (store, done) = (store.clone(), Arc::clone(&done));
-        let outbox = outbox.map(str::to_owned);
+        let (tx, done) = (tx.clone(), Arc::clone(&done));
         tasks.spawn(async move {
             let mut i = writer as u64 * 1_000_000_000;
             while Instant::now() < deadline {
-                store.business_tx(i, outbox.as_deref(), raw).await?;
+                tx(i).await?;
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -55,6 +54,22 @@ async fn rate(
         joined??;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Business transactions of `store`, with an outbox message to `outbox` when given (through
+/// the store with `notify = false` when `quiet`).
+fn business(
+    store: &BenchStore,
+    outbox: Option<&str>,
+    quiet: bool,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Res<()>> + Send>> + Clone + Send + 'static
+{
+    let store = store.clone();
+    let outbox = outbox.map(str::to_owned);
+    move |i| {
+        let (store, outbox) = (store.clone(), outbox.clone());
+        Box::pin(async move { store.business_tx(i, outbox.as_deref(), quiet).await })
+    }
 }
 
 async fn measure(
@@ -70,19 +85,19 @@ async fn measure(
         let destination = "orders.events";
         // Warm the connections and caches, then alternate without / with / with / without so
         // that a drift of the machine weighs on both sides alike.
-        rate(&store, writers, duration / 4, None, false).await?;
-        rate(&store, writers, duration / 4, Some(destination), false).await?;
+        rate(writers, duration / 4, business(&store, None, false)).await?;
+        rate(writers, duration / 4, business(&store, Some(destination), false)).await?;
         let load = cpu::load();
         let cpu0 = cpu::sample(&[]);
-        let a = rate(&store, writers, duration, None, false).await?;
-        let b = rate(&store, writers, duration, Some(destination), false).await?;
-        let c = rate(&store, writers, duration, Some(destination), false).await?;
-        let d = rate(&store, writers, duration, None, false).await?;
+        let a = rate(writers, duration, business(&store, None, false)).await?;
+        let b = rate(writers, duration, business(&store, Some(destination), false)).await?;
+        let c = rate(writers, duration, business(&store, Some(destination), false)).await?;
+        let d = rate(writers, duration, business(&store, None, false)).await?;
         let cores = cpu::sample(&[]).cores_since(&cpu0);
         // PostgreSQL: the same enqueue with `notify = false`, to tell the row from the NOTIFY.
         let raw = if kind == StoreKind::Postgres {
-            let e = rate(&store, writers, duration, Some(destination), true).await?;
-            let f = rate(&store, writers, duration, None, false).await?;
+            let e = rate(writers, duration, business(&store, Some(destination), true)).await?;
+            let f = rate(writers, duration, business(&store, None, false)).await?;
             Some((e, f))
         } else {
             None

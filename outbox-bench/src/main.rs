@@ -17,6 +17,7 @@ mod child;
 mod cpu;
 mod drain;
 mod enqueue;
+mod inbox;
 mod latency;
 mod plot;
 mod probe;
@@ -63,6 +64,8 @@ enum ChildCommand {
 pub(crate) enum Scenario {
     /// Business transactions with and without an outbox message.
     Enqueue,
+    /// Consumer transactions with and without an inbox record.
+    Inbox,
     /// A backlog relayed to a broker, against raw baselines.
     Drain,
     /// Commit-to-ack latency at a steady rate.
@@ -77,6 +80,7 @@ impl Scenario {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Scenario::Enqueue => "enqueue",
+            Scenario::Inbox => "inbox",
             Scenario::Drain => "drain",
             Scenario::Latency => "latency",
             Scenario::Scaling => "scaling",
@@ -170,6 +174,7 @@ impl Options {
         if self.scenarios.is_empty() {
             vec![
                 Scenario::Enqueue,
+                Scenario::Inbox,
                 Scenario::Drain,
                 Scenario::Latency,
                 Scenario::Scaling,
@@ -226,6 +231,7 @@ async fn bench(options: Options) -> bool {
         eprintln!("== {} ==", scenario.name());
         match scenario {
             Scenario::Enqueue => enqueue::run(&options, &services, &mut report).await,
+            Scenario::Inbox => inbox::run(&options, &services, &mut report).await,
             Scenario::Drain => drain::run(&options, &services, &mut report).await,
             Scenario::Latency => latency::run(&options, &services, &mut report).await,
             Scenario::Scaling => scaling::run_scaling(&options, &services, &mut report).await,

@@ -35,6 +35,13 @@ const ENQUEUE: &[Column] = &[
     ("target", "target_overhead"),
     ("met", "met"),
 ];
+const INBOX: &[Column] = &[
+    ("store", "store"),
+    ("consumers", "consumers"),
+    ("tx/s without", "tx_per_s_without"),
+    ("tx/s with inbox", "tx_per_s_with"),
+    ("overhead", "overhead"),
+];
 const DRAIN: &[Column] = &[
     ("pair", "pair"),
     ("messages", "messages"),
@@ -82,6 +89,7 @@ const MEMORY: &[Column] = &[
 fn columns(scenario: Scenario) -> &'static [Column] {
     match scenario {
         Scenario::Enqueue => ENQUEUE,
+        Scenario::Inbox => INBOX,
         Scenario::Drain => DRAIN,
         Scenario::Latency => LATENCY,
         Scenario::Scaling => SCALING,

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use outbox_core::{DynStore, NewMessage, Store};
 use outbox_sqlx::sqlx::{self, Row};
-use outbox_sqlx::{MySqlStore, PostgresStore, SqliteStore, StoreConfig};
+use outbox_sqlx::{
+    MySqlInbox, MySqlStore, PostgresInbox, PostgresStore, SqliteInbox, SqliteStore, StoreConfig,
+};
 
 use crate::Res;
 use crate::services::{Services, reachable};
@@ -44,6 +46,26 @@ enum Any {
     Postgres(PostgresStore),
     MySql(MySqlStore),
     Sqlite(SqliteStore),
+}
+
+/// A consumer's inbox on one of the databases.
+#[derive(Clone)]
+pub(crate) enum BenchInbox {
+    Postgres(PostgresInbox),
+    MySql(MySqlInbox),
+    Sqlite(SqliteInbox),
+}
+
+impl BenchInbox {
+    /// Drops the inbox table.
+    pub(crate) async fn drop_table(&self) -> Res<()> {
+        match self {
+            BenchInbox::Postgres(i) => i.drop_table().await?,
+            BenchInbox::MySql(i) => i.drop_table().await?,
+            BenchInbox::Sqlite(i) => i.drop_table().await?,
+        }
+        Ok(())
+    }
 }
 
 /// An outbox table (and a business table next to it) created for one measurement.
@@ -402,6 +424,82 @@ impl BenchStore {
                 if let Some(event) = event {
                     s.enqueue(&mut *tx, event).await?;
                 }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A consumer's inbox on the same database, in table `{table}_inbox`, migrated.
+    pub(crate) async fn inbox(&self) -> Res<BenchInbox> {
+        let table = format!("{}_inbox", self.table);
+        let inbox = match &self.store {
+            Any::Postgres(s) => BenchInbox::Postgres(PostgresInbox::new(s.pool().clone(), &table)?),
+            Any::MySql(s) => BenchInbox::MySql(MySqlInbox::new(s.pool().clone(), &table)?),
+            Any::Sqlite(s) => BenchInbox::Sqlite(SqliteInbox::new(s.pool().clone(), &table)?),
+        };
+        match &inbox {
+            BenchInbox::Postgres(i) => i.migrate().await?,
+            BenchInbox::MySql(i) => i.migrate().await?,
+            BenchInbox::Sqlite(i) => i.migrate().await?,
+        }
+        Ok(inbox)
+    }
+
+    /// One consumer transaction: the effect of message `i` (an order row, as
+    /// [`BenchStore::business_tx`] writes) and, with `inbox`, its record in the inbox first.
+    pub(crate) async fn consumer_tx(&self, i: u64, inbox: Option<&BenchInbox>) -> Res<()> {
+        let orders = orders(&self.table);
+        let customer = format!("customer-{}", i % 1000);
+        let amount = i64::try_from(i % 997)?;
+        let id = outbox_core::MessageId::new();
+        match (&self.store, inbox) {
+            (Any::Postgres(s), inbox) => {
+                let mut tx = s.pool().begin().await?;
+                if let Some(BenchInbox::Postgres(inbox)) = inbox
+                    && !inbox.record(&mut tx, "bench", id).await?
+                {
+                    return Err("a new message counted as a duplicate".into());
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES ($1, $2)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            (Any::MySql(s), inbox) => {
+                let mut tx = s.pool().begin().await?;
+                if let Some(BenchInbox::MySql(inbox)) = inbox
+                    && !inbox.record(&mut tx, "bench", id).await?
+                {
+                    return Err("a new message counted as a duplicate".into());
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            (Any::Sqlite(s), inbox) => {
+                let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
+                if let Some(BenchInbox::Sqlite(inbox)) = inbox
+                    && !inbox.record(&mut tx, "bench", id).await?
+                {
+                    return Err("a new message counted as a duplicate".into());
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
+                ))
+                .bind(&customer)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
             }
         }

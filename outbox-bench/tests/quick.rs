@@ -31,7 +31,7 @@ fn quick_profile_prints_one_result_per_scenario() {
         );
         scenarios.insert(scenario);
     }
-    for scenario in ["enqueue", "drain", "latency", "scaling", "memory"] {
+    for scenario in ["enqueue", "inbox", "drain", "latency", "scaling", "memory"] {
         assert!(
             scenarios.contains(scenario),
             "no RESULT line for {scenario}:\n{stdout}\n{stderr}"
