@@ -7,8 +7,14 @@
 //! the payment nor its event exists. The relay runs in the same process and publishes the
 //! committed events to a topic exchange, with the invoice as ordering key, so that the events
 //! of one invoice reach the queue in the order they were committed.
+//!
+//! [`Ledger`] consumes those events: each one applied once, through an inbox, in one
+//! transaction with its effect, and acknowledged after the commit.
 
 use std::time::Duration;
+
+mod ledger;
+pub use ledger::{Account, Ledger};
 
 use outbox::amqp::lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use outbox::amqp::lapin::types::FieldTable;

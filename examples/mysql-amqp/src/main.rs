@@ -1,13 +1,11 @@
 //! A scripted run of the billing service: issues invoices, records payments (one of them
-//! refused), lets the embedded relay publish the events, then reads them from the queue as a
-//! consumer would. Settings come from the environment; see the README.
+//! refused), lets the embedded relay publish the events, then lets the ledger consume them
+//! from the queue, each once through its inbox. Settings come from the environment; see the
+//! README.
 
 use std::time::Duration;
 
-use mysql_amqp::{Billing, Config};
-use outbox::amqp::incoming;
-use outbox::amqp::lapin::options::{BasicAckOptions, BasicGetOptions};
-use outbox::amqp::lapin::{Connection, ConnectionProperties};
+use mysql_amqp::{Billing, Config, Ledger};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -47,26 +45,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the relay did not publish every event within 30 s".into());
     }
 
-    // A consumer of the queue: every event with its message id (the key to deduplicate by)
-    // and its ordering key, as `outbox::amqp::incoming` reads them from the delivery.
-    println!("queue {}:", config.queue);
-    let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    while let Some(message) = channel
-        .basic_get(config.queue.as_str().into(), BasicGetOptions::default())
-        .await?
-    {
-        let delivery = message.delivery;
-        let event = incoming(&delivery)?;
-        println!(
-            "  {:<16} message_id={} key={} {}",
-            event.destination,
-            event.id,
-            event.key.as_deref().unwrap_or_default(),
-            String::from_utf8_lossy(&event.payload)
+    // The ledger, a consumer service of the queue: each event applied once through its inbox,
+    // then acknowledged.
+    let pool = outbox::sqlx::MySqlPool::connect(&config.database_url).await?;
+    let ledger = Ledger::start(pool, &format!("{}_ledger", config.table_prefix)).await?;
+    let consuming = {
+        let (ledger, url, queue) = (
+            ledger.clone(),
+            config.amqp_url.clone(),
+            config.queue.clone(),
         );
-        delivery.ack(BasicAckOptions::default()).await?;
+        tokio::spawn(async move { ledger.consume(&url, &queue).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (acme, globex) = (
+            ledger.account("acme").await?,
+            ledger.account("globex").await?,
+        );
+        if acme.received_cents == 10_000 && globex.invoiced_cents == 2_500 {
+            println!(
+                "ledger: acme invoiced {:.2}, received {:.2}; globex invoiced {:.2}, received {:.2}",
+                acme.invoiced_cents as f64 / 100.0,
+                acme.received_cents as f64 / 100.0,
+                globex.invoiced_cents as f64 / 100.0,
+                globex.received_cents as f64 / 100.0,
+            );
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("the ledger did not catch up within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    connection.close(200, "done".into()).await?;
+    consuming.abort();
     Ok(())
 }

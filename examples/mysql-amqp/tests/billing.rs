@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use mysql_amqp::{Billing, BillingEvent, Config, Error};
+use mysql_amqp::{Account, Billing, BillingEvent, Config, Error, Ledger};
 use outbox::amqp::lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
@@ -337,4 +337,89 @@ async fn consume(
         }
     }
     received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_applies_each_event_once_and_drops_redeliveries() {
+    let Some(servers) = Servers::reach().await else {
+        return;
+    };
+    let config = servers.config();
+    let billing = Billing::start(&config).await.expect("service starts");
+    let ledger = Ledger::start(
+        servers.pool.clone(),
+        &format!("{}_ledger", config.table_prefix),
+    )
+    .await
+    .expect("ledger starts");
+    let consuming = {
+        let (ledger, url, queue) = (
+            ledger.clone(),
+            config.amqp_url.clone(),
+            config.queue.clone(),
+        );
+        tokio::spawn(async move { ledger.consume(&url, &queue).await })
+    };
+
+    let acme = billing.issue_invoice("acme", 10_000).await.expect("issue");
+    billing.record_payment(acme, 4_000).await.expect("pay");
+    billing.record_payment(acme, 6_000).await.expect("pay");
+    let globex = billing.issue_invoice("globex", 2_500).await.expect("issue");
+    let expected = Account {
+        invoiced_cents: 10_000,
+        received_cents: 10_000,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger.account("acme").await.expect("account") != expected {
+        assert!(Instant::now() < deadline, "the ledger caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The same payment delivered twice, as RabbitMQ does after a consumer crashed between its
+    // commit and its acknowledgement, or a relay published again after a lost confirmation:
+    // the same message id, applied once.
+    let payment = BillingEvent::PaymentReceived {
+        invoice_id: globex,
+        payment_id: 1,
+        amount_cents: 500,
+    };
+    let id = MessageId::new();
+    let delivery = outbox::Incoming::new(
+        Some(&id.to_string()),
+        config.queue.as_str(),
+        serde_json::to_vec(&payment).expect("json"),
+    )
+    .expect("incoming");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger
+        .account("globex")
+        .await
+        .expect("account")
+        .invoiced_cents
+        != 2_500
+    {
+        assert!(Instant::now() < deadline, "the ledger caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = ledger.apply(&delivery).await.expect("apply");
+    let again = ledger.apply(&delivery).await.expect("apply again");
+    assert!(first.is_applied(), "{first:?}");
+    assert_eq!(again, outbox::Processed::Duplicate);
+    assert_eq!(
+        ledger.account("globex").await.expect("account"),
+        Account {
+            invoiced_cents: 2_500,
+            received_cents: 500,
+        }
+    );
+    assert_eq!(
+        ledger.account("acme").await.expect("account"),
+        expected,
+        "nothing applied twice"
+    );
+
+    consuming.abort();
+    billing.shutdown().await.expect("graceful shutdown");
+    ledger.drop_tables().await.expect("drop the ledger");
+    servers.clean_up(&config).await;
 }
