@@ -3,10 +3,12 @@
 //! (`chaos-consumer`) apply each event's effect through an inbox, in one transaction with the
 //! inbox record, then acknowledge. The consumers are killed with SIGKILL now and then, and each
 //! one also aborts by itself right after a commit, before its acknowledgement, so the broker
-//! redelivers what they had committed. Every event's effect must be applied exactly once:
+//! redelivers what they had committed, and their connections to the broker are cut. Every
+//! event's effect must be applied exactly once:
 //! none missed, none twice; the duplicates the inbox dropped are counted.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use outbox_core::{MessageId, NewMessage};
 use outbox_sqlx::sqlx::{self, MySqlPool, PgPool};
 use outbox_sqlx::{MySqlInbox, MySqlStore, PostgresInbox, PostgresStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};
+use outbox_testkit::proxy::FaultProxy;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -45,6 +48,8 @@ struct Figures {
     relay_kills: u64,
     /// Relays that exited by themselves: why.
     relay_exits: Vec<String>,
+    /// Cuts of the consumers' broker connections.
+    connection_cuts: u64,
     consumer_kills: u64,
     consumer_crashes: u64,
     elapsed: Duration,
@@ -172,6 +177,21 @@ impl Check {
     }
 }
 
+/// The address of the broker of `url`.
+fn broker_addr(url: &str) -> Result<SocketAddr, BoxError> {
+    let url = url::Url::parse(url)?;
+    let host = url.host_str().ok_or("a broker URL without host")?;
+    let port = url
+        .port_or_known_default()
+        .ok_or("a broker URL without port")?;
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    Ok(format!("{host}:{port}").parse()?)
+}
+
 async fn run(pair: Pair, dir: &Path) -> Result<Figures, BoxError> {
     let started = Instant::now();
     let run = unique_name("once");
@@ -214,10 +234,13 @@ async fn run(pair: Pair, dir: &Path) -> Result<Figures, BoxError> {
     }
 
     // The broker, and the relays' publisher on it.
-    let (publisher, destination, broker_args, queue) = match pair {
+    let (publisher, destination, broker_args, queue, proxy) = match pair {
         Pair::PostgresNats => {
             let url =
                 outbox_testkit::env::service_url("OUTBOX_TEST_NATS_URL", "nats://127.0.0.1:4222");
+            // The consumers reach the broker through a proxy that cuts their connections.
+            let proxy = FaultProxy::start(broker_addr(&url)?).await?;
+            let through = format!("nats://{}", proxy.addr());
             let stream = run.to_ascii_uppercase();
             let js = broker::jetstream(&url).await?;
             broker::create_stream(&js, &stream, &format!("{run}.>")).await?;
@@ -227,19 +250,27 @@ async fn run(pair: Pair, dir: &Path) -> Result<Figures, BoxError> {
             (
                 publisher,
                 "events".to_owned(),
-                vec!["nats".into(), url, stream],
+                vec!["nats".into(), through, stream],
                 None,
+                proxy,
             )
         }
         Pair::MariaDbAmqp => {
             let url = broker::amqp_url();
             let queue = Queue::declare(&url, &run).await?;
+            let proxy = FaultProxy::start(broker_addr(&url)?).await?;
+            let mut through = url::Url::parse(&url)?;
+            through.set_host(Some("127.0.0.1"))?;
+            through
+                .set_port(Some(proxy.addr().port()))
+                .map_err(|()| "an AMQP URL with a port")?;
             let publisher = format!("kind = \"amqp\"\nuri = \"{url}\"\nrouting = \"queue\"");
             (
                 publisher,
                 run.clone(),
-                vec!["amqp".into(), url, run.clone()],
+                vec!["amqp".into(), through.to_string(), run.clone()],
                 Some(queue),
+                proxy,
             )
         }
     };
@@ -287,19 +318,28 @@ async fn run(pair: Pair, dir: &Path) -> Result<Figures, BoxError> {
         Ok::<_, BoxError>((ids, outbox))
     });
 
-    // Faults while the producer runs and a little after: a relay or a consumer killed with
-    // SIGKILL every 0.4 to 0.9 s.
+    // Faults while the producer runs and a little after, one every 0.4 to 0.9 s: a relay or a
+    // consumer killed with SIGKILL, or the consumers' broker connections cut.
     let mut rng = fastrand::Rng::with_seed(outbox_chaos::seed_from_env().wrapping_add(1));
     let faults_until = Instant::now() + Duration::from_secs(7);
+    let (mut faults, mut cuts) = (0u64, 0);
     let mut next_fault = Instant::now() + Duration::from_millis(500);
     while Instant::now() < faults_until || !producer.is_finished() {
         if Instant::now() >= next_fault && Instant::now() < faults_until {
-            if rng.bool() {
-                relays
-                    .kill(rng.usize(0..2), Duration::from_millis(300))
-                    .await;
-            } else {
-                consumers.kill(rng.usize(0..2)).await;
+            // The kinds in turn, so that each one happens in every run.
+            faults += 1;
+            match faults % 3 {
+                0 => {
+                    relays
+                        .kill(rng.usize(0..2), Duration::from_millis(300))
+                        .await
+                }
+                1 => consumers.kill(rng.usize(0..2)).await,
+                _ => {
+                    // Every consumer connection to the broker at once.
+                    proxy.cut();
+                    cuts += 1;
+                }
             }
             next_fault = Instant::now() + Duration::from_millis(rng.u64(400..900));
         }
@@ -335,6 +375,7 @@ async fn run(pair: Pair, dir: &Path) -> Result<Figures, BoxError> {
         applied_twice: rows.iter().filter(|(_, n)| *n != 1).count(),
         duplicates_dropped: check.count(&format!("SELECT n FROM {duplicates}")).await?,
         relay_kills: relays.killed,
+        connection_cuts: cuts,
         relay_exits: relays.unexpected_exits.clone(),
         consumer_kills: consumers.kills,
         consumer_crashes: consumers.crashes,
@@ -379,8 +420,8 @@ async fn exactly_once(pair: Pair, servers: &str) {
     }
     assert!(figures.relay_exits.is_empty(), "relays failed: {figures:?}");
     assert!(
-        figures.relay_kills > 0 && figures.consumer_kills > 0,
-        "relays and consumers were killed: {figures:?}"
+        figures.relay_kills > 0 && figures.consumer_kills > 0 && figures.connection_cuts > 0,
+        "relays and consumers were killed, connections cut: {figures:?}"
     );
     assert_eq!(figures.committed, EVENTS, "{figures:?}");
     assert_eq!(figures.missed, 0, "effects missed: {figures:?}");
