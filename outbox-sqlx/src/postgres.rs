@@ -597,7 +597,7 @@ crate::inbox::inbox!(
     INBOX,
     "PostgreSQL",
     "```no_run
-# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error>> {
+# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 use outbox_core::Processed;
 use outbox_sqlx::{PostgresInbox, DEFAULT_INBOX_TABLE};
 
@@ -611,7 +611,9 @@ let processed = inbox
     .process(&mut tx, \"billing\", &incoming, async |tx| {
         outbox_sqlx::sqlx::query(\"UPDATE accounts SET orders = orders + 1 WHERE id = 7\")
             .execute(&mut *tx)
-            .await
+            .await?;
+        // The effect's error type takes the inbox's errors too (`From<StoreError>`).
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     })
     .await?;
 tx.commit().await?;
