@@ -453,6 +453,16 @@ impl BenchStore {
         let customer = format!("customer-{}", i % 1000);
         let amount = i64::try_from(i % 997)?;
         let id = outbox_core::MessageId::new();
+        let matching = matches!(
+            (&self.store, inbox),
+            (_, None)
+                | (Any::Postgres(_), Some(BenchInbox::Postgres(_)))
+                | (Any::MySql(_), Some(BenchInbox::MySql(_)))
+                | (Any::Sqlite(_), Some(BenchInbox::Sqlite(_)))
+        );
+        if !matching {
+            return Err("an inbox on another database than the store's".into());
+        }
         match (&self.store, inbox) {
             (Any::Postgres(s), inbox) => {
                 let mut tx = s.pool().begin().await?;

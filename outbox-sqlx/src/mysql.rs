@@ -139,7 +139,7 @@ impl MySqlStore {
             .await
             .doing(DOING)?;
         let result = if locked == Some(1) {
-            self.migrate_locked(&mut conn).await
+            self.apply_schema(&mut conn).await
         } else {
             Err(StoreError::new(
                 StoreErrorKind::Database,
@@ -149,22 +149,6 @@ impl MySqlStore {
         };
         let _ = conn.close().await;
         result
-    }
-
-    async fn migrate_locked(&self, conn: &mut MySqlConnection) -> Result<(), StoreError> {
-        const DOING: &str = "migrating the outbox schema";
-        let names = &self.inner.names;
-        sql::run_script(&mut *conn, &SCHEMA.create_versions(names))
-            .await
-            .doing(DOING)?;
-        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
-            .fetch_one(&mut *conn)
-            .await
-            .doing(DOING)?;
-        for step in SCHEMA.steps(names, current)? {
-            sql::run_script(&mut *conn, &step).await.doing(DOING)?;
-        }
-        Ok(())
     }
 
     /// The schema version of the outbox tables; 0 when they were never migrated.
@@ -299,6 +283,7 @@ impl MySqlStore {
 }
 
 crate::shared::accessors!(MySqlStore, MySqlPool, SCHEMA);
+crate::shared::apply_schema!(MySqlStore, MySqlConnection, SCHEMA);
 
 crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY, |_, _| {});
 

@@ -165,16 +165,7 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .doing(DOING)?;
-        sql::run_script(&mut *tx, &SCHEMA.create_versions(names))
-            .await
-            .doing(DOING)?;
-        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
-            .fetch_one(&mut *tx)
-            .await
-            .doing(DOING)?;
-        for step in SCHEMA.steps(names, current)? {
-            sql::run_script(&mut *tx, &step).await.doing(DOING)?;
-        }
+        self.apply_schema(&mut tx).await?;
         tx.commit().await.doing(DOING)
     }
 
@@ -213,6 +204,7 @@ impl PostgresStore {
 }
 
 crate::shared::accessors!(PostgresStore, PgPool, SCHEMA);
+crate::shared::apply_schema!(PostgresStore, PgConnection, SCHEMA);
 
 /// Makes the first `INSERT` of an enqueue send `pg_notify` too (when notifications are on):
 /// delivered on commit, once per transaction and channel whatever the count.

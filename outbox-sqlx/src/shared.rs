@@ -119,4 +119,35 @@ macro_rules! settle_by_statements {
     };
 }
 
-pub(crate) use {accessors, operations, settle_by_statements};
+/// `$store::apply_schema(&self, &mut $conn)`: brings the tables to `$schema`'s latest version
+/// on a connection the caller has locked against other migrations (and, where DDL is
+/// transactional, in a transaction of its own).
+macro_rules! apply_schema {
+    ($store:ident, $conn:ty, $schema:expr) => {
+        impl $store {
+            async fn apply_schema(
+                &self,
+                conn: &mut $conn,
+            ) -> Result<(), ::outbox_core::StoreError> {
+                use $crate::error::Context as _;
+                const DOING: &str = "migrating the outbox schema";
+                let names = &self.inner.names;
+                $crate::sql::run_script(&mut *conn, &$schema.create_versions(names))
+                    .await
+                    .doing(DOING)?;
+                let current: i64 = ::sqlx::query_scalar(&$schema.current(names))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .doing(DOING)?;
+                for step in $schema.steps(names, current)? {
+                    $crate::sql::run_script(&mut *conn, &step)
+                        .await
+                        .doing(DOING)?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use {accessors, apply_schema, operations, settle_by_statements};

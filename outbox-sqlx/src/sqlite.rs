@@ -143,7 +143,6 @@ impl SqliteStore {
     /// `BEGIN IMMEDIATE` transaction. Idempotent.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
-        let names = &self.inner.names;
         // Not inside a transaction: SQLite refuses to change the journal mode there. An
         // in-memory database stays in its "memory" mode.
         sqlx::query("PRAGMA journal_mode = WAL")
@@ -151,16 +150,7 @@ impl SqliteStore {
             .await
             .doing(DOING)?;
         let mut tx = sql::begin(&self.inner.pool, Some(BEGIN_IMMEDIATE), DOING).await?;
-        sql::run_script(&mut *tx, &SCHEMA.create_versions(names))
-            .await
-            .doing(DOING)?;
-        let current: i64 = sqlx::query_scalar(&SCHEMA.current(names))
-            .fetch_one(&mut *tx)
-            .await
-            .doing(DOING)?;
-        for step in SCHEMA.steps(names, current)? {
-            sql::run_script(&mut *tx, &step).await.doing(DOING)?;
-        }
+        self.apply_schema(&mut tx).await?;
         tx.commit().await.doing(DOING)
     }
 
@@ -221,6 +211,7 @@ impl SqliteStore {
 }
 
 crate::shared::accessors!(SqliteStore, SqlitePool, SCHEMA);
+crate::shared::apply_schema!(SqliteStore, SqliteConnection, SCHEMA);
 
 crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection, LITE, |_, _| {});
 
