@@ -24,7 +24,7 @@ pub const DEFAULT_INBOX_TABLE: &str = "outbox_inbox";
 pub(crate) struct InboxSql {
     pub(crate) dialect: &'static Dialect,
     pub(crate) quoting: Quoting,
-    /// The table and its index (a template: see [`sql::render`]), every statement idempotent.
+    /// The table and its index (a template: see [`render`](crate::migrations::render)), every statement idempotent.
     pub(crate) create: &'static str,
     /// An `INSERT` that skips rows whose key exists: its head and tail.
     pub(crate) insert_ignore: (&'static str, &'static str),
@@ -110,7 +110,7 @@ macro_rules! inbox {
             /// Creates the inbox table and its index if missing. Idempotent.
             pub async fn migrate(&self) -> Result<(), ::outbox_core::StoreError> {
                 use $crate::error::Context as _;
-                let script = $crate::sql::render($sql.create, &self.names);
+                let script = $crate::migrations::render($sql.create, &self.names);
                 $crate::sql::run_script(&self.pool, &script)
                     .await
                     .doing("creating the inbox table")

@@ -10,18 +10,18 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 
-use outbox_core::StoreError;
+use outbox_core::{PARTITIONS, StoreError};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType};
 
 use crate::config::Names;
-use crate::sql::{self, Dialect};
+use crate::sql::Dialect;
 
 /// The outbox schema of one dialect: its migrations and how it keeps the record of the
 /// versions applied.
 #[derive(Debug)]
 pub(crate) struct Schema {
-    /// The migrations, in order: version and template (see [`sql::render`]).
+    /// The migrations, in order: version and template (see [`render`]).
     pub(crate) migrations: &'static [(i32, &'static str)],
     pub(crate) dialect: &'static Dialect,
     /// `CREATE TABLE IF NOT EXISTS {schema} (version ..., applied_at ...)`.
@@ -47,7 +47,7 @@ impl Schema {
 
     /// Creates the table of applied versions, if missing.
     pub(crate) fn create_versions(&self, names: &Names) -> String {
-        sql::render(self.versions_table, names)
+        render(self.versions_table, names)
     }
 
     /// The version the tables are at (0 before the first migration), as a 64-bit integer.
@@ -76,12 +76,10 @@ impl Schema {
         let (insert, tail) = self.insert_ignore;
         format!(
             "{};\n{insert} {} (version, applied_at) VALUES ({version}, {}){tail};\n{};\n",
-            sql::render(template, names)
-                .trim_end()
-                .trim_end_matches(';'),
+            render(template, names).trim_end().trim_end_matches(';'),
             names.schema,
             self.dialect.now,
-            sql::seed_partitions(names, self.dialect, insert, tail, self.epoch),
+            seed_partitions(names, self.dialect, insert, tail, self.epoch),
         )
     }
 
@@ -107,6 +105,46 @@ impl Schema {
             .collect();
         SqlxMigrations { migrations }
     }
+}
+
+/// The rows every partition needs, each free, written by the migration if missing. The
+/// dialect's `insert_ignore` is the start of an INSERT that skips existing rows, its
+/// `epoch` a time long past.
+pub(crate) fn seed_partitions(
+    names: &Names,
+    d: &Dialect,
+    insert_ignore: &str,
+    tail: &str,
+    epoch: &str,
+) -> String {
+    let rows: Vec<String> = (0..PARTITIONS)
+        .map(|p| format!("({p}, '', {epoch})"))
+        .collect();
+    format!(
+        "{insert_ignore} {} ({}, owner, expires_at) VALUES {}{tail}",
+        names.partitions,
+        d.col("partition"),
+        rows.join(", ")
+    )
+}
+
+/// Migration text for `names`: the placeholders `{table}`, `{partitions}`, `{relays}`,
+/// `{claim}`, `{schema}` and `{ix_<suffix>}` replaced by quoted, validated names.
+pub(crate) fn render(template: &str, names: &Names) -> String {
+    let mut text = template
+        .replace("{table}", &names.table)
+        .replace("{partitions}", &names.partitions)
+        .replace("{relays}", &names.relays)
+        .replace("{claim}", &names.claim)
+        .replace("{schema}", &names.schema);
+    while let Some(start) = text.find("{ix_") {
+        let Some(len) = text[start..].find('}') else {
+            break;
+        };
+        let suffix = text[start + 4..start + len].to_owned();
+        text.replace_range(start..=start + len, &names.index(&suffix));
+    }
+    text
 }
 
 /// The outbox's migrations as `sqlx` migrations, for a service whose schema changes all run

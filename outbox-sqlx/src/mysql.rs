@@ -32,7 +32,8 @@ use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
-use crate::sql::{self, Arg, Base, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
+use crate::shared::Base;
+use crate::sql::{self, Arg, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
 
 /// The outbox schema; its last migration's version is [`MySqlStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {

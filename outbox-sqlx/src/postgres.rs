@@ -33,9 +33,8 @@ use crate::config::{Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
-use crate::sql::{
-    self, Arg, Base, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column,
-};
+use crate::shared::Base;
+use crate::sql::{self, Arg, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column};
 
 /// The outbox schema; its last migration's version is [`PostgresStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {

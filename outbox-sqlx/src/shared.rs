@@ -3,6 +3,51 @@
 //! an `inner: Arc<Base<DB>>` field; the dialect file defines `bound(text, args)`, which binds a
 //! statement's arguments in its database's types.
 
+use std::time::Duration;
+
+use outbox_core::StoreError;
+
+use crate::config::Names;
+use crate::sql::{Dialect, message_columns};
+
+/// What every store holds: its pool, configuration and validated names.
+#[derive(Debug)]
+pub(crate) struct Base<DB: sqlx::Database> {
+    pub(crate) pool: sqlx::Pool<DB>,
+    pub(crate) config: crate::StoreConfig,
+    pub(crate) names: Names,
+    /// [`message_columns`] of the dialect.
+    pub(crate) columns: String,
+}
+
+impl<DB: sqlx::Database> Base<DB> {
+    pub(crate) fn new(
+        pool: sqlx::Pool<DB>,
+        config: crate::StoreConfig,
+        quoting: crate::config::Quoting,
+        dialect: &Dialect,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            names: Names::new(&config.table, quoting)?,
+            columns: message_columns(dialect),
+            pool,
+            config,
+        })
+    }
+
+    /// The same outbox with another retention.
+    pub(crate) fn with_retention(&self, retention: Option<Duration>) -> Self {
+        let mut config = self.config.clone();
+        config.retention = retention;
+        Self {
+            pool: self.pool.clone(),
+            config,
+            names: self.names.clone(),
+            columns: self.columns.clone(),
+        }
+    }
+}
+
 /// The accessors of `$store`, whose pool is a `$pool` and whose schema is `$schema`.
 macro_rules! accessors {
     ($store:ident, $pool:ty, $schema:expr) => {

@@ -29,7 +29,8 @@ use crate::config::{Quoting, StoreConfig};
 use crate::error::Context as _;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
-use crate::sql::{self, Arg, Base, DEAD, Dialect, HeldIndex, Limited, RowParts, Sql, column};
+use crate::shared::Base;
+use crate::sql::{self, Arg, DEAD, Dialect, HeldIndex, Limited, RowParts, Sql, column};
 
 /// The outbox schema; its last migration's version is [`SqliteStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {

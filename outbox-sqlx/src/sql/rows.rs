@@ -1,0 +1,259 @@
+//! What the stores read back: rows decoded column by column into messages (a damaged column
+//! makes a malformed message or a marked dead letter, not a failed claim), members, partitions
+//! and counts.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{
+    Claim, DeadLetter, LeaseToken, Malformed, Message, MessageId, NewMessage, RelayId, RelayMember,
+    Settled, Settlement, Stats, StoreError, decode_headers,
+};
+
+/// What a settle applied, from the rows its statements changed.
+pub(crate) fn settled(settlement: &Settlement, applied: u64) -> Settled {
+    Settled {
+        applied,
+        fenced: (settlement.len() as u64).saturating_sub(applied),
+    }
+}
+
+/// Counts as read from the database, as a [`Stats`] as of the database's `now`.
+pub(crate) fn stats_from(
+    (pending, oldest, dead, published, now): (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>),
+) -> Stats {
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Stats::new(count(pending), oldest, count(dead), count(published)).as_of(now)
+}
+
+/// Partitions as read back, sorted.
+pub(crate) fn partitions_from(stored: Vec<i16>) -> Vec<u16> {
+    let mut partitions: Vec<u16> = stored
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect();
+    partitions.sort_unstable();
+    partitions
+}
+
+/// Members from the rows of [`members`], sorted by relay id, partitions sorted.
+pub(crate) fn members_from(rows: Vec<(String, DateTime<Utc>, Option<i16>)>) -> Vec<RelayMember> {
+    let mut by_relay: BTreeMap<String, RelayMember> = BTreeMap::new();
+    for (relay, expires_at, partition) in rows {
+        let member = by_relay
+            .entry(relay.clone())
+            .or_insert_with(|| RelayMember {
+                id: RelayId::new(relay),
+                expires_at,
+                partitions: Vec::new(),
+            });
+        if let Some(partition) = partition.and_then(|p| u16::try_from(p).ok()) {
+            member.partitions.push(partition);
+        }
+    }
+    by_relay
+        .into_values()
+        .map(|mut member| {
+            member.partitions.sort_unstable();
+            member
+        })
+        .collect()
+}
+
+/// The columns of one stored message, each decoded on its own so that one bad column makes
+/// the row [`Malformed`] instead of failing the whole claim.
+#[derive(Debug)]
+pub(crate) struct RowParts {
+    pub(crate) seq: i64,
+    pub(crate) id: MessageId,
+    pub(crate) destination: Result<String, String>,
+    pub(crate) key: Result<Option<String>, String>,
+    pub(crate) payload: Result<Vec<u8>, String>,
+    pub(crate) headers: Result<String, String>,
+    pub(crate) created_at: Result<DateTime<Utc>, String>,
+    pub(crate) attempts: Result<i64, String>,
+    pub(crate) last_error: Result<Option<String>, String>,
+}
+
+/// Reads column `name` of `row`, the error as text naming the column.
+pub(crate) fn column<'r, R, T>(row: &'r R, name: &str) -> Result<T, String>
+where
+    R: sqlx::Row,
+    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
+{
+    row.try_get::<T, _>(name)
+        .map_err(|err| format!("column {name}: {err}"))
+}
+
+impl RowParts {
+    /// The message, or why it cannot be one.
+    pub(crate) fn into_message(self) -> Result<Message, Malformed> {
+        let id = self.id;
+        let key = self.key.clone().ok().flatten();
+        self.decode(true)
+            .map_err(|error| Malformed { id, key, error })
+    }
+
+    /// The message as a dead letter. Columns that cannot be decoded are shown as such
+    /// (destination `<undecodable>`, empty payload, no headers) with the reason added to
+    /// `last_error`, instead of hiding this dead letter or the others listed with it:
+    /// operators list dead letters to decide what to replay or purge.
+    pub(crate) fn into_dead_letter(
+        mut self,
+        dead_at: Result<DateTime<Utc>, String>,
+    ) -> Result<DeadLetter, StoreError> {
+        let mut damage: Vec<String> = Vec::new();
+        let mut take = |result: Result<(), String>| {
+            if let Err(error) = result {
+                damage.push(error);
+            }
+        };
+        if let Err(error) = &self.destination {
+            take(Err(error.clone()));
+            self.destination = Ok(String::from("<undecodable>"));
+        }
+        if let Err(error) = &self.key {
+            take(Err(error.clone()));
+            self.key = Ok(None);
+        }
+        if let Err(error) = &self.payload {
+            take(Err(error.clone()));
+            self.payload = Ok(Vec::new());
+        }
+        if let Err(error) = &self.attempts {
+            take(Err(error.clone()));
+            self.attempts = Ok(0);
+        }
+        if let Err(error) = &self.last_error {
+            take(Err(error.clone()));
+            self.last_error = Ok(None);
+        }
+        let dead_at = dead_at.unwrap_or_else(|error| {
+            damage.push(error);
+            DateTime::<Utc>::UNIX_EPOCH
+        });
+        if let Err(error) = &self.created_at {
+            damage.push(error.clone());
+            self.created_at = Ok(dead_at);
+        }
+        if !damage.is_empty() {
+            let last = self.last_error.clone().ok().flatten();
+            let note = format!("stored row damaged: {}", damage.join("; "));
+            self.last_error = Ok(Some(match last {
+                Some(last) => format!("{last} ({note})"),
+                None => note,
+            }));
+        }
+        let id = self.id;
+        let message = self.decode(false).map_err(|error| {
+            StoreError::new(
+                outbox_core::StoreErrorKind::Decode,
+                format!("dead letter {id}: {error}"),
+            )
+        })?;
+        Ok(DeadLetter::new(message, dead_at))
+    }
+
+    fn decode(self, strict_headers: bool) -> Result<Message, String> {
+        let headers = self.headers.and_then(|text| {
+            decode_headers(&text)
+                .map_err(|err| format!("headers are not a JSON object of strings: {err}"))
+        });
+        let headers = match headers {
+            Ok(headers) => headers,
+            Err(error) if strict_headers => return Err(error),
+            Err(_) => Default::default(),
+        };
+        let attempts = self.attempts.and_then(|n| {
+            u32::try_from(n).map_err(|_| format!("column attempts: {n} is out of range"))
+        })?;
+        let mut new = NewMessage::new(self.destination?, self.payload?).with_id(self.id);
+        if let Some(key) = self.key? {
+            new = new.key(key);
+        }
+        for (name, value) in headers {
+            new = new.header(name, value);
+        }
+        Ok(Message::new(new, self.created_at?).with_attempts(attempts, self.last_error?))
+    }
+}
+
+/// A claim from the rows leased under `token`, in enqueue order.
+pub(crate) fn assemble_claim(token: LeaseToken, mut rows: Vec<RowParts>) -> Claim {
+    rows.sort_by_key(|row| row.seq);
+    let mut claim = Claim {
+        token,
+        messages: Vec::with_capacity(rows.len()),
+        malformed: Vec::new(),
+    };
+    for row in rows {
+        match row.into_message() {
+            Ok(message) => claim.messages.push(message),
+            Err(malformed) => {
+                tracing::warn!(id = %malformed.id, error = %malformed.error, "claimed a row that cannot be decoded");
+                claim.malformed.push(malformed);
+            }
+        }
+    }
+    claim
+}
+
+/// The parts of a dead row whose id cannot be read, under a stand-in id made of its sequence
+/// number, so that listing dead letters still shows it.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) fn unreadable_id_parts(
+    seq: i64,
+    error: String,
+    created_at: Result<DateTime<Utc>, String>,
+) -> RowParts {
+    RowParts {
+        seq,
+        id: MessageId::from_uuid(uuid::Uuid::from_u64_pair(0, seq.unsigned_abs())),
+        destination: Err(error),
+        key: Ok(None),
+        payload: Ok(Vec::new()),
+        headers: Ok(String::from("{}")),
+        created_at,
+        attempts: Ok(0),
+        last_error: Ok(None),
+    }
+}
+
+/// A MessageId from 16 stored bytes.
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) fn id_from_bytes(bytes: &[u8]) -> Result<MessageId, String> {
+    uuid::Uuid::from_slice(bytes)
+        .map(MessageId::from_uuid)
+        .map_err(|err| format!("column id: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_that_cannot_be_decoded_are_malformed() {
+        let id = MessageId::new();
+        let row = |headers: &str| RowParts {
+            seq: 1,
+            id,
+            destination: Ok("d".into()),
+            key: Ok(Some("k".into())),
+            payload: Ok(b"p".to_vec()),
+            headers: Ok(headers.into()),
+            created_at: Ok(Utc::now()),
+            attempts: Ok(2),
+            last_error: Ok(Some("e".into())),
+        };
+        let message = row(r#"{"a":"b"}"#).into_message().expect("decodes");
+        assert_eq!((message.attempts, message.headers.len()), (2, 1));
+        let bad = row("{not json").into_message().expect_err("bad headers");
+        assert_eq!((bad.id, bad.key.as_deref()), (id, Some("k")));
+        assert!(bad.error.contains("headers"), "{}", bad.error);
+        let dead = row("{not json")
+            .into_dead_letter(Ok(Utc::now()))
+            .expect("dead letters keep bad headers out");
+        assert!(dead.message.headers.is_empty());
+    }
+}
