@@ -248,6 +248,9 @@ pub(crate) struct Names {
     pub(crate) claim: String,
     /// The table name without schema and quotes, for index names.
     pub(crate) base: String,
+    /// The schema (database, on MySQL) the table is qualified with, unquoted.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    pub(crate) qualifier: Option<String>,
     /// Quote character of the dialect, for index names.
     quote: char,
 }
@@ -268,6 +271,7 @@ impl Names {
             schema: qualify(&format!("{base}_schema")),
             claim: qualify(&format!("{base}_claim")),
             base: base.to_owned(),
+            qualifier: schema.map(str::to_owned),
             quote: q,
         })
     }

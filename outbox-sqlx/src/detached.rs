@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 /// statement: cancelling it half-way would cancel a statement half-way. A store implements the
 /// trait on this wrapper, and [`detached_store!`] implements it on the store itself by running
 /// those calls in tasks of their own.
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 #[derive(Clone, Debug)]
 pub(crate) struct Direct<S>(pub(crate) S);
 
@@ -79,6 +80,7 @@ where
 
 /// Hands back at once the messages of a claim whose caller stopped waiting for it, instead of
 /// leaving them leased until the lease lapses.
+#[cfg_attr(not(feature = "mysql"), allow(dead_code))]
 pub(crate) async fn release_abandoned<S: Store>(store: &S, claim: Result<Claim, StoreError>) {
     let Ok(claim) = claim else {
         return;
@@ -103,6 +105,7 @@ pub(crate) async fn release_abandoned<S: Store>(store: &S, claim: Result<Claim, 
 /// `impl Store for $store` on top of `impl Store for Direct<$store>`: every call but `listen`
 /// runs [`detached`]. `listen` runs in the caller's task: it lasts until the caller stops
 /// waiting, which is how it ends.
+#[cfg(feature = "mysql")]
 macro_rules! detached_store {
     ($store:ty) => {
         impl ::outbox_core::Store for $store {
@@ -315,4 +318,5 @@ macro_rules! detached_store {
     };
 }
 
+#[cfg(feature = "mysql")]
 pub(crate) use detached_store;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use outbox_core::{MessageId, StoreError};
 
-use crate::config::{Names, Quoting};
+use crate::config::Names;
 use crate::sql::{self, Arg, Dialect, Sql};
 
 /// The default inbox table.
@@ -23,11 +23,8 @@ pub const DEFAULT_INBOX_TABLE: &str = "outbox_inbox";
 #[derive(Debug)]
 pub(crate) struct InboxSql {
     pub(crate) dialect: &'static Dialect,
-    pub(crate) quoting: Quoting,
     /// The table and its index (a template: see [`render`](crate::migrations::render)), every statement idempotent.
     pub(crate) create: &'static str,
-    /// An `INSERT` that skips rows whose key exists: its head and tail.
-    pub(crate) insert_ignore: (&'static str, &'static str),
     /// What a subquery of the purge selects rows by (PostgreSQL `ctid`, SQLite `rowid`).
     pub(crate) row_id: &'static str,
 }
@@ -35,12 +32,12 @@ pub(crate) struct InboxSql {
 impl InboxSql {
     /// The validated names of the inbox table `table`.
     pub(crate) fn names(&self, table: &str) -> Result<Names, StoreError> {
-        Names::new(table, self.quoting)
+        Names::new(table, self.dialect.quoting)
     }
 
     /// Records `(consumer, id)` unless it is there.
     pub(crate) fn record(&self, names: &Names, consumer: &str, id: MessageId) -> Sql {
-        let (insert, tail) = self.insert_ignore;
+        let (insert, tail) = self.dialect.insert_ignore;
         let mut sql = Sql::new(self.dialect);
         sql.push(&format!(
             "{insert} {} (consumer, message_id, received_at) VALUES (",
@@ -71,10 +68,11 @@ impl InboxSql {
     }
 }
 
-/// Defines the inbox type `$inbox` on the database `$db` (pool `$pool`, connection `$conn`),
-/// with the SQL `$sql` (an [`InboxSql`]); `$example` is its documentation's example.
+/// Defines the inbox type `$inbox` on the database `$db` ($what) with the SQL `$sql` (an
+/// [`InboxSql`]); its documentation's example connects to `$url` and begins transactions with
+/// `pool.$begin`.
 macro_rules! inbox {
-    ($inbox:ident, $db:ty, $pool:ty, $conn:ty, $sql:expr, $what:literal, $example:literal) => {
+    ($inbox:ident($db:ty, $sql:expr), $what:literal, url: $url:literal, begin: $begin:literal $(,)?) => {
         #[doc = concat!("An inbox on ", $what, ": records which messages each consumer ")]
         #[doc = "received, in the consumer's own transaction, so that each message's effect"]
         #[doc = "happens once although the broker delivers it at least once."]
@@ -82,10 +80,32 @@ macro_rules! inbox {
         #[doc = "Cheap to clone: clones share the pool. See [`outbox_core::Inbox`] for the"]
         #[doc = "contract and [`outbox_core::Incoming`] for the acknowledgement discipline."]
         #[doc = ""]
-        #[doc = $example]
+        #[doc = concat!("```no_run
+# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+use outbox_sqlx::{sqlx, DEFAULT_INBOX_TABLE, ", stringify!($inbox), "};
+
+let pool = sqlx::Pool::<sqlx::", stringify!($db), ">::connect(\"", $url, "\").await?;
+let inbox = ", stringify!($inbox), "::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
+inbox.migrate().await?;
+
+// For each message received (`incoming`, from `outbox_kafka::incoming` or its kin):
+let mut tx = pool.", $begin, ".await?;
+let processed = inbox
+    .process(&mut tx, \"billing\", &incoming, async |tx| {
+        sqlx::query(\"UPDATE accounts SET orders = orders + 1 WHERE id = 7\")
+            .execute(&mut *tx)
+            .await?;
+        // The effect's error type takes the inbox's errors too (`From<StoreError>`).
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })
+    .await?;
+tx.commit().await?;
+// ... then acknowledge the message to the broker, new or duplicate.
+# let _ = processed; Ok(()) }
+```")]
         #[derive(Clone, Debug)]
         pub struct $inbox {
-            pool: $pool,
+            pool: ::sqlx::Pool<$db>,
             names: ::std::sync::Arc<$crate::config::Names>,
         }
 
@@ -94,7 +114,7 @@ macro_rules! inbox {
             /// [`DEFAULT_INBOX_TABLE`](crate::DEFAULT_INBOX_TABLE)) on `pool`; fails with
             /// [`StoreErrorKind::Config`](outbox_core::StoreErrorKind::Config) when the name is
             /// not a plain identifier.
-            pub fn new(pool: $pool, table: &str) -> Result<Self, ::outbox_core::StoreError> {
+            pub fn new(pool: ::sqlx::Pool<$db>, table: &str) -> Result<Self, ::outbox_core::StoreError> {
                 let names = $sql.names(table)?;
                 Ok(Self {
                     pool,
@@ -103,7 +123,7 @@ macro_rules! inbox {
             }
 
             /// The pool, for the consumer's own transactions.
-            pub fn pool(&self) -> &$pool {
+            pub fn pool(&self) -> &::sqlx::Pool<$db> {
                 &self.pool
             }
 
@@ -168,10 +188,10 @@ macro_rules! inbox {
             /// and the next delivery is new again.
             pub async fn process<T, E>(
                 &self,
-                conn: &mut $conn,
+                conn: &mut <$db as ::sqlx::Database>::Connection,
                 consumer: &str,
                 incoming: &::outbox_core::Incoming,
-                effect: impl AsyncFnOnce(&mut $conn) -> Result<T, E>,
+                effect: impl AsyncFnOnce(&mut <$db as ::sqlx::Database>::Connection) -> Result<T, E>,
             ) -> Result<::outbox_core::Processed<T>, E>
             where
                 E: From<::outbox_core::StoreError>,
@@ -212,10 +232,10 @@ macro_rules! inbox {
             }
         }
 
-        impl<'c> ::outbox_core::Inbox<&'c mut $conn> for $inbox {
+        impl<'c> ::outbox_core::Inbox<&'c mut <$db as ::sqlx::Database>::Connection> for $inbox {
             async fn record(
                 &self,
-                tx: &'c mut $conn,
+                tx: &'c mut <$db as ::sqlx::Database>::Connection,
                 consumer: &str,
                 id: ::outbox_core::MessageId,
             ) -> Result<bool, ::outbox_core::StoreError> {

@@ -7,8 +7,6 @@
 )]
 
 mod config;
-// Only MySqlStore needs its calls detached from their callers.
-#[cfg(feature = "mysql")]
 mod detached;
 mod enqueue;
 mod error;

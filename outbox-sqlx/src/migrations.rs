@@ -15,7 +15,7 @@ use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType};
 
 use crate::config::Names;
-use crate::sql::Dialect;
+use crate::sql::{Dialect, Sql};
 
 /// The outbox schema of one dialect: its migrations and how it keeps the record of the
 /// versions applied.
@@ -26,9 +26,10 @@ pub(crate) struct Schema {
     pub(crate) dialect: &'static Dialect,
     /// `CREATE TABLE IF NOT EXISTS {schema} (version ..., applied_at ...)`.
     pub(crate) versions_table: &'static str,
-    /// An `INSERT` that skips rows whose key exists: its head (`INSERT IGNORE INTO`) and tail
-    /// (` ON CONFLICT DO NOTHING`).
-    pub(crate) insert_ignore: (&'static str, &'static str),
+    /// Counts the versions tables of `names` (0 or 1), before there may be one.
+    pub(crate) exists: fn(&Names) -> Sql,
+    /// Drops the outbox's tables (and functions), every statement `IF EXISTS`.
+    pub(crate) drop: &'static str,
     /// The earliest time, as the partitions' `expires_at` column takes it.
     pub(crate) epoch: &'static str,
     /// The 64-bit integer type of `CAST`.
@@ -43,6 +44,16 @@ impl Schema {
             Some((version, _)) => *version,
             None => 0,
         }
+    }
+
+    /// Counts the versions tables of `names`: 0 before the first migration, else 1.
+    pub(crate) fn exists(&self, names: &Names) -> Sql {
+        (self.exists)(names)
+    }
+
+    /// Drops the outbox's tables.
+    pub(crate) fn drop(&self, names: &Names) -> String {
+        render(self.drop, names)
     }
 
     /// Creates the table of applied versions, if missing.
@@ -73,7 +84,7 @@ impl Schema {
 
     /// The script of one step: the migration, the record of its version, the partition rows.
     fn step(&self, names: &Names, version: i32, template: &str) -> String {
-        let (insert, tail) = self.insert_ignore;
+        let (insert, tail) = self.dialect.insert_ignore;
         format!(
             "{};\n{insert} {} (version, applied_at) VALUES ({version}, {}){tail};\n{};\n",
             render(template, names).trim_end().trim_end_matches(';'),

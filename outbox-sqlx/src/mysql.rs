@@ -14,26 +14,24 @@
 //! - Times are `DATETIME(6)` in UTC from `UTC_TIMESTAMP(6)`, whatever the session time zone.
 //! - No notifications: the relay polls (adaptively) and is woken in-process.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::NaiveDateTime;
-use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, LeaseToken, RelayId, RelayMember, Stats, Store,
-    StoreError, StoreErrorKind,
-};
-use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlPool, MySqlPoolOptions, MySqlRow};
-use std::collections::HashMap;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use outbox_core::{Claim, LeaseToken, RelayId, Store, StoreError, StoreErrorKind};
+use sqlx::Connection as _;
+use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlRow};
+use sqlx::query::QueryAs;
+use uuid::Uuid;
 
-use sqlx::query::{Query, QueryAs};
-use sqlx::{Arguments as _, Connection as _, Row};
-
-use crate::config::{Quoting, StoreConfig};
+use crate::config::Quoting;
 use crate::error::Context as _;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::shared::Base;
-use crate::sql::{self, Arg, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column};
+use crate::sql::{
+    self, Arg, Decoding, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column,
+};
 
 /// The outbox schema; its last migration's version is [`MySqlStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {
@@ -41,14 +39,17 @@ const SCHEMA: Schema = Schema {
     dialect: &MY,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INT NOT NULL PRIMARY KEY, \
                      applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB",
-    insert_ignore: ("INSERT IGNORE INTO", ""),
     epoch: "'1970-01-01 00:00:00'",
     bigint: "SIGNED",
-};
-
-const QUOTING: Quoting = Quoting {
-    quote: '`',
-    qualified: true,
+    exists: |names| {
+        let mut sql = Sql::new(&MY);
+        sql.push("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = COALESCE(")
+            .bind(Arg::OptText(names.qualifier.clone()))
+            .push(", DATABASE()) AND table_name = ")
+            .bind(Arg::Text(format!("{}_schema", names.base)));
+        sql
+    },
+    drop: "DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}",
 };
 
 fn now_plus(sql: &mut Sql, micros: i64) {
@@ -65,11 +66,37 @@ const HELD: HeldIndex = HeldIndex {
 
 const MY: Dialect = Dialect {
     numbered: false,
-    quote: '`',
+    quoting: Quoting {
+        quote: '`',
+        qualified: true,
+    },
     now: "UTC_TIMESTAMP(6)",
     now_plus,
     limited: Limited::Direct,
+    insert_ignore: ("INSERT IGNORE INTO", ""),
+    upsert_relay: "ON DUPLICATE KEY UPDATE expires_at = VALUES(expires_at)",
+    locks_rows: true,
+    begin_write: None,
+    heartbeat_in_transaction: false,
 };
+
+/// Columns as MySQL stores them: ids as `BINARY(16)`, times as UTC `DATETIME(6)`, text in
+/// binary-collated columns.
+const DECODING: Decoding<MySqlRow> = Decoding::new(
+    |row| sql::id_from_bytes(&column::<_, Vec<u8>>(row, "id")?),
+    text,
+    opt_text,
+    |row, name| column::<_, NaiveDateTime>(row, name).map(|time| time.and_utc()),
+    |row, name| column::<_, Option<NaiveDateTime>>(row, name).map(|t| t.map(|t| t.and_utc())),
+);
+
+type Arguments<'q> = MySqlArguments;
+
+crate::shared::binding!(
+    MySql,
+    |uuid: Uuid| uuid.as_bytes().to_vec(),
+    |time: DateTime<Utc>| time.naive_utc()
+);
 
 /// Starts the claim transaction. One text-protocol round trip, so the isolation level can
 /// never be left behind for the next transaction on this pooled connection.
@@ -78,54 +105,39 @@ const BEGIN_READ_COMMITTED: &str =
 
 type Inner = Base<MySql>;
 
-/// The transactional outbox on MySQL 8.0.1+ or MariaDB 10.6+ (InnoDB).
-///
-/// Cheap to clone: clones share the pool.
-///
-/// ```no_run
-/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use outbox_core::NewMessage;
-/// use outbox_sqlx::{MySqlStore, StoreConfig};
-///
-/// let pool = outbox_sqlx::sqlx::MySqlPool::connect("mysql://app@127.0.0.1/app").await?;
-/// let store = MySqlStore::new(pool.clone(), StoreConfig::new().table("outbox"))?;
-/// store.migrate().await?;
-///
-/// let mut tx = pool.begin().await?;
-/// // ... the service's own writes in `tx` ...
-/// store.enqueue(&mut tx, NewMessage::new("orders", "created").key("order-7")).await?;
-/// tx.commit().await?;
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Debug)]
-pub struct MySqlStore {
-    inner: Arc<Inner>,
-}
-
-impl MySqlStore {
+crate::shared::store! {
+    /// The transactional outbox on MySQL 8.0.1+ or MariaDB 10.6+ (InnoDB).
+    ///
+    /// Cheap to clone: clones share the pool.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// use outbox_core::NewMessage;
+    /// use outbox_sqlx::{MySqlStore, StoreConfig};
+    ///
+    /// let pool = outbox_sqlx::sqlx::MySqlPool::connect("mysql://app@127.0.0.1/app").await?;
+    /// let store = MySqlStore::new(pool.clone(), StoreConfig::new().table("outbox"))?;
+    /// store.migrate().await?;
+    ///
+    /// let mut tx = pool.begin().await?;
+    /// // ... the service's own writes in `tx` ...
+    /// store.enqueue(&mut tx, NewMessage::new("orders", "created").key("order-7")).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    MySqlStore(MySql, MY),
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name is not a plain identifier (`database.table` is accepted).
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
-    pub fn new(pool: MySqlPool, config: StoreConfig) -> Result<Self, StoreError> {
-        Ok(Self {
-            inner: Arc::new(Base::new(pool, config, QUOTING, &MY)?),
-        })
-    }
+    new(|_| Ok(())),
+    /// Opens a pool of [`StoreConfig::max_connections`](crate::StoreConfig::max_connections)
+    /// to [`StoreConfig::url`](crate::StoreConfig::url) and builds the store on it.
+    connect("MySQL", |options| options),
+}
 
-    /// Opens a pool of [`StoreConfig::max_connections`] to [`StoreConfig::url`] and builds the
-    /// store on it.
-    pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
-        let url = config.require_url("MySqlStore")?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(config.max_connections.max(1))
-            .connect(url)
-            .await
-            .doing("connecting to MySQL")?;
-        Self::new(pool, config)
-    }
-
-    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
+impl MySqlStore {
+    /// Creates or upgrades the outbox tables    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
     /// statement by statement, so every statement is idempotent, and a named lock
     /// (`GET_LOCK`) keeps relays starting together from migrating at the same time.
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -150,75 +162,6 @@ impl MySqlStore {
         };
         let _ = conn.close().await;
         result
-    }
-
-    /// The schema version of the outbox tables; 0 when they were never migrated.
-    pub async fn schema_version(&self) -> Result<i32, StoreError> {
-        let store = self.clone();
-        crate::detached::detached("reading the outbox schema version", async move {
-            store.schema_version_direct().await
-        })
-        .await
-    }
-
-    async fn schema_version_direct(&self) -> Result<i32, StoreError> {
-        const DOING: &str = "reading the outbox schema version";
-        let (schema, base) = crate::config::split_table(&self.inner.config.table, true)?;
-        let exists: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = COALESCE(?, DATABASE()) AND table_name = ?",
-        )
-        .bind(schema)
-        .bind(format!("{base}_schema"))
-        .fetch_one(&self.inner.pool)
-        .await
-        .doing(DOING)?;
-        if exists == 0 {
-            return Ok(0);
-        }
-        let version: i64 = sqlx::query_scalar(&format!(
-            "SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM {}",
-            self.inner.names.schema
-        ))
-        .fetch_one(&self.inner.pool)
-        .await
-        .doing(DOING)?;
-        Ok(i32::try_from(version).unwrap_or(i32::MAX))
-    }
-
-    /// Drops the outbox tables and everything in them. For tests and uninstalls.
-    pub async fn drop_tables(&self) -> Result<(), StoreError> {
-        const DOING: &str = "dropping the outbox tables";
-        let store = self.clone();
-        crate::detached::detached(DOING, async move {
-            let names = &store.inner.names;
-            sqlx::raw_sql(&format!(
-                "DROP TABLE IF EXISTS {}, {}, {}, {}",
-                names.table, names.partitions, names.relays, names.schema
-            ))
-            .execute(&store.inner.pool)
-            .await
-            .doing(DOING)
-            .map(drop)
-        })
-        .await
-    }
-
-    async fn members_on(
-        &self,
-        conn: &mut MySqlConnection,
-        doing: &str,
-    ) -> Result<Vec<RelayMember>, StoreError> {
-        let rows: Vec<(Text, NaiveDateTime, Option<i16>)> =
-            sqlx::query_as(&sql::members(&MY, &self.inner.names))
-                .fetch_all(&mut *conn)
-                .await
-                .doing(doing)?;
-        Ok(sql::members_from(
-            rows.into_iter()
-                .map(|(relay, expires, partition)| (relay.0, expires.and_utc(), partition))
-                .collect(),
-        ))
     }
 }
 
@@ -283,34 +226,8 @@ impl MySqlStore {
     }
 }
 
-crate::shared::accessors!(MySqlStore, MySqlPool, SCHEMA);
-crate::shared::apply_schema!(MySqlStore, MySqlConnection, SCHEMA);
-
+crate::shared::accessors!(MySqlStore, MySql, SCHEMA);
 crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY, |_, _| {});
-
-/// `args` as MySQL values: UUIDs as 16 bytes, times as UTC `DATETIME`s.
-fn arguments(args: Vec<Arg>) -> Result<MySqlArguments, StoreError> {
-    let mut out = MySqlArguments::default();
-    for arg in args {
-        match arg {
-            Arg::Id(id) => out.add(id.as_bytes().to_vec()),
-            Arg::Token(token) => out.add(token.as_uuid().as_bytes().to_vec()),
-            Arg::Small(n) => out.add(n),
-            Arg::Int(n) => out.add(n),
-            Arg::Text(text) => out.add(text),
-            Arg::OptText(text) => out.add(text),
-            Arg::Bytes(bytes) => out.add(bytes),
-            Arg::Time(time) => out.add(time.naive_utc()),
-        }
-        .map_err(crate::error::encode)?;
-    }
-    Ok(out)
-}
-
-/// A query on `text` with `args`.
-fn bound(text: &str, args: Vec<Arg>) -> Result<Query<'_, MySql, MySqlArguments>, StoreError> {
-    Ok(sqlx::query_with(text, arguments(args)?))
-}
 
 /// [`bound`] for `query_as`.
 fn bound_as<O>(
@@ -351,22 +268,6 @@ fn text(row: &MySqlRow, name: &str) -> Result<String, String> {
 
 fn opt_text(row: &MySqlRow, name: &str) -> Result<Option<String>, String> {
     column::<_, Option<Text>>(row, name).map(|text| text.map(|text| text.0))
-}
-
-fn row_parts(row: &MySqlRow) -> Result<RowParts, sqlx::Error> {
-    let id: Vec<u8> = row.try_get("id")?;
-    let id = sql::id_from_bytes(&id).map_err(|err| sqlx::Error::Decode(err.into()))?;
-    Ok(RowParts {
-        seq: row.try_get("seq")?,
-        id,
-        destination: text(row, "destination"),
-        key: opt_text(row, "key"),
-        payload: column(row, "payload"),
-        headers: text(row, "headers"),
-        created_at: column::<_, NaiveDateTime>(row, "created_at").map(|t| t.and_utc()),
-        attempts: column::<_, i32>(row, "attempts").map(i64::from),
-        last_error: opt_text(row, "last_error"),
-    })
 }
 
 crate::detached::detached_store!(MySqlStore);
@@ -419,20 +320,11 @@ impl Store for crate::detached::Direct<MySqlStore> {
             .fetch_all(&mut *tx)
             .await
             .doing(DOING)?;
-        let mut parts: Vec<RowParts> = rows
-            .iter()
-            .filter_map(|row| match row_parts(row) {
-                Ok(parts) => Some(parts),
-                Err(err) => {
-                    tracing::error!(error = %err, "a claimed outbox row has no readable id");
-                    None
-                }
-            })
-            .collect();
+        let (mut parts, unreadable) = DECODING.claimed(&rows);
         self.keep_key_order(&mut tx, &mut parts).await?;
         if parts.is_empty() {
             tx.rollback().await.doing(DOING)?;
-            return Ok(sql::assemble_claim(token, parts));
+            return self.assemble(token, (parts, unreadable)).await;
         }
         let seqs: Vec<i64> = parts.iter().map(|p| p.seq).collect();
         for seqs in seqs.chunks(sql::SETTLE_IDS) {
@@ -451,180 +343,18 @@ impl Store for crate::detached::Direct<MySqlStore> {
                 .doing(DOING)?;
         }
         tx.commit().await.doing(DOING)?;
-        Ok(sql::assemble_claim(token, parts))
+        self.assemble(token, (parts, unreadable)).await
     }
 
-    crate::shared::settle_by_statements!(MY, None);
-
-    /// Three statements without a transaction: under `REPEATABLE READ` the expiry `DELETE`
-    /// of concurrent heartbeats would lock each other's rows.
-    async fn heartbeat(
-        &self,
-        relay: &RelayId,
-        ttl: Duration,
-    ) -> Result<Vec<RelayMember>, StoreError> {
-        const DOING: &str = "renewing the relay's membership";
-        let names = &self.inner.names;
-        let mut conn = self.inner.pool.acquire().await.doing(DOING)?;
-        let register = sql::register(
-            &MY,
-            names,
-            relay,
-            ttl,
-            "ON DUPLICATE KEY UPDATE expires_at = VALUES(expires_at)",
-        );
-        bound(&register.text, register.args)?
-            .execute(&mut *conn)
-            .await
-            .doing(DOING)?;
-        sqlx::query(&sql::forget_expired(&MY, names))
-            .execute(&mut *conn)
-            .await
-            .doing(DOING)?;
-        self.members_on(&mut conn, DOING).await
-    }
-
-    async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
-        const DOING: &str = "listing the live relays";
-        let mut conn = self.inner.pool.acquire().await.doing(DOING)?;
-        self.members_on(&mut conn, DOING).await
-    }
-
-    async fn acquire(
-        &self,
-        relay: &RelayId,
-        partitions: &[u16],
-        ttl: Duration,
-    ) -> Result<Vec<u16>, StoreError> {
-        const DOING: &str = "acquiring partitions";
-        let partitions = sql::partition_args(partitions);
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let names = &self.inner.names;
-        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
-        let update = sql::acquire(&MY, names, relay, &partitions, ttl);
-        bound(&update.text, update.args)?
-            .execute(&mut *tx)
-            .await
-            .doing(DOING)?;
-        let owned = sql::owned(&MY, names, relay, &partitions);
-        let owned: Vec<i16> = bound(&owned.text, owned.args)?
-            .fetch_all(&mut *tx)
-            .await
-            .doing(DOING)?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()
-            .doing(DOING)?;
-        tx.commit().await.doing(DOING)?;
-        Ok(sql::partitions_from(owned))
-    }
-
-    async fn release(&self, relay: &RelayId, partitions: &[u16]) -> Result<(), StoreError> {
-        let partitions = sql::partition_args(partitions);
-        if partitions.is_empty() {
-            return Ok(());
-        }
-        let statement = sql::release(&MY, &self.inner.names, relay, Some(&partitions));
-        bound(&statement.text, statement.args)?
-            .execute(&self.inner.pool)
-            .await
-            .doing("releasing partitions")
-            .map(drop)
-    }
-
-    async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
-        const DOING: &str = "leaving the relay group";
-        let names = &self.inner.names;
-        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
-        for statement in [
-            sql::release(&MY, names, relay, None),
-            sql::forget(&MY, names, relay),
-        ] {
-            bound(&statement.text, statement.args)?
-                .execute(&mut *tx)
-                .await
-                .doing(DOING)?;
-        }
-        tx.commit().await.doing(DOING)
-    }
-
-    async fn stats(&self) -> Result<Stats, StoreError> {
-        let (pending, oldest, dead, published, now): (
-            i64,
-            Option<NaiveDateTime>,
-            i64,
-            i64,
-            NaiveDateTime,
-        ) = sqlx::query_as(&sql::stats(&self.inner.names, &MY))
-            .fetch_one(&self.inner.pool)
-            .await
-            .doing("counting outbox messages")?;
-        let oldest = oldest.map(|t| t.and_utc());
-        Ok(sql::stats_from((
-            pending,
-            oldest,
-            dead,
-            published,
-            now.and_utc(),
-        )))
-    }
-
-    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
-        let Inner {
-            pool,
-            names,
-            columns,
-            ..
-        } = &*self.inner;
-        let statement = sql::dead_letters(&MY, names, columns, filter);
-        let rows = bound(&statement.text, statement.args)?
-            .fetch_all(pool)
-            .await
-            .doing("listing dead letters")?;
-        rows.iter()
-            .map(|row| {
-                let parts = row_parts(row).doing("listing dead letters")?;
-                parts.into_dead_letter(
-                    column::<_, NaiveDateTime>(row, "dead_at").map(|t| t.and_utc()),
-                )
-            })
-            .collect()
-    }
+    crate::shared::settle_by_statements!(MY);
 }
 
 /// The inbox's SQL on MySQL or MariaDB.
 const INBOX: InboxSql = InboxSql {
     dialect: &MY,
-    quoting: QUOTING,
     create: include_str!("../migrations/mysql/inbox.sql"),
-    insert_ignore: ("INSERT IGNORE INTO", ""),
     // Unused: MySQL limits the DELETE itself.
     row_id: "",
 };
 
-crate::inbox::inbox!(
-    MySqlInbox,
-    MySql,
-    MySqlPool,
-    MySqlConnection,
-    INBOX,
-    "MySQL or MariaDB",
-    "```no_run
-# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error>> {
-use outbox_sqlx::{MySqlInbox, DEFAULT_INBOX_TABLE};
-
-let pool = outbox_sqlx::sqlx::MySqlPool::connect(\"mysql://app@127.0.0.1/app\").await?;
-let inbox = MySqlInbox::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
-inbox.migrate().await?;
-
-let mut tx = pool.begin().await?;
-if inbox.record(&mut tx, \"billing\", incoming.id).await? {
-    // New: apply the effect in `tx`.
-}
-tx.commit().await?;
-// ... then acknowledge the message to the broker.
-# Ok(()) }
-```"
-);
+crate::inbox::inbox!(MySqlInbox(MySql, INBOX), "MySQL or MariaDB", url: "mysql://app@127.0.0.1/app", begin: "begin()");

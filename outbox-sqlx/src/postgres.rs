@@ -16,17 +16,11 @@
 //! - Enqueue sends `pg_notify` in the caller's transaction: the relay's
 //!   [`Store::listen`] hears it when, and only when, that transaction commits.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, LeaseToken, MessageId, RelayId, RelayMember, Settled,
-    Settlement, Stats, Store, StoreError, Wakeup,
-};
-use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::query::Query;
-use sqlx::{Arguments as _, Postgres, Row};
+
+use outbox_core::{LeaseToken, MessageId, Settled, Settlement, Store, StoreError, Wakeup};
+use sqlx::Postgres;
+use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgRow};
 use uuid::Uuid;
 
 use crate::config::{Quoting, StoreConfig, config_error};
@@ -34,7 +28,9 @@ use crate::error::Context as _;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::shared::Base;
-use crate::sql::{self, Arg, DEAD, Dialect, Limited, PENDING, PUBLISHED, RowParts, Sql, column};
+use crate::sql::{
+    self, Arg, ClaimArgs, DEAD, Decoding, Dialect, Limited, PENDING, PUBLISHED, Sql, column,
+};
 
 /// The outbox schema; its last migration's version is [`PostgresStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {
@@ -52,14 +48,17 @@ const SCHEMA: Schema = Schema {
     dialect: &PG,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INTEGER PRIMARY KEY, \
                      applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
     epoch: "'epoch'",
     bigint: "BIGINT",
-};
-
-const QUOTING: Quoting = Quoting {
-    quote: '"',
-    qualified: true,
+    exists: |names| {
+        let mut sql = Sql::new(&PG);
+        sql.push("SELECT COUNT(to_regclass(")
+            .bind(Arg::Text(names.schema.clone()))
+            .push("))");
+        sql
+    },
+    drop: "DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
+           DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}",
 };
 
 fn now_plus(sql: &mut Sql, micros: i64) {
@@ -72,11 +71,32 @@ fn now_plus(sql: &mut Sql, micros: i64) {
 /// same instant.
 const PG: Dialect = Dialect {
     numbered: true,
-    quote: '"',
+    quoting: Quoting {
+        quote: '"',
+        qualified: true,
+    },
     now: "now()",
     now_plus,
     limited: Limited::Subquery { locks: true },
+    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
+    upsert_relay: "ON CONFLICT (relay) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+    locks_rows: true,
+    begin_write: None,
+    heartbeat_in_transaction: true,
 };
+
+/// Columns as PostgreSQL stores them: ids as `uuid`, times as `timestamptz`.
+const DECODING: Decoding<PgRow> = Decoding::new(
+    |row| column::<_, Uuid>(row, "id").map(MessageId::from_uuid),
+    column,
+    column,
+    column,
+    column,
+);
+
+type Arguments<'q> = PgArguments;
+
+crate::shared::binding!(Postgres, |uuid: Uuid| uuid, |time: DateTime<Utc>| time);
 
 /// Starts a settle transaction. Claims (in their function, schema version 3) and settles
 /// commit without waiting for their WAL to reach the disk (`synchronous_commit = off`, for
@@ -90,68 +110,37 @@ const PG: Dialect = Dialect {
 /// transactions and keep the caller's setting.
 const BEGIN_SETTLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
-/// The transactional outbox on PostgreSQL 12 or later.
-///
-/// Cheap to clone: clones share the pool. See the [crate documentation](crate) for an example.
-#[derive(Clone, Debug)]
-pub struct PostgresStore {
-    inner: Arc<Inner>,
-}
-
 type Inner = Base<Postgres>;
 
-impl PostgresStore {
+crate::shared::store! {
+    /// The transactional outbox on PostgreSQL 12 or later.
+    ///
+    /// Cheap to clone: clones share the pool. See the [crate documentation](crate) for an example.
+    PostgresStore(Postgres, PG),
     /// A store on `pool` with `config`; fails with [`StoreErrorKind::Config`] when the table
     /// name or the notify channel is not a plain identifier.
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
-    pub fn new(pool: PgPool, config: StoreConfig) -> Result<Self, StoreError> {
-        let channel = config.channel();
-        if crate::config::split_table(channel, true).is_err() || channel.len() > 63 {
-            return Err(config_error(format!(
-                "invalid notify channel {channel:?}: it must be a plain identifier of at most \
-                 63 characters (set `notify_channel` when the table name is longer)"
-            )));
-        }
-        Ok(Self {
-            inner: Arc::new(Base::new(pool, config, QUOTING, &PG)?),
-        })
-    }
+    new(check_channel),
+    /// Opens a pool of [`StoreConfig::max_connections`](crate::StoreConfig::max_connections)
+    /// to [`StoreConfig::url`](crate::StoreConfig::url) and builds the store on it.
+    connect("PostgreSQL", |options| options),
+}
 
-    /// Opens a pool of [`StoreConfig::max_connections`] to [`StoreConfig::url`] and builds the
-    /// store on it.
-    pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
-        let url = config.require_url("PostgresStore")?;
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.max(1))
-            .connect(url)
-            .await
-            .doing("connecting to PostgreSQL")?;
-        Self::new(pool, config)
+/// Refuses a notify channel that is not a plain identifier PostgreSQL takes.
+fn check_channel(config: &StoreConfig) -> Result<(), StoreError> {
+    let channel = config.channel();
+    if crate::config::split_table(channel, true).is_err() || channel.len() > 63 {
+        return Err(config_error(format!(
+            "invalid notify channel {channel:?}: it must be a plain identifier of at most \
+             63 characters (set `notify_channel` when the table name is longer)"
+        )));
     }
+    Ok(())
+}
 
-    /// Locks partition rows in partition order, the order claims take them in (`FOR SHARE`),
-    /// before an `UPDATE` changes them: an `UPDATE` alone locks in the order it finds the rows
-    /// (their place in the table), and could wait for a claim that waits for it.
-    async fn lock_partitions(
-        &self,
-        tx: &mut sqlx::Transaction<'static, Postgres>,
-        partitions: &[i16],
-        doing: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "SELECT \"partition\" FROM {} WHERE \"partition\" = ANY($1) \
-             ORDER BY \"partition\" FOR UPDATE",
-            self.inner.names.partitions
-        ))
-        .bind(partitions)
-        .execute(&mut **tx)
-        .await
-        .doing(doing)
-        .map(drop)
-    }
-
-    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
+impl PostgresStore {
+    /// Creates or upgrades the outbox tables    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
     /// under an advisory lock, so that relays starting together migrate once. Idempotent.
     ///
     /// The schema of a `schema.table` name must exist.
@@ -167,44 +156,9 @@ impl PostgresStore {
         self.apply_schema(&mut tx).await?;
         tx.commit().await.doing(DOING)
     }
-
-    /// The schema version of the outbox tables; 0 when they were never migrated.
-    pub async fn schema_version(&self) -> Result<i32, StoreError> {
-        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
-            .bind(&self.inner.names.schema)
-            .fetch_one(&self.inner.pool)
-            .await
-            .doing("reading the outbox schema version")?;
-        if exists.is_none() {
-            return Ok(0);
-        }
-        sqlx::query_scalar(&format!(
-            "SELECT COALESCE(MAX(version), 0) FROM {}",
-            self.inner.names.schema
-        ))
-        .fetch_one(&self.inner.pool)
-        .await
-        .doing("reading the outbox schema version")
-    }
-
-    /// Drops the outbox tables and everything in them. For tests and uninstalls.
-    pub async fn drop_tables(&self) -> Result<(), StoreError> {
-        let names = &self.inner.names;
-        sqlx::raw_sql(&format!(
-            "DROP FUNCTION IF EXISTS {}(TEXT, BIGINT, UUID, BIGINT); \
-             DROP TABLE IF EXISTS {}, {}, {}, {}",
-            names.claim, names.table, names.partitions, names.relays, names.schema
-        ))
-        .execute(&self.inner.pool)
-        .await
-        .doing("dropping the outbox tables")
-        .map(drop)
-    }
 }
 
-crate::shared::accessors!(PostgresStore, PgPool, SCHEMA);
-crate::shared::apply_schema!(PostgresStore, PgConnection, SCHEMA);
-
+crate::shared::accessors!(PostgresStore, Postgres, SCHEMA);
 /// Makes the first `INSERT` of an enqueue send `pg_notify` too (when notifications are on):
 /// delivered on commit, once per transaction and channel whatever the count.
 fn notify_on_commit(store: &PostgresStore, statement: &mut Sql) {
@@ -221,91 +175,34 @@ fn notify_on_commit(store: &PostgresStore, statement: &mut Sql) {
         .push(", '')");
 }
 
-crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG, notify_on_commit);
-
-/// `args` as PostgreSQL values.
-fn arguments(args: Vec<Arg>) -> Result<PgArguments, StoreError> {
-    let mut out = PgArguments::default();
-    for arg in args {
-        match arg {
-            Arg::Id(id) => out.add(*id.as_uuid()),
-            Arg::Token(token) => out.add(*token.as_uuid()),
-            Arg::Small(n) => out.add(n),
-            Arg::Int(n) => out.add(n),
-            Arg::Text(text) => out.add(text),
-            Arg::OptText(text) => out.add(text),
-            Arg::Bytes(bytes) => out.add(bytes),
-            Arg::Time(time) => out.add(time),
-        }
-        .map_err(crate::error::encode)?;
+impl PostgresStore {
+    /// A claim is one call of the claim function of schema version 3
+    /// (migrations/postgres/0003_claim_function.sql), one round trip: it locks the relay's
+    /// partitions and leases the rows.
+    fn claim_statement(&self, claim: &ClaimArgs<'_>) -> Sql {
+        let inner = &*self.inner;
+        let columns = sql::qualified_columns(&inner.columns, "c");
+        let mut statement = Sql::new(&PG);
+        statement
+            .push(&format!("SELECT {columns} FROM {}(", inner.names.claim))
+            .bind(Arg::Text(claim.relay.as_str().to_owned()))
+            .push(", ")
+            .bind(Arg::Int(claim.limit))
+            .push(", ")
+            .bind(Arg::Token(claim.token))
+            .push(", ")
+            .bind(Arg::Int(sql::micros(claim.lease)))
+            .push(") c");
+        statement
     }
-    Ok(out)
 }
 
-/// A query on `text` with `args`.
-fn bound(text: &str, args: Vec<Arg>) -> Result<Query<'_, Postgres, PgArguments>, StoreError> {
-    Ok(sqlx::query_with(text, arguments(args)?))
-}
-
-fn row_parts(row: &PgRow) -> Result<RowParts, sqlx::Error> {
-    Ok(RowParts {
-        seq: row.try_get("seq")?,
-        id: MessageId::from_uuid(row.try_get::<Uuid, _>("id")?),
-        destination: column(row, "destination"),
-        key: column(row, "key"),
-        payload: column(row, "payload"),
-        headers: column(row, "headers"),
-        created_at: column(row, "created_at"),
-        attempts: column::<_, i32>(row, "attempts").map(i64::from),
-        last_error: column(row, "last_error"),
-    })
-}
+crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG, notify_on_commit);
 
 impl Store for PostgresStore {
     crate::shared::operations!(PG);
 
-    async fn claim(
-        &self,
-        relay: &RelayId,
-        limit: usize,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        const DOING: &str = "claiming outbox messages";
-        let Inner {
-            pool,
-            names,
-            columns,
-            ..
-        } = &*self.inner;
-        let token = LeaseToken::new();
-        if limit == 0 {
-            return Ok(sql::assemble_claim(token, Vec::new()));
-        }
-        // One call, one round trip: the partition lock and the claim statement run in the
-        // claim function of schema version 3 (migrations/postgres/0003_claim_function.sql).
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM {}($1, $2, $3, $4) c",
-            sql::qualified_columns(columns, "c"),
-            names.claim
-        ))
-        .bind(relay.as_str())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(*token.as_uuid())
-        .bind(sql::micros(lease))
-        .fetch_all(pool)
-        .await
-        .doing(DOING)?;
-        let parts = rows.iter().filter_map(|row| match row_parts(row) {
-            Ok(parts) => Some(parts),
-            Err(err) => {
-                // Unreachable with the shipped schema (seq and id cannot be NULL or
-                // malformed); the lease expires and the row is claimed again.
-                tracing::error!(error = %err, "a claimed outbox row has no readable id");
-                None
-            }
-        });
-        Ok(sql::assemble_claim(token, parts.collect()))
-    }
+    crate::shared::claim_by_statement!();
 
     async fn settle(
         &self,
@@ -402,144 +299,6 @@ impl Store for PostgresStore {
         Ok(sql::settled(settlement, applied))
     }
 
-    async fn heartbeat(
-        &self,
-        relay: &RelayId,
-        ttl: Duration,
-    ) -> Result<Vec<RelayMember>, StoreError> {
-        const DOING: &str = "renewing the relay's membership";
-        let Inner { pool, names, .. } = &*self.inner;
-        let mut tx = sql::begin(pool, None, DOING).await?;
-        let register = sql::register(
-            &PG,
-            names,
-            relay,
-            ttl,
-            "ON CONFLICT (relay) DO UPDATE SET expires_at = EXCLUDED.expires_at",
-        );
-        bound(&register.text, register.args)?
-            .execute(&mut *tx)
-            .await
-            .doing(DOING)?;
-        sqlx::query(&sql::forget_expired(&PG, names))
-            .execute(&mut *tx)
-            .await
-            .doing(DOING)?;
-        let rows: Vec<(String, DateTime<Utc>, Option<i16>)> =
-            sqlx::query_as(&sql::members(&PG, names))
-                .fetch_all(&mut *tx)
-                .await
-                .doing(DOING)?;
-        tx.commit().await.doing(DOING)?;
-        Ok(sql::members_from(rows))
-    }
-
-    async fn members(&self) -> Result<Vec<RelayMember>, StoreError> {
-        let rows: Vec<(String, DateTime<Utc>, Option<i16>)> =
-            sqlx::query_as(&sql::members(&PG, &self.inner.names))
-                .fetch_all(&self.inner.pool)
-                .await
-                .doing("listing the live relays")?;
-        Ok(sql::members_from(rows))
-    }
-
-    async fn acquire(
-        &self,
-        relay: &RelayId,
-        partitions: &[u16],
-        ttl: Duration,
-    ) -> Result<Vec<u16>, StoreError> {
-        let partitions = sql::partition_args(partitions);
-        if partitions.is_empty() {
-            return Ok(Vec::new());
-        }
-        const DOING: &str = "acquiring partitions";
-        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
-        self.lock_partitions(&mut tx, &partitions, DOING).await?;
-        let mut statement = sql::acquire(&PG, &self.inner.names, relay, &partitions, ttl);
-        statement.push(" RETURNING \"partition\"");
-        let owned: Vec<i16> = bound(&statement.text, statement.args)?
-            .fetch_all(&mut *tx)
-            .await
-            .doing(DOING)?
-            .iter()
-            .map(|row| row.try_get(0))
-            .collect::<Result<_, _>>()
-            .doing(DOING)?;
-        tx.commit().await.doing(DOING)?;
-        Ok(sql::partitions_from(owned))
-    }
-
-    async fn release(&self, relay: &RelayId, partitions: &[u16]) -> Result<(), StoreError> {
-        let partitions = sql::partition_args(partitions);
-        if partitions.is_empty() {
-            return Ok(());
-        }
-        const DOING: &str = "releasing partitions";
-        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
-        self.lock_partitions(&mut tx, &partitions, DOING).await?;
-        let statement = sql::release(&PG, &self.inner.names, relay, Some(&partitions));
-        bound(&statement.text, statement.args)?
-            .execute(&mut *tx)
-            .await
-            .doing(DOING)?;
-        tx.commit().await.doing(DOING)
-    }
-
-    async fn leave(&self, relay: &RelayId) -> Result<(), StoreError> {
-        const DOING: &str = "leaving the relay group";
-        let Inner { pool, names, .. } = &*self.inner;
-        let mut tx = sql::begin(pool, None, DOING).await?;
-        // The relay's own partition rows, in partition order, as `release` locks them.
-        sqlx::query(&format!(
-            "SELECT \"partition\" FROM {} WHERE owner = $1 ORDER BY \"partition\" FOR UPDATE",
-            names.partitions
-        ))
-        .bind(relay.as_str())
-        .execute(&mut *tx)
-        .await
-        .doing(DOING)?;
-        for statement in [
-            sql::release(&PG, names, relay, None),
-            sql::forget(&PG, names, relay),
-        ] {
-            bound(&statement.text, statement.args)?
-                .execute(&mut *tx)
-                .await
-                .doing(DOING)?;
-        }
-        tx.commit().await.doing(DOING)
-    }
-
-    async fn stats(&self) -> Result<Stats, StoreError> {
-        let row: (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>) =
-            sqlx::query_as(&sql::stats(&self.inner.names, &PG))
-                .fetch_one(&self.inner.pool)
-                .await
-                .doing("counting outbox messages")?;
-        Ok(sql::stats_from(row))
-    }
-
-    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
-        let Inner {
-            pool,
-            names,
-            columns,
-            ..
-        } = &*self.inner;
-        let statement = sql::dead_letters(&PG, names, columns, filter);
-        let rows = bound(&statement.text, statement.args)?
-            .fetch_all(pool)
-            .await
-            .doing("listing dead letters")?;
-        rows.iter()
-            .map(|row| {
-                let parts = row_parts(row).doing("listing dead letters")?;
-                parts.into_dead_letter(column(row, "dead_at"))
-            })
-            .collect()
-    }
-
     /// Listens on the notify channel with a connection of its own, waking the relay on each
     /// notification and after every reconnection (notifications sent meanwhile are lost).
     /// Returns an error when the connection cannot be restored; the relay then polls and calls
@@ -574,41 +333,8 @@ fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
 /// The inbox's SQL on PostgreSQL.
 const INBOX: InboxSql = InboxSql {
     dialect: &PG,
-    quoting: QUOTING,
     create: include_str!("../migrations/postgres/inbox.sql"),
-    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
     row_id: "ctid",
 };
 
-crate::inbox::inbox!(
-    PostgresInbox,
-    Postgres,
-    PgPool,
-    PgConnection,
-    INBOX,
-    "PostgreSQL",
-    "```no_run
-# async fn example(incoming: outbox_core::Incoming) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-use outbox_core::Processed;
-use outbox_sqlx::{PostgresInbox, DEFAULT_INBOX_TABLE};
-
-let pool = outbox_sqlx::sqlx::PgPool::connect(\"postgres://app@127.0.0.1/app\").await?;
-let inbox = PostgresInbox::new(pool.clone(), DEFAULT_INBOX_TABLE)?;
-inbox.migrate().await?;
-
-// For each message received (`incoming`, from `outbox_kafka::incoming` or its kin):
-let mut tx = pool.begin().await?;
-let processed = inbox
-    .process(&mut tx, \"billing\", &incoming, async |tx| {
-        outbox_sqlx::sqlx::query(\"UPDATE accounts SET orders = orders + 1 WHERE id = 7\")
-            .execute(&mut *tx)
-            .await?;
-        // The effect's error type takes the inbox's errors too (`From<StoreError>`).
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    })
-    .await?;
-tx.commit().await?;
-// ... then acknowledge the message to the broker, new or duplicate.
-# let _ = processed; Ok(()) }
-```"
-);
+crate::inbox::inbox!(PostgresInbox(Postgres, INBOX), "PostgreSQL", url: "postgres://app@127.0.0.1/app", begin: "begin()");

@@ -15,6 +15,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use outbox_core::{LeaseToken, MessageId};
 
+use crate::config::Quoting;
+
 mod rows;
 mod run;
 mod statements;
@@ -68,19 +70,33 @@ pub(crate) enum Arg {
     Time(DateTime<Utc>),
 }
 
-/// Placeholders, identifier quoting and clock of one dialect.
+/// What differs between the SQL of the dialects: placeholders, identifier quoting, clock,
+/// spellings and locking.
 #[derive(Debug)]
 pub(crate) struct Dialect {
     /// `$1, $2, ...` (PostgreSQL) rather than `?`.
     pub(crate) numbered: bool,
-    /// Identifier quote.
-    pub(crate) quote: char,
+    /// Identifier quote, and whether a table name may be `schema.table`.
+    pub(crate) quoting: Quoting,
     /// The database clock, now.
     pub(crate) now: &'static str,
     /// Writes "now plus the bound number of microseconds".
     pub(crate) now_plus: fn(&mut Sql, i64),
     /// How an `UPDATE` or `DELETE` takes the first rows in some order.
     pub(crate) limited: Limited,
+    /// An `INSERT` that skips rows whose key exists: its head (`INSERT IGNORE INTO`) and tail
+    /// (` ON CONFLICT DO NOTHING`).
+    pub(crate) insert_ignore: (&'static str, &'static str),
+    /// The end of the `INSERT` of a relay's membership that renews an existing one.
+    pub(crate) upsert_relay: &'static str,
+    /// `SELECT ... FOR UPDATE` locks rows (SQLite has one writer instead).
+    pub(crate) locks_rows: bool,
+    /// How a transaction that writes begins (`None`: a plain `BEGIN`).
+    pub(crate) begin_write: Option<&'static str>,
+    /// A heartbeat runs in one transaction (MySQL runs its statements one by one: under
+    /// `REPEATABLE READ` the expiry `DELETE`s of concurrent heartbeats would lock each other's
+    /// rows).
+    pub(crate) heartbeat_in_transaction: bool,
 }
 
 /// How an `UPDATE` or `DELETE` takes at most `n` rows in some order.
@@ -114,7 +130,7 @@ pub(crate) struct HeldIndex {
 impl Dialect {
     /// `name` quoted, for the column names some dialects reserve (`key`, `partition`).
     pub(crate) fn col(&self, name: &str) -> String {
-        format!("{q}{name}{q}", q = self.quote)
+        format!("{q}{name}{q}", q = self.quoting.quote)
     }
 }
 
@@ -184,28 +200,31 @@ pub(crate) fn padded<T: Clone>(items: &[T]) -> impl Iterator<Item = T> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Names, Quoting};
+    use crate::config::Names;
 
     /// A dialect with `?` placeholders, for the statement tests.
     pub(super) const QMARK: Dialect = Dialect {
         numbered: false,
-        quote: '`',
+        quoting: QUOTING,
         now: "NOW()",
         now_plus: |sql, micros| {
             sql.push("NOW() + ").bind(Arg::Int(micros));
         },
         limited: Limited::Direct,
+        insert_ignore: ("INSERT IGNORE INTO", ""),
+        upsert_relay: "",
+        locks_rows: true,
+        begin_write: None,
+        heartbeat_in_transaction: true,
+    };
+
+    const QUOTING: Quoting = Quoting {
+        quote: '`',
+        qualified: false,
     };
 
     pub(super) fn names() -> Names {
-        Names::new(
-            "outbox",
-            Quoting {
-                quote: '`',
-                qualified: false,
-            },
-        )
-        .expect("valid")
+        Names::new("outbox", QUOTING).expect("valid")
     }
 
     #[test]

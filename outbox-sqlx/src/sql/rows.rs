@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use outbox_core::{
     Claim, DeadLetter, LeaseToken, Malformed, Message, MessageId, NewMessage, RelayId, RelayMember,
-    Settled, Settlement, Stats, StoreError, decode_headers,
+    Settled, Settlement, Stats, StoreError, StoreErrorKind, decode_headers,
 };
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 /// What a settle applied, from the rows its statements changed.
 pub(crate) fn settled(settlement: &Settlement, applied: u64) -> Settled {
@@ -16,14 +17,6 @@ pub(crate) fn settled(settlement: &Settlement, applied: u64) -> Settled {
         applied,
         fenced: (settlement.len() as u64).saturating_sub(applied),
     }
-}
-
-/// Counts as read from the database, as a [`Stats`] as of the database's `now`.
-pub(crate) fn stats_from(
-    (pending, oldest, dead, published, now): (i64, Option<DateTime<Utc>>, i64, i64, DateTime<Utc>),
-) -> Stats {
-    let count = |n: i64| u64::try_from(n).unwrap_or(0);
-    Stats::new(count(pending), oldest, count(dead), count(published)).as_of(now)
 }
 
 /// Partitions as read back, sorted.
@@ -60,6 +53,150 @@ pub(crate) fn members_from(rows: Vec<(String, DateTime<Utc>, Option<i16>)>) -> V
         .collect()
 }
 
+/// How a dialect reads the columns whose stored types differ (ids, times, MySQL's binary text);
+/// everything else reads the same from any row.
+pub(crate) struct Decoding<R> {
+    id: fn(&R) -> Result<MessageId, String>,
+    text: Reader<R, String>,
+    opt_text: Reader<R, Option<String>>,
+    time: Reader<R, DateTime<Utc>>,
+    opt_time: Reader<R, Option<DateTime<Utc>>>,
+}
+
+/// Reads the named column of a row as a `T`, the error as text naming the column.
+type Reader<R, T> = fn(&R, &str) -> Result<T, String>;
+
+impl<R> Decoding<R> {
+    /// The id, text, optional text, time and optional time readers of a dialect.
+    pub(crate) const fn new(
+        id: fn(&R) -> Result<MessageId, String>,
+        text: Reader<R, String>,
+        opt_text: Reader<R, Option<String>>,
+        time: Reader<R, DateTime<Utc>>,
+        opt_time: Reader<R, Option<DateTime<Utc>>>,
+    ) -> Self {
+        Self {
+            id,
+            text,
+            opt_text,
+            time,
+            opt_time,
+        }
+    }
+}
+
+impl<R> Decoding<R>
+where
+    R: Row,
+    for<'n> &'n str: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i32: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i16: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i16>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    /// The columns of a message row ([`message_columns`](super::message_columns)); an error
+    /// (with the sequence number when that can be read) when its id cannot be read: such a row
+    /// cannot be addressed as a message.
+    pub(crate) fn parts(&self, row: &R) -> Result<RowParts, (Option<i64>, String)> {
+        let seq: i64 = column(row, "seq").map_err(|err| (None, err))?;
+        let id = (self.id)(row).map_err(|err| (Some(seq), err))?;
+        Ok(RowParts {
+            seq,
+            id,
+            destination: (self.text)(row, "destination"),
+            key: (self.opt_text)(row, "key"),
+            payload: column(row, "payload"),
+            headers: (self.text)(row, "headers"),
+            created_at: (self.time)(row, "created_at"),
+            attempts: column::<_, i32>(row, "attempts").map(i64::from),
+            last_error: (self.opt_text)(row, "last_error"),
+        })
+    }
+
+    /// The claimed rows, and the sequence numbers (with the reason) of those whose id cannot
+    /// be read.
+    pub(crate) fn claimed(&self, rows: &[R]) -> (Vec<RowParts>, Vec<(i64, String)>) {
+        let mut parts = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for row in rows {
+            match self.parts(row) {
+                Ok(row) => parts.push(row),
+                Err((Some(seq), error)) => unreadable.push((seq, error)),
+                Err((None, error)) => {
+                    tracing::error!(%error, "a claimed outbox row cannot be read");
+                }
+            }
+        }
+        (parts, unreadable)
+    }
+
+    /// Dead letters from the rows of [`dead_letters`](super::dead_letters). A dead row whose
+    /// id cannot be read is still listed, under a stand-in id made of its sequence number;
+    /// `purge` of all dead letters removes it.
+    pub(crate) fn dead_letters(&self, rows: &[R]) -> Result<Vec<DeadLetter>, StoreError> {
+        rows.iter()
+            .map(|row| {
+                let parts = match self.parts(row) {
+                    Ok(parts) => parts,
+                    Err((Some(seq), error)) => {
+                        unreadable_id_parts(seq, error, (self.time)(row, "created_at"))
+                    }
+                    Err((None, error)) => return Err(decode_error("listing dead letters", error)),
+                };
+                parts.into_dead_letter((self.time)(row, "dead_at"))
+            })
+            .collect()
+    }
+
+    /// Members from the rows of [`members`](super::members), sorted by relay id, partitions
+    /// sorted.
+    pub(crate) fn members(&self, rows: &[R]) -> Result<Vec<RelayMember>, StoreError> {
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    (self.text)(row, "relay")?,
+                    (self.time)(row, "expires_at")?,
+                    column::<_, Option<i16>>(row, "partition")?,
+                ))
+            })
+            .collect::<Result<_, String>>()
+            .map_err(|error| decode_error("listing the live relays", error))?;
+        Ok(members_from(rows))
+    }
+
+    /// The counts of [`stats`](super::stats), as of the database's clock.
+    pub(crate) fn stats(&self, row: &R) -> Result<Stats, StoreError> {
+        let read = || -> Result<Stats, String> {
+            let count = |name| column::<_, i64>(row, name).map(|n| u64::try_from(n).unwrap_or(0));
+            Ok(Stats::new(
+                count("pending")?,
+                (self.opt_time)(row, "oldest")?,
+                count("dead")?,
+                count("published")?,
+            )
+            .as_of((self.time)(row, "now")?))
+        };
+        read().map_err(|error| decode_error("counting outbox messages", error))
+    }
+
+    /// The partition numbers of `rows` (a `partition` column), sorted.
+    pub(crate) fn partitions(&self, rows: &[R], doing: &str) -> Result<Vec<u16>, StoreError> {
+        let stored = rows
+            .iter()
+            .map(|row| column::<_, i16>(row, "partition"))
+            .collect::<Result<_, String>>()
+            .map_err(|error| decode_error(doing, error))?;
+        Ok(partitions_from(stored))
+    }
+}
+
+/// A column that cannot be read while `doing`.
+fn decode_error(doing: &str, error: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Decode, format!("{doing}: {error}"))
+}
+
 /// The columns of one stored message, each decoded on its own so that one bad column makes
 /// the row [`Malformed`] instead of failing the whole claim.
 #[derive(Debug)]
@@ -76,11 +213,11 @@ pub(crate) struct RowParts {
 }
 
 /// Reads column `name` of `row`, the error as text naming the column.
-pub(crate) fn column<'r, R, T>(row: &'r R, name: &str) -> Result<T, String>
+pub(crate) fn column<R, T>(row: &R, name: &str) -> Result<T, String>
 where
-    R: sqlx::Row,
-    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'n> &'n str: sqlx::ColumnIndex<R>,
+    R: Row,
+    for<'r> T: Decode<'r, R::Database> + Type<R::Database>,
+    for<'n> &'n str: ColumnIndex<R>,
 {
     row.try_get::<T, _>(name)
         .map_err(|err| format!("column {name}: {err}"))

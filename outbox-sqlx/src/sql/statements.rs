@@ -334,6 +334,14 @@ pub(crate) fn limit_of(filter: &DeadLetterFilter) -> i64 {
         .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX))
 }
 
+/// What a claim asks for: up to `limit` messages for `relay`, leased under `token` for `lease`.
+pub(crate) struct ClaimArgs<'a> {
+    pub(crate) relay: &'a RelayId,
+    pub(crate) token: LeaseToken,
+    pub(crate) limit: i64,
+    pub(crate) lease: Duration,
+}
+
 /// The rows `relay` may claim (alias `o`), in the partitions it owns under an unexpired lease:
 /// pending, available, not under an unexpired lease, and not held back by an earlier pending
 /// message of the same key that is leased or waiting for a retry (per-key order), checked in
@@ -379,11 +387,12 @@ pub(crate) fn push_claimable(
 pub(crate) fn stats(names: &Names, dialect: &Dialect) -> String {
     let t = &names.table;
     format!(
-        "SELECT (SELECT COUNT(*) FROM {t} WHERE state = {PENDING}), \
-                (SELECT MIN(created_at) FROM {t} WHERE state = {PENDING}), \
-                (SELECT COUNT(*) FROM {t} WHERE state = {DEAD}), \
-                (SELECT COUNT(*) FROM {t} WHERE state = {PUBLISHED}), \
-                {now}",
+        "SELECT (SELECT COUNT(*) FROM {t} WHERE state = {PENDING}) AS pending, \
+                (SELECT MIN(created_at) FROM {t} WHERE state = {PENDING}) AS oldest, \
+                (SELECT COUNT(*) FROM {t} WHERE state = {DEAD}) AS dead, \
+                (SELECT COUNT(*) FROM {t} WHERE state = {PUBLISHED}) AS published, \
+                {now} AS {q}now{q}",
+        q = dialect.quoting.quote,
         now = dialect.now
     )
 }
@@ -438,6 +447,51 @@ pub(crate) fn owned(d: &Dialect, names: &Names, relay: &RelayId, partitions: &[i
     sql
 }
 
+/// Locks the partition rows of `partitions` in partition order (the order claims take them
+/// in) before an `UPDATE` changes them: an `UPDATE` alone may lock in the order it finds the
+/// rows, and could wait for a claim that waits for it. `None` where the dialect has no row
+/// locks.
+pub(crate) fn lock_partitions(d: &Dialect, names: &Names, partitions: &[i16]) -> Option<Sql> {
+    let partition = d.col("partition");
+    let mut sql = Sql::new(d);
+    sql.push(&format!(
+        "SELECT {partition} FROM {} WHERE {partition} IN ",
+        names.partitions
+    ))
+    .bind_list(padded(partitions).map(Arg::Small))
+    .push(&format!(" ORDER BY {partition} FOR UPDATE"));
+    d.locks_rows.then_some(sql)
+}
+
+/// Locks the partition rows `relay` owns, in partition order, as [`lock_partitions`] does.
+pub(crate) fn lock_owned(d: &Dialect, names: &Names, relay: &RelayId) -> Option<Sql> {
+    let partition = d.col("partition");
+    let mut sql = Sql::new(d);
+    sql.push(&format!(
+        "SELECT {partition} FROM {} WHERE owner = ",
+        names.partitions
+    ))
+    .bind(Arg::Text(relay.as_str().to_owned()))
+    .push(&format!(" ORDER BY {partition} FOR UPDATE"));
+    d.locks_rows.then_some(sql)
+}
+
+/// Dead-letters the row `seq`, whose id cannot be read (`error` says why): without an id the
+/// relay cannot address it, and left alone it would be leased again at every lease expiry.
+pub(crate) fn bury(d: &Dialect, names: &Names, seq: i64, error: &str) -> Sql {
+    let mut sql = Sql::new(d);
+    sql.push(&format!(
+        "UPDATE {} SET state = {DEAD}, dead_at = {now}, attempts = attempts + 1, \
+         lease_token = NULL, lease_until = NULL, last_error = ",
+        names.table,
+        now = d.now
+    ))
+    .bind(Arg::Text(format!("the stored id cannot be read: {error}")))
+    .push(" WHERE seq = ")
+    .bind(Arg::Int(seq));
+    sql
+}
+
 /// Gives up partitions of `relay`: all of them, or those of `partitions`.
 pub(crate) fn release(
     d: &Dialect,
@@ -459,13 +513,7 @@ pub(crate) fn release(
 }
 
 /// Registers or renews `relay` until now + `ttl` (an upsert: its spelling is the dialect's).
-pub(crate) fn register(
-    d: &Dialect,
-    names: &Names,
-    relay: &RelayId,
-    ttl: Duration,
-    upsert: &str,
-) -> Sql {
+pub(crate) fn register(d: &Dialect, names: &Names, relay: &RelayId, ttl: Duration) -> Sql {
     let mut sql = Sql::new(d);
     sql.push(&format!(
         "INSERT INTO {} (relay, expires_at) VALUES (",
@@ -474,7 +522,7 @@ pub(crate) fn register(
     .bind(Arg::Text(relay.as_str().to_owned()))
     .push(", ");
     (d.now_plus)(&mut sql, micros(ttl));
-    sql.push(") ").push(upsert);
+    sql.push(") ").push(d.upsert_relay);
     sql
 }
 
