@@ -4,8 +4,7 @@
 //! what `sqlx`'s own `Acquire` takes (`&mut tx`, `&mut *tx`, a `&mut` connection, `&pool`),
 //! so that the common case needs no trait import, and implements
 //! [`Enqueue`](outbox_core::Enqueue) on `&mut Connection` by calling them, for code generic
-//! over stores. The dialect file supplies only what it adds to the first `INSERT` of an
-//! enqueue (PostgreSQL: the `pg_notify` that wakes relays on commit).
+//! over stores. (A PostgreSQL relay is woken by the table's own trigger, as for any writer.)
 
 /// What an enqueue does when `messages` are written in more than one statement (a large
 /// batch): in a transaction of their own (a savepoint inside the caller's transaction), so
@@ -15,10 +14,9 @@ pub(crate) fn needs_own_transaction(messages: &[outbox_core::NewMessage]) -> boo
 }
 
 /// Implements the enqueue methods of `$store` on the database `$db` with connections `$conn`
-/// and the dialect `$d`; `$first` (a `fn(&$store, &mut Sql)`) amends the first `INSERT` of
-/// each enqueue.
+/// and the dialect `$d`.
 macro_rules! enqueue_methods {
-    ($store:ident, $db:ty, $conn:ty, $d:expr, $first:expr) => {
+    ($store:ident, $db:ty, $conn:ty, $d:expr) => {
         impl $store {
             /// Writes `messages`, checked against the limits, on `conn`, in chunks that stay
             /// under the database's bind-parameter and packet limits.
@@ -30,15 +28,8 @@ macro_rules! enqueue_methods {
                 use $crate::error::Context as _;
                 $crate::sql::validate(&messages, &self.inner.config.limits)?;
                 let ids = messages.iter().map(::outbox_core::NewMessage::id).collect();
-                for (i, chunk) in $crate::sql::insert_chunks(&messages)
-                    .into_iter()
-                    .enumerate()
-                {
-                    let mut statement = $crate::sql::insert(&$d, &self.inner.names, chunk);
-                    if i == 0 {
-                        let first: fn(&$store, &mut $crate::sql::Sql) = $first;
-                        first(self, &mut statement);
-                    }
+                for chunk in $crate::sql::insert_chunks(&messages) {
+                    let statement = $crate::sql::insert(&$d, &self.inner.names, chunk);
                     bound(&statement.text, statement.args)?
                         .persistent(chunk.len() == 1)
                         .execute(&mut *conn)

@@ -140,20 +140,37 @@ pub(crate) fn seed_partitions(
 }
 
 /// Migration text for `names`: the placeholders `{table}`, `{partitions}`, `{relays}`,
-/// `{claim}`, `{schema}` and `{ix_<suffix>}` replaced by quoted, validated names.
+/// `{claim}` and `{schema}` replaced by quoted, validated names, `{ix_<suffix>}`,
+/// `{fn_<suffix>}` and `{trg_<suffix>}` by the names of the table's indexes, functions and
+/// triggers, and `{channel}` by the notify channel as a string literal.
 pub(crate) fn render(template: &str, names: &Names) -> String {
     let mut text = template
         .replace("{table}", &names.table)
         .replace("{partitions}", &names.partitions)
         .replace("{relays}", &names.relays)
         .replace("{claim}", &names.claim)
-        .replace("{schema}", &names.schema);
-    while let Some(start) = text.find("{ix_") {
-        let Some(len) = text[start..].find('}') else {
-            break;
-        };
-        let suffix = text[start + 4..start + len].to_owned();
-        text.replace_range(start..=start + len, &names.index(&suffix));
+        .replace("{schema}", &names.schema)
+        .replace(
+            "{channel}",
+            &format!("'{}'", names.channel.replace('\'', "''")),
+        );
+    type Derive = fn(&Names, &str) -> String;
+    let derived: [(&str, Derive); 3] = [
+        ("{ix_", Names::index),
+        ("{fn_", Names::function),
+        ("{trg_", Names::trigger),
+    ];
+    for (prefix, name) in derived {
+        let mut from = 0;
+        while let Some(start) = text[from..].find(prefix).map(|at| from + at) {
+            let Some(len) = text[start..].find('}') else {
+                break;
+            };
+            let suffix = text[start + prefix.len()..start + len].to_owned();
+            let replacement = name(names, &suffix);
+            text.replace_range(start..=start + len, &replacement);
+            from = start + replacement.len();
+        }
     }
     text
 }

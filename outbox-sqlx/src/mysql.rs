@@ -35,7 +35,10 @@ use crate::sql::{
 
 /// The outbox schema; its last migration's version is [`MySqlStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {
-    migrations: &[(1, include_str!("../migrations/mysql/0001_outbox.sql"))],
+    migrations: &[
+        (1, include_str!("../migrations/mysql/0001_outbox.sql")),
+        (2, include_str!("../migrations/mysql/0002_any_writer.sql")),
+    ],
     dialect: &MY,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INT NOT NULL PRIMARY KEY, \
                      applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB",
@@ -69,6 +72,7 @@ const MY: Dialect = Dialect {
     quoting: Quoting {
         quote: '`',
         qualified: true,
+        qualified_triggers: true,
     },
     now: "UTC_TIMESTAMP(6)",
     now_plus,
@@ -227,7 +231,7 @@ impl MySqlStore {
 }
 
 crate::shared::accessors!(MySqlStore, MySql, SCHEMA);
-crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY, |_, _| {});
+crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY);
 
 /// [`bound`] for `query_as`.
 fn bound_as<O>(

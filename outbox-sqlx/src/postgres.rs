@@ -13,8 +13,11 @@
 //!   Claims tell a held key by its first pending message instead of an index of held rows.
 //! - Settles are one transaction of set-based statements over arrays (`id = ANY($1)`,
 //!   `unnest(...)`), one per outcome.
-//! - Enqueue sends `pg_notify` in the caller's transaction: the relay's
-//!   [`Store::listen`] hears it when, and only when, that transaction commits.
+//! - Any `INSERT` into the outbox table, enqueue's or another language's plain one (schema
+//!   version 4), fires a statement trigger that sends `pg_notify` in the writer's transaction:
+//!   the relay's [`Store::listen`] hears it when, and only when, that transaction commits.
+//!   [`PostgresStore::migrate`] keeps the trigger in step with [`StoreConfig::notify`] and
+//!   the channel.
 
 use chrono::{DateTime, Utc};
 
@@ -44,6 +47,10 @@ const SCHEMA: Schema = Schema {
             3,
             include_str!("../migrations/postgres/0003_claim_function.sql"),
         ),
+        (
+            4,
+            include_str!("../migrations/postgres/0004_any_writer.sql"),
+        ),
     ],
     dialect: &PG,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INTEGER PRIMARY KEY, \
@@ -57,8 +64,10 @@ const SCHEMA: Schema = Schema {
             .push("))");
         sql
     },
-    drop: "DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
-           DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}",
+    drop: "DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}; \
+           DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
+           DROP FUNCTION IF EXISTS {fn_fill}(); DROP FUNCTION IF EXISTS {fn_notify}(); \
+           DROP FUNCTION IF EXISTS {fn_uuid7}()",
 };
 
 fn now_plus(sql: &mut Sql, micros: i64) {
@@ -74,6 +83,7 @@ const PG: Dialect = Dialect {
     quoting: Quoting {
         quote: '"',
         qualified: true,
+        qualified_triggers: false,
     },
     now: "now()",
     now_plus,
@@ -154,27 +164,50 @@ impl PostgresStore {
             .await
             .doing(DOING)?;
         self.apply_schema(&mut tx).await?;
+        self.sync_notify(&mut tx).await?;
         tx.commit().await.doing(DOING)
+    }
+
+    /// Brings the notify trigger of schema version 4 in step with the configuration: present
+    /// with the configured channel when notifications are on, absent when they are off.
+    /// Changes nothing when it is already so: a `DROP TRIGGER` waits for every open
+    /// transaction that wrote to the table, and the writers that come after wait for it.
+    async fn sync_notify(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        const DOING: &str = "setting up the outbox's notify trigger";
+        let names = &self.inner.names;
+        let config = &self.inner.config;
+        let trigger = names.trigger("notify");
+        let current: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT tgargs FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2",
+        )
+        .bind(&names.table)
+        .bind(trigger.trim_matches('"'))
+        .fetch_optional(&mut *conn)
+        .await
+        .doing(DOING)?;
+        // The arguments of a trigger, each ended by a NUL byte.
+        let wanted = config
+            .notify
+            .then(|| format!("{}\0", config.channel()).into_bytes());
+        if current == wanted {
+            return Ok(());
+        }
+        let mut script = format!("DROP TRIGGER IF EXISTS {trigger} ON {};", names.table);
+        if config.notify {
+            script.push_str(&crate::migrations::render(
+                "CREATE TRIGGER {trg_notify} AFTER INSERT ON {table} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {fn_notify}({channel})",
+                names,
+            ));
+        }
+        sql::run_script(&mut *conn, &script)
+            .await
+            .doing(DOING)
+            .map(drop)
     }
 }
 
 crate::shared::accessors!(PostgresStore, Postgres, SCHEMA);
-/// Makes the first `INSERT` of an enqueue send `pg_notify` too (when notifications are on):
-/// delivered on commit, once per transaction and channel whatever the count.
-fn notify_on_commit(store: &PostgresStore, statement: &mut Sql) {
-    if !store.inner.config.notify {
-        return;
-    }
-    let insert = std::mem::take(&mut statement.text);
-    statement
-        .push("WITH enqueued AS (")
-        .push(&insert)
-        .push(") SELECT pg_notify(");
-    statement
-        .bind(Arg::Text(store.inner.config.channel().to_owned()))
-        .push(", '')");
-}
-
 impl PostgresStore {
     /// A claim is one call of the claim function of schema version 3
     /// (migrations/postgres/0003_claim_function.sql), one round trip: it locks the relay's
@@ -197,7 +230,7 @@ impl PostgresStore {
     }
 }
 
-crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG, notify_on_commit);
+crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG);
 
 impl Store for PostgresStore {
     crate::shared::operations!(PG);

@@ -36,7 +36,7 @@ impl<DB: sqlx::Database> Base<DB> {
         dialect: &Dialect,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            names: Names::new(&config.table, dialect.quoting)?,
+            names: Names::new(&config.table, dialect.quoting)?.with_channel(config.channel()),
             columns: message_columns(dialect),
             pool,
             config,
@@ -370,8 +370,7 @@ macro_rules! operations {
             DECODING.members(&rows)
         }
 
-        /// Locks the partition rows first, in partition order (see
-        /// [`lock_partitions`](crate::sql::lock_partitions)).
+        // Locks the partition rows first, in partition order (see `sql::lock_partitions`).
         async fn acquire(
             &self,
             relay: &::outbox_core::RelayId,

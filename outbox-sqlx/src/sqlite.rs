@@ -28,7 +28,10 @@ use uuid::Uuid;
 
 /// The outbox schema; its last migration's version is [`SqliteStore::SCHEMA_VERSION`].
 const SCHEMA: Schema = Schema {
-    migrations: &[(1, include_str!("../migrations/sqlite/0001_outbox.sql"))],
+    migrations: &[
+        (1, include_str!("../migrations/sqlite/0001_outbox.sql")),
+        (2, include_str!("../migrations/sqlite/0002_any_writer.sql")),
+    ],
     dialect: &LITE,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} \
                      (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
@@ -67,6 +70,7 @@ const LITE: Dialect = Dialect {
     quoting: Quoting {
         quote: '"',
         qualified: false,
+        qualified_triggers: false,
     },
     now: NOW,
     now_plus,
@@ -102,7 +106,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 type Inner = Base<Sqlite>;
 
 crate::shared::store! {
-    /// The transactional outbox in an SQLite database (3.35 or later; the bundled one is).
+    /// The transactional outbox in an SQLite database (3.42 or later; the bundled one is).
     ///
     /// Cheap to clone: clones share the pool. Use a file database in WAL mode
     /// ([`SqliteStore::connect`] sets it up); an in-memory database works within one pool only.
@@ -161,7 +165,7 @@ impl SqliteStore {
 }
 
 crate::shared::accessors!(SqliteStore, Sqlite, SCHEMA);
-crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection, LITE, |_, _| {});
+crate::enqueue::enqueue_methods!(SqliteStore, Sqlite, SqliteConnection, LITE);
 
 /// An instant from stored microseconds (out-of-range values, which no store writes, clamp).
 fn time(micros: i64) -> DateTime<Utc> {

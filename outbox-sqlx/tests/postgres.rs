@@ -366,6 +366,11 @@ async fn enqueues_without_notify_wake_nobody_and_are_still_relayed() {
         StoreConfig::new().table(h.table.clone()).notify(false),
     )
     .expect("store");
+    // Notifications are the table's (its trigger): migrate sets them as configured.
+    quiet
+        .migrate()
+        .await
+        .expect("migrate without notifications");
     let wakeup = Wakeup::new();
     let listening = tokio::spawn({
         let (store, wakeup) = (store.clone(), wakeup.clone());
@@ -438,9 +443,12 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
     store.migrate().await.expect("migrate");
     let table = store.config().table.clone();
-    // What schema version 2 left: no claim function.
+    // What schema version 2 left: no claim function, no triggers.
     sqlx::raw_sql(&format!(
-        "DROP FUNCTION \"{table}_claim\"; DELETE FROM \"{table}_schema\" WHERE version = 3"
+        "DROP FUNCTION \"{table}_claim\"; \
+         DROP TRIGGER \"{table}_fill\" ON \"{table}\"; DROP FUNCTION \"{table}_fill\"(); \
+         DROP TRIGGER \"{table}_notify\" ON \"{table}\"; DROP FUNCTION \"{table}_notify\"(); \
+         DELETE FROM \"{table}_schema\" WHERE version >= 3"
     ))
     .execute(&pool)
     .await
@@ -466,7 +474,10 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
 
     store.migrate().await.expect("upgrade");
-    assert_eq!(store.schema_version().await.expect("version"), 3);
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        PostgresStore::SCHEMA_VERSION
+    );
     let claim = store
         .claim(&relay, 10, Duration::from_secs(30))
         .await
@@ -474,12 +485,14 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     let claimed: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
     assert_eq!(claimed, ids);
     store.drop_tables().await.expect("drop");
-    let left: Option<String> = sqlx::query_scalar("SELECT to_regproc($1)::text")
-        .bind(format!("\"{table}_claim\""))
-        .fetch_one(&pool)
-        .await
-        .expect("function lookup");
-    assert_eq!(left, None, "drop_tables removes the claim function");
+    for function in ["claim", "fill", "notify", "uuid7"] {
+        let left: Option<String> = sqlx::query_scalar("SELECT to_regproc($1)::text")
+            .bind(format!("\"{table}_{function}\""))
+            .fetch_one(&pool)
+            .await
+            .expect("function lookup");
+        assert_eq!(left, None, "drop_tables removes the {function} function");
+    }
     pool.close().await;
 }
 

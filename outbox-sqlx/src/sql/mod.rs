@@ -221,6 +221,7 @@ mod tests {
     const QUOTING: Quoting = Quoting {
         quote: '`',
         qualified: false,
+        qualified_triggers: false,
     };
 
     pub(super) fn names() -> Names {
