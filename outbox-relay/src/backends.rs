@@ -30,13 +30,35 @@ impl AnyStore {
                 outbox_sqlx::PostgresStore::connect(config).await?,
             )),
             #[cfg(feature = "store-mysql")]
-            StoreKind::MySql => Ok(AnyStore::MySql(
+            StoreKind::Mysql => Ok(AnyStore::MySql(
                 outbox_sqlx::MySqlStore::connect(config).await?,
             )),
             #[cfg(feature = "store-sqlite")]
             StoreKind::Sqlite => Ok(AnyStore::Sqlite(
                 outbox_sqlx::SqliteStore::connect(config).await?,
             )),
+            #[allow(unreachable_patterns)]
+            _ => Err(StoreError::new(
+                outbox_core::StoreErrorKind::Config,
+                "store not built in",
+            )),
+        }
+    }
+
+    /// The SQL that creates the outbox tables of `config` on a `kind` database, or upgrades
+    /// them from schema version `from`.
+    pub(crate) fn schema_script(
+        kind: StoreKind,
+        config: &outbox_sqlx::StoreConfig,
+        from: i32,
+    ) -> Result<String, StoreError> {
+        match kind {
+            #[cfg(feature = "store-postgres")]
+            StoreKind::Postgres => outbox_sqlx::PostgresStore::schema_script(config, from),
+            #[cfg(feature = "store-mysql")]
+            StoreKind::Mysql => outbox_sqlx::MySqlStore::schema_script(config, from),
+            #[cfg(feature = "store-sqlite")]
+            StoreKind::Sqlite => outbox_sqlx::SqliteStore::schema_script(config, from),
             #[allow(unreachable_patterns)]
             _ => Err(StoreError::new(
                 outbox_core::StoreErrorKind::Config,

@@ -231,10 +231,11 @@ impl Config {
 }
 
 /// Which database a store URL names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum StoreKind {
     Postgres,
-    MySql,
+    #[value(alias = "mariadb")]
+    Mysql,
     Sqlite,
 }
 
@@ -248,7 +249,7 @@ impl StoreKind {
             .to_ascii_lowercase();
         let kind = match scheme.as_str() {
             "postgres" | "postgresql" => StoreKind::Postgres,
-            "mysql" | "mariadb" => StoreKind::MySql,
+            "mysql" | "mariadb" => StoreKind::Mysql,
             "sqlite" => StoreKind::Sqlite,
             _ => {
                 return Err(format!(
@@ -258,7 +259,7 @@ impl StoreKind {
         };
         let built = match kind {
             StoreKind::Postgres => cfg!(feature = "store-postgres"),
-            StoreKind::MySql => cfg!(feature = "store-mysql"),
+            StoreKind::Mysql => cfg!(feature = "store-mysql"),
             StoreKind::Sqlite => cfg!(feature = "store-sqlite"),
         };
         if built {

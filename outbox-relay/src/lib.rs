@@ -14,7 +14,7 @@ use outbox_core::{DeadLetterFilter, DynStore, MessageId, Relay, Store};
 use tracing::{error, info, warn};
 
 use crate::backends::AnyStore;
-use crate::config::{Config, LogFormat, redact};
+use crate::config::{Config, LogFormat, StoreKind, redact};
 
 /// Exit status of a run that failed at run time (a server unreachable, a store error).
 const FAILURE: u8 = 1;
@@ -52,6 +52,20 @@ enum Command {
     DeadLetters(DeadLetterCommand),
     /// Validate the configuration and connect to the store and the broker.
     Check,
+    /// Print the SQL that creates the outbox tables (or, with --from, upgrades them), for
+    /// schema changes that go through another migration tool. Connects to nothing.
+    Schema {
+        /// The database (default: the configured store's).
+        #[arg(long, value_enum)]
+        dialect: Option<StoreKind>,
+        /// The outbox table, `schema.table` where the database has schemas (default: the
+        /// configured one).
+        #[arg(long)]
+        table: Option<String>,
+        /// The schema version the tables are at; 0 (the default) creates them.
+        #[arg(long, default_value_t = 0)]
+        from: i32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +149,14 @@ impl FilterArgs {
 /// ```
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Schema {
+        dialect,
+        table,
+        from,
+    } = cli.command
+    {
+        return schema(cli.config.as_deref(), dialect, table, from);
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -213,6 +235,47 @@ async fn execute(command: Command, config: Config) -> Result<ExitCode, BoxError>
         Command::Status { json } => status(&config, json).await,
         Command::DeadLetters(command) => dead_letters(&config, command).await,
         Command::Check => check(&config).await,
+        // Handled by `main`: it needs no runtime, and no configuration.
+        Command::Schema { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `outbox-relay schema`: prints the schema script of `dialect` (else the configured store's)
+/// for `table` (else the configured one). Without a configuration file, an incomplete
+/// configuration is no error: the store's defaults serve.
+fn schema(
+    file: Option<&std::path::Path>,
+    dialect: Option<StoreKind>,
+    table: Option<String>,
+    from: i32,
+) -> ExitCode {
+    let mut store = match Config::load(file) {
+        Ok(config) => config.store,
+        Err(_) if file.is_none() => outbox_sqlx::StoreConfig::new(),
+        Err(err) => {
+            eprintln!("outbox-relay: invalid configuration: {err}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    if let Some(table) = table {
+        store.table = table;
+    }
+    let kind = match dialect {
+        Some(kind) => Ok(kind),
+        None => StoreKind::from_url(store.url.as_deref().unwrap_or_default())
+            .map_err(|err| format!("{err} (or name the database with --dialect)")),
+    };
+    match kind
+        .and_then(|kind| AnyStore::schema_script(kind, &store, from).map_err(|err| err.to_string()))
+    {
+        Ok(script) => {
+            print!("{script}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("outbox-relay: {err}");
+            ExitCode::from(USAGE)
+        }
     }
 }
 

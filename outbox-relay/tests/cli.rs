@@ -223,6 +223,71 @@ async fn environment_overrides_the_file_and_secrets_stay_hidden() {
     assert!(stdout.contains("app:***@"), "{stdout}");
 }
 
+/// `outbox-relay schema ARGS` with no configuration file; its exit status, stdout, stderr.
+async fn schema(args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(BIN)
+        .arg("schema")
+        .args(args)
+        .env_remove("OUTBOX_CONFIG")
+        .output()
+        .await
+        .expect("run outbox-relay");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8");
+    (output.status, text(output.stdout), text(output.stderr))
+}
+
+#[tokio::test]
+async fn schema_prints_what_migrate_runs_for_other_migration_tools() {
+    let config = StoreConfig::new().table("app.events");
+    for (dialect, from, expected) in [
+        ("postgres", 0, PostgresStore::schema_script(&config, 0)),
+        ("postgres", 3, PostgresStore::schema_script(&config, 3)),
+        (
+            "mysql",
+            0,
+            outbox_sqlx::MySqlStore::schema_script(&config, 0),
+        ),
+    ] {
+        let (status, stdout, stderr) = schema(&[
+            "--dialect",
+            dialect,
+            "--table",
+            "app.events",
+            "--from",
+            &from.to_string(),
+        ])
+        .await;
+        assert!(status.success(), "{stderr}");
+        assert_eq!(stdout, expected.expect("script"), "{dialect} from {from}");
+    }
+    let (status, _, stderr) = schema(&["--dialect", "postgres", "--from", "99"]).await;
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("newer than"), "{stderr}");
+    let (status, _, stderr) = schema(&[]).await;
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("--dialect"), "{stderr}");
+
+    // Applied as a migration tool would, the script leaves what `migrate` leaves.
+    let (status, script, stderr) = schema(&["--dialect", "sqlite", "--table", "events"]).await;
+    assert!(status.success(), "{stderr}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
+    let store = SqliteStore::connect(StoreConfig::new().url(url).table("events"))
+        .await
+        .expect("connect");
+    outbox_sqlx::sqlx::raw_sql(&script)
+        .execute(store.pool())
+        .await
+        .expect("the printed script");
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        SqliteStore::SCHEMA_VERSION
+    );
+    store.migrate().await.expect("nothing left to do");
+    let ids = enqueue_sqlite(&store, keyed("orders", 3, 2)).await;
+    assert_eq!(ids.len(), 3);
+}
+
 #[tokio::test]
 async fn migrate_status_and_check_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -30,6 +30,8 @@ pub(crate) struct Schema {
     pub(crate) exists: fn(&Names) -> Sql,
     /// Drops the outbox's tables (and functions), every statement `IF EXISTS`.
     pub(crate) drop: &'static str,
+    /// What turns the table's notifications off (PostgreSQL's notify trigger), or nothing.
+    pub(crate) without_notify: &'static str,
     /// The earliest time, as the partitions' `expires_at` column takes it.
     pub(crate) epoch: &'static str,
     /// The 64-bit integer type of `CAST`.
@@ -92,6 +94,26 @@ impl Schema {
             self.dialect.now,
             seed_partitions(names, self.dialect, insert, tail, self.epoch),
         )
+    }
+
+    /// The whole script that brings tables at version `from` (0: none yet) to
+    /// [`Self::latest`]: the versions table, each step, and without notifications (`notify`
+    /// false) what turns them off.
+    pub(crate) fn script(
+        &self,
+        names: &Names,
+        from: i32,
+        notify: bool,
+    ) -> Result<String, StoreError> {
+        let mut script = format!("{};\n", self.create_versions(names));
+        for step in self.steps(names, from.into())? {
+            script.push_str(&step);
+        }
+        if !notify && !self.without_notify.is_empty() {
+            script.push_str(&render(self.without_notify, names));
+            script.push_str(";\n");
+        }
+        Ok(script)
     }
 
     /// The steps as `sqlx` migrations numbered from `first_version`.

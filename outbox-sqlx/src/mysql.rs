@@ -53,6 +53,7 @@ const SCHEMA: Schema = Schema {
         sql
     },
     drop: "DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}",
+    without_notify: "",
 };
 
 fn now_plus(sql: &mut Sql, micros: i64) {

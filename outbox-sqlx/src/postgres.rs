@@ -68,6 +68,7 @@ const SCHEMA: Schema = Schema {
            DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
            DROP FUNCTION IF EXISTS {fn_fill}(); DROP FUNCTION IF EXISTS {fn_notify}(); \
            DROP FUNCTION IF EXISTS {fn_uuid7}()",
+    without_notify: "DROP TRIGGER IF EXISTS {trg_notify} ON {table}",
 };
 
 fn now_plus(sql: &mut Sql, micros: i64) {

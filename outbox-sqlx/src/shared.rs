@@ -171,6 +171,21 @@ macro_rules! accessors {
                 $schema.sqlx_migrations(&self.inner.names, first_version)
             }
 
+            /// The SQL that creates the outbox tables of `config` (`from` 0), or upgrades them
+            /// from schema version `from`, to [`Self::SCHEMA_VERSION`]: the statements
+            /// [`migrate`](Self::migrate) runs, for services whose schema changes go through
+            /// another migration tool (Flyway, Liquibase, Alembic, golang-migrate, ...). Each
+            /// step records its version, so the store finds nothing left to do. Fails for an
+            /// invalid table name or a version newer than this release's.
+            pub fn schema_script(
+                config: &$crate::StoreConfig,
+                from: i32,
+            ) -> Result<String, ::outbox_core::StoreError> {
+                let names = $crate::config::Names::new(&config.table, $schema.dialect.quoting)?
+                    .with_channel(config.channel());
+                $schema.script(&names, from, config.notify)
+            }
+
             /// The pool, for the service's own queries and transactions.
             pub fn pool(&self) -> &::sqlx::Pool<$db> {
                 &self.inner.pool

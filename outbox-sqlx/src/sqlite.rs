@@ -45,6 +45,7 @@ const SCHEMA: Schema = Schema {
     },
     drop: "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {partitions}; \
            DROP TABLE IF EXISTS {relays}; DROP TABLE IF EXISTS {schema}",
+    without_notify: "",
 };
 
 /// Now, in microseconds. SQLite's clock has millisecond resolution and returns one value for

@@ -276,14 +276,15 @@ mod mysql {
             }
             query.execute(&mut *conn).await.expect("plain insert");
         }
-        let rows: Vec<(Vec<u8>, Option<Vec<u8>>, i16, Vec<u8>, i64, NaiveDateTime)> =
-            sqlx::query_as(&format!(
-                "SELECT id, `key`, `partition`, headers, available_at = created_at, created_at \
+        /// id, key, partition, headers, available_at = created_at, created_at.
+        type Row = (Vec<u8>, Option<Vec<u8>>, i16, Vec<u8>, i64, NaiveDateTime);
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT id, `key`, `partition`, headers, available_at = created_at, created_at \
                  FROM `{t}` ORDER BY seq"
-            ))
-            .fetch_all(&mut *conn)
-            .await
-            .expect("read back");
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("read back");
         let now = chrono::Utc::now().naive_utc();
         let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("UTF-8");
         let stored: Vec<Stored> = rows

@@ -31,3 +31,28 @@ mod sqlite {
     outbox_testkit::relay_suite!(harness);
     outbox_testkit::inbox_suite!(inbox);
 }
+
+/// The store suite on tables created by the schema script (what `outbox-relay schema` prints)
+/// instead of `migrate`.
+mod from_script {
+    #[cfg(feature = "postgres")]
+    mod postgres {
+        use super::super::common::pg::harness_from_script as harness;
+
+        outbox_testkit::store_suite!(harness);
+    }
+
+    #[cfg(feature = "mysql")]
+    mod mysql {
+        use super::super::common::my::harness_from_script as harness;
+
+        outbox_testkit::store_suite!(harness);
+    }
+
+    #[cfg(feature = "sqlite")]
+    mod sqlite {
+        use super::super::common::lite::harness_from_script as harness;
+
+        outbox_testkit::store_suite!(harness);
+    }
+}

@@ -364,6 +364,21 @@ pub mod pg {
     pub async fn harness() -> Option<PgHarness> {
         PgHarness::new().await
     }
+
+    /// The conformance factory on tables created by running `schema_script` as another
+    /// migration tool would, instead of `migrate`.
+    pub async fn harness_from_script() -> Option<PgHarness> {
+        let pool = pool().await?;
+        let config = fresh_config();
+        let script = PostgresStore::schema_script(&config, 0).expect("script");
+        sqlx::raw_sql(&script)
+            .execute(&pool)
+            .await
+            .expect("the script");
+        let table = config.table.clone();
+        let store = PostgresStore::new(pool, config).expect("valid configuration");
+        Some(PgHarness { store, table })
+    }
 }
 
 #[cfg(feature = "mysql")]
@@ -475,6 +490,21 @@ pub mod my {
     pub async fn harness() -> Option<MyHarness> {
         MyHarness::new().await
     }
+
+    /// The conformance factory on tables created by running `schema_script` as another
+    /// migration tool would (one multi-statement query), instead of `migrate`.
+    pub async fn harness_from_script() -> Option<MyHarness> {
+        let pool = pool().await?;
+        let config = fresh_config();
+        let script = MySqlStore::schema_script(&config, 0).expect("script");
+        sqlx::raw_sql(&script)
+            .execute(&pool)
+            .await
+            .expect("the script");
+        let table = config.table.clone();
+        let store = MySqlStore::new(pool, config).expect("valid configuration");
+        Some(MyHarness { store, table })
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -585,6 +615,22 @@ pub mod lite {
     /// The conformance factory (SQLite needs no server: never skipped).
     pub async fn harness() -> Option<LiteHarness> {
         Some(LiteHarness::new().await)
+    }
+
+    /// The conformance factory on tables created by running `schema_script` as another
+    /// migration tool would, instead of `migrate`.
+    pub async fn harness_from_script() -> Option<LiteHarness> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let pool = pool_on(&dir.path().join("outbox.db")).await;
+        let config = fresh_config();
+        let script = SqliteStore::schema_script(&config, 0).expect("script");
+        sqlx::raw_sql(&script)
+            .execute(&pool)
+            .await
+            .expect("the script");
+        let table = config.table.clone();
+        let store = SqliteStore::new(pool, config).expect("valid configuration");
+        Some(LiteHarness { store, table, dir })
     }
 }
 
