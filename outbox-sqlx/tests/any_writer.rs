@@ -382,7 +382,9 @@ mod sqlite {
             query.execute(&mut *tx).await.expect("plain insert");
         }
         tx.commit().await.expect("commit");
-        let rows: Vec<(Vec<u8>, Option<String>, i64, String, bool)> = sqlx::query_as(&format!(
+        /// id, key, partition, headers, available_at = created_at.
+        type Row = (Vec<u8>, Option<String>, i64, String, bool);
+        let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT id, \"key\", \"partition\", headers, available_at = created_at FROM \"{t}\" \
              ORDER BY seq"
         ))
