@@ -109,11 +109,70 @@ fn refused<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, why: &str) {
     assert!(err.to_string().contains(why), "{why}: {err}");
 }
 
+/// The `INSERT`s of rows no relay could publish into the table `t` (quoted) of a database whose
+/// identifier quote is `q` and whose literal for a payload is `payload`, each with the error
+/// message `why` gives for its row: partition 64, partition -1, headers an array, a header
+/// value not a string, headers not JSON, an empty destination.
+fn stranded(
+    t: &str,
+    q: char,
+    payload: &str,
+    why: [&'static str; 6],
+) -> Vec<(String, &'static str)> {
+    let insert = |columns: &str, values: &str| {
+        format!(
+            "INSERT INTO {t} (destination, {q}key{q}, payload{columns}) \
+             VALUES ('orders', 'k', {payload}{values})"
+        )
+    };
+    let partition = format!(", {q}partition{q}");
+    vec![
+        (insert(&partition, ", 64"), why[0]),
+        (insert(&partition, ", -1"), why[1]),
+        (insert(", headers", ", '[1]'"), why[2]),
+        (insert(", headers", ", '{\"a\": 1}'"), why[3]),
+        (insert(", headers", ", 'not json'"), why[4]),
+        (
+            format!("INSERT INTO {t} (destination, payload) VALUES ('', {payload})"),
+            why[5],
+        ),
+    ]
+}
+
+/// Checks that every statement of [`stranded`] fails with its message on `$pool`, and that
+/// the table `$t` stayed empty.
+macro_rules! refuses_stranded {
+    ($pool:expr, $t:expr, $statements:expr) => {{
+        for (statement, why) in $statements {
+            refused(sqlx::query(&statement).execute($pool).await, why);
+        }
+        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", $t))
+            .fetch_one($pool)
+            .await
+            .expect("count");
+        assert_eq!(count, 0, "nothing written");
+    }};
+}
+
+/// Writes one row per key of `$written` with plain multi-row `INSERT`s on `$conn`: `$head` up
+/// to `VALUES`, `$row` the values of a row, the key bound to its `?`.
+macro_rules! insert_keys {
+    ($conn:expr, $head:expr, $row:literal, $written:expr) => {
+        for chunk in $written.chunks(1000) {
+            let sql = format!("{} {}", $head, vec![$row; chunk.len()].join(", "));
+            let mut query = sqlx::query(&sql);
+            for key in chunk {
+                query = query.bind(key);
+            }
+            query.execute(&mut *$conn).await.expect("plain insert");
+        }
+    };
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
     use common::pg::PgHarness;
-    use outbox_core::Wakeup;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plain_inserts_are_completed_as_enqueue_would() {
@@ -161,52 +220,20 @@ mod postgres {
         };
         let pool = h.store.pool().clone();
         let t = h.quoted();
-        let insert = |columns: &str, values: &str| {
-            format!(
-                "INSERT INTO {t} (destination, \"key\", payload{columns}) VALUES ('orders', 'k', 'p'{values})"
-            )
-        };
-        for (columns, values, why) in [
-            (
-                ", \"partition\"",
-                ", 64",
+        let statements = stranded(
+            &t,
+            '"',
+            "'p'",
+            [
                 "partition 64 is not between 0 and 63",
-            ),
-            (
-                ", \"partition\"",
-                ", -1",
                 "partition -1 is not between 0 and 63",
-            ),
-            (", headers", ", '[1]'", "headers must be a JSON object"),
-            (
-                ", headers",
-                ", '{\"a\": 1}'",
+                "headers must be a JSON object",
                 "header values must be JSON strings",
-            ),
-            (
-                ", headers",
-                ", 'not json'",
                 "invalid input syntax for type json",
-            ),
-        ] {
-            refused(
-                sqlx::query(&insert(columns, values)).execute(&pool).await,
-                why,
-            );
-        }
-        refused(
-            sqlx::query(&format!(
-                "INSERT INTO {t} (destination, payload) VALUES ('', 'p')"
-            ))
-            .execute(&pool)
-            .await,
-            "destination must not be empty",
+                "destination must not be empty",
+            ],
         );
-        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {t}"))
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(count, 0);
+        refuses_stranded!(&pool, &t, statements);
         h.teardown().await;
     }
 
@@ -216,14 +243,7 @@ mod postgres {
             return;
         };
         let store = h.store();
-        let wakeup = Wakeup::new();
-        let listening = tokio::spawn({
-            let (store, wakeup) = (store.clone(), wakeup.clone());
-            async move { store.listen(wakeup).await }
-        });
-        tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
-            .await
-            .expect("woken once listening");
+        let (wakeup, listening) = common::pg::listening(&store).await;
         let mut tx = store.pool().begin().await.expect("begin");
         sqlx::query(&format!(
             "INSERT INTO {} (destination, payload) VALUES ('orders', 'p')",
@@ -267,15 +287,8 @@ mod mysql {
             .await
             .expect("time zone");
         let written = keys();
-        for chunk in written.chunks(1000) {
-            let rows = vec!["('orders', ?, 'p')"; chunk.len()].join(", ");
-            let sql = format!("INSERT INTO `{t}` (destination, `key`, payload) VALUES {rows}");
-            let mut query = sqlx::query(&sql);
-            for key in chunk {
-                query = query.bind(key);
-            }
-            query.execute(&mut *conn).await.expect("plain insert");
-        }
+        let head = format!("INSERT INTO `{t}` (destination, `key`, payload) VALUES");
+        insert_keys!(conn, head, "('orders', ?, 'p')", written);
         /// id, key, partition, headers, available_at = created_at, created_at.
         type Row = (Vec<u8>, Option<Vec<u8>>, i16, Vec<u8>, i64, NaiveDateTime);
         let rows: Vec<Row> = sqlx::query_as(&format!(
@@ -313,49 +326,21 @@ mod mysql {
             return;
         };
         let pool = h.store.pool().clone();
-        let t = &h.table;
-        let insert = |columns: &str, values: &str| {
-            format!(
-                "INSERT INTO `{t}` (destination, `key`, payload{columns}) VALUES ('orders', 'k', 'p'{values})"
-            )
-        };
-        for (columns, values, why) in [
-            (
-                ", `partition`",
-                ", 64",
+        let quoted = format!("`{}`", h.table);
+        let statements = stranded(
+            &quoted,
+            '`',
+            "'p'",
+            [
                 "partition 64 is not between 0 and 63",
-            ),
-            (
-                ", `partition`",
-                ", -1",
                 "partition -1 is not between 0 and 63",
-            ),
-            (", headers", ", '[1]'", "headers must be a JSON object"),
-            (
-                ", headers",
-                ", '{\"a\": 1}'",
+                "headers must be a JSON object",
                 "header values must be JSON strings",
-            ),
-            (", headers", ", 'not json'", "headers are not valid JSON"),
-        ] {
-            refused(
-                sqlx::query(&insert(columns, values)).execute(&pool).await,
-                why,
-            );
-        }
-        refused(
-            sqlx::query(&format!(
-                "INSERT INTO `{t}` (destination, payload) VALUES ('', 'p')"
-            ))
-            .execute(&pool)
-            .await,
-            "destination must not be empty",
+                "headers are not valid JSON",
+                "destination must not be empty",
+            ],
         );
-        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM `{t}`"))
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(count, 0);
+        refuses_stranded!(&pool, &quoted, statements);
         h.teardown().await;
     }
 }
@@ -372,15 +357,8 @@ mod sqlite {
         let t = &h.table;
         let written = keys();
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
-        for chunk in written.chunks(1000) {
-            let rows = vec!["('orders', ?, x'70')"; chunk.len()].join(", ");
-            let sql = format!("INSERT INTO \"{t}\" (destination, \"key\", payload) VALUES {rows}");
-            let mut query = sqlx::query(&sql);
-            for key in chunk {
-                query = query.bind(key);
-            }
-            query.execute(&mut *tx).await.expect("plain insert");
-        }
+        let head = format!("INSERT INTO \"{t}\" (destination, \"key\", payload) VALUES");
+        insert_keys!(tx, head, "('orders', ?, x'70')", written);
         tx.commit().await.expect("commit");
         /// id, key, partition, headers, available_at = created_at.
         type Row = (Vec<u8>, Option<String>, i64, String, bool);
@@ -410,49 +388,21 @@ mod sqlite {
     async fn rows_that_would_strand_are_refused() {
         let h = LiteHarness::new().await;
         let pool = h.store.pool().clone();
-        let t = &h.table;
-        let insert = |columns: &str, values: &str| {
-            format!(
-                "INSERT INTO \"{t}\" (destination, \"key\", payload{columns}) VALUES ('orders', 'k', x'70'{values})"
-            )
-        };
-        for (columns, values, why) in [
-            (
-                ", \"partition\"",
-                ", 64",
+        let quoted = format!("\"{}\"", h.table);
+        let statements = stranded(
+            &quoted,
+            '"',
+            "x'70'",
+            [
                 "partition must be an integer between 0 and 63",
-            ),
-            (
-                ", \"partition\"",
-                ", -1",
                 "partition must be an integer between 0 and 63",
-            ),
-            (", headers", ", '[1]'", "headers must be a JSON object"),
-            (
-                ", headers",
-                ", '{\"a\": 1}'",
+                "headers must be a JSON object",
                 "headers must be a JSON object of strings",
-            ),
-            (", headers", ", 'not json'", "headers must be a JSON object"),
-        ] {
-            refused(
-                sqlx::query(&insert(columns, values)).execute(&pool).await,
-                why,
-            );
-        }
-        refused(
-            sqlx::query(&format!(
-                "INSERT INTO \"{t}\" (destination, payload) VALUES ('', x'70')"
-            ))
-            .execute(&pool)
-            .await,
-            "destination must not be empty",
+                "headers must be a JSON object",
+                "destination must not be empty",
+            ],
         );
-        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{t}\""))
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        assert_eq!(count, 0);
+        refuses_stranded!(&pool, &quoted, statements);
         h.teardown().await;
     }
 }

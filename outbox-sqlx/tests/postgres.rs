@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::pg::{PgHarness, pool, url};
 use common::scenarios;
-use outbox_core::{
-    MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind, Wakeup,
-};
+use outbox_core::{MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind};
 use outbox_sqlx::{PostgresStore, StoreConfig};
 use outbox_testkit::StoreHarness;
 use outbox_testkit::env::unique_name;
@@ -306,14 +304,7 @@ async fn notifications_wake_on_commit_only() {
         return;
     };
     let store = h.store();
-    let wakeup = Wakeup::new();
-    let listening = tokio::spawn({
-        let (store, wakeup) = (store.clone(), wakeup.clone());
-        async move { store.listen(wakeup).await }
-    });
-    tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
-        .await
-        .expect("woken once listening");
+    let (wakeup, listening) = common::pg::listening(&store).await;
     h.enqueue(vec![NewMessage::new("orders", "x")])
         .await
         .expect("enqueue");
@@ -371,14 +362,7 @@ async fn enqueues_without_notify_wake_nobody_and_are_still_relayed() {
         .migrate()
         .await
         .expect("migrate without notifications");
-    let wakeup = Wakeup::new();
-    let listening = tokio::spawn({
-        let (store, wakeup) = (store.clone(), wakeup.clone());
-        async move { store.listen(wakeup).await }
-    });
-    tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
-        .await
-        .expect("woken once listening");
+    let (wakeup, listening) = common::pg::listening(&store).await;
     let mut tx = quiet.pool().begin().await.expect("begin");
     quiet
         .enqueue(&mut *tx, NewMessage::new("orders", "quiet"))

@@ -112,6 +112,28 @@ pub(crate) fn settle_published(
     sql
 }
 
+/// The start of an `UPDATE` that counts an attempt of each message of `errors` and keeps its
+/// error: `UPDATE t SET attempts = attempts + 1, last_error = CASE id ... END`.
+fn count_attempt(
+    d: &Dialect,
+    names: &Names,
+    errors: impl Iterator<Item = (MessageId, String)>,
+) -> Sql {
+    let mut sql = Sql::new(d);
+    sql.push(&format!(
+        "UPDATE {} SET attempts = attempts + 1, last_error = CASE id",
+        names.table
+    ));
+    for (id, error) in errors {
+        sql.push(" WHEN ")
+            .bind(Arg::Id(id))
+            .push(" THEN ")
+            .bind(Arg::Text(error));
+    }
+    sql.push(" END");
+    sql
+}
+
 /// Messages to retry: attempts + 1, the error kept, available after each one's delay.
 pub(crate) fn settle_retry(
     d: &Dialect,
@@ -119,18 +141,9 @@ pub(crate) fn settle_retry(
     retries: &[Retry],
     token: LeaseToken,
 ) -> Sql {
-    let mut sql = Sql::new(d);
-    sql.push(&format!(
-        "UPDATE {} SET attempts = attempts + 1, last_error = CASE id",
-        names.table
-    ));
-    for retry in padded(retries) {
-        sql.push(" WHEN ")
-            .bind(Arg::Id(retry.id))
-            .push(" THEN ")
-            .bind(Arg::Text(retry.error));
-    }
-    sql.push(" END, available_at = CASE id");
+    let errors = padded(retries).map(|retry| (retry.id, retry.error));
+    let mut sql = count_attempt(d, names, errors);
+    sql.push(", available_at = CASE id");
     for retry in padded(retries) {
         sql.push(" WHEN ").bind(Arg::Id(retry.id)).push(" THEN ");
         (d.now_plus)(&mut sql, micros(retry.delay));
@@ -148,19 +161,9 @@ pub(crate) fn settle_dead(
     dead: &[(MessageId, String)],
     token: LeaseToken,
 ) -> Sql {
-    let mut sql = Sql::new(d);
+    let mut sql = count_attempt(d, names, padded(dead));
     sql.push(&format!(
-        "UPDATE {} SET attempts = attempts + 1, last_error = CASE id",
-        names.table
-    ));
-    for (id, error) in padded(dead) {
-        sql.push(" WHEN ")
-            .bind(Arg::Id(id))
-            .push(" THEN ")
-            .bind(Arg::Text(error));
-    }
-    sql.push(&format!(
-        " END, state = {DEAD}, dead_at = {}, lease_token = NULL, lease_until = NULL",
+        ", state = {DEAD}, dead_at = {}, lease_token = NULL, lease_until = NULL",
         d.now
     ));
     let ids: Vec<MessageId> = dead.iter().map(|(id, _)| *id).collect();

@@ -360,6 +360,26 @@ pub mod pg {
         }
     }
 
+    /// `store` listening for notifications, once its `LISTEN` took effect: the wake-ups, and
+    /// the task to abort at the end.
+    pub async fn listening(
+        store: &PostgresStore,
+    ) -> (
+        outbox_core::Wakeup,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
+        use outbox_core::Store as _;
+        let wakeup = outbox_core::Wakeup::new();
+        let task = tokio::spawn({
+            let (store, wakeup) = (store.clone(), wakeup.clone());
+            async move { store.listen(wakeup).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), wakeup.woken())
+            .await
+            .expect("woken once listening");
+        (wakeup, task)
+    }
+
     /// The conformance factory.
     pub async fn harness() -> Option<PgHarness> {
         PgHarness::new().await
