@@ -455,27 +455,31 @@ pub(crate) fn owned(d: &Dialect, names: &Names, relay: &RelayId, partitions: &[i
 /// rows, and could wait for a claim that waits for it. `None` where the dialect has no row
 /// locks.
 pub(crate) fn lock_partitions(d: &Dialect, names: &Names, partitions: &[i16]) -> Option<Sql> {
-    let partition = d.col("partition");
-    let mut sql = Sql::new(d);
-    sql.push(&format!(
-        "SELECT {partition} FROM {} WHERE {partition} IN ",
-        names.partitions
-    ))
-    .bind_list(padded(partitions).map(Arg::Small))
-    .push(&format!(" ORDER BY {partition} FOR UPDATE"));
-    d.locks_rows.then_some(sql)
+    lock(d, names, |sql| {
+        sql.push(&format!("{} IN ", d.col("partition")))
+            .bind_list(padded(partitions).map(Arg::Small));
+    })
 }
 
 /// Locks the partition rows `relay` owns, in partition order, as [`lock_partitions`] does.
 pub(crate) fn lock_owned(d: &Dialect, names: &Names, relay: &RelayId) -> Option<Sql> {
+    lock(d, names, |sql| {
+        sql.push("owner = ")
+            .bind(Arg::Text(relay.as_str().to_owned()));
+    })
+}
+
+/// Locks the partition rows that `condition` (what it pushes after `WHERE`) selects, in
+/// partition order; `None` where the dialect has no row locks.
+fn lock(d: &Dialect, names: &Names, condition: impl FnOnce(&mut Sql)) -> Option<Sql> {
     let partition = d.col("partition");
     let mut sql = Sql::new(d);
     sql.push(&format!(
-        "SELECT {partition} FROM {} WHERE owner = ",
+        "SELECT {partition} FROM {} WHERE ",
         names.partitions
-    ))
-    .bind(Arg::Text(relay.as_str().to_owned()))
-    .push(&format!(" ORDER BY {partition} FOR UPDATE"));
+    ));
+    condition(&mut sql);
+    sql.push(&format!(" ORDER BY {partition} FOR UPDATE"));
     d.locks_rows.then_some(sql)
 }
 
