@@ -56,19 +56,17 @@ where
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Business transactions of `store`, with an outbox message to `outbox` when given (through
-/// the store with `notify = false` when `quiet`).
+/// Business transactions of `store`, with an outbox message to `outbox` when given.
 fn business(
     store: &BenchStore,
     outbox: Option<&str>,
-    quiet: bool,
 ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Res<()>> + Send>> + Clone + Send + 'static
 {
     let store = store.clone();
     let outbox = outbox.map(str::to_owned);
     move |i| {
         let (store, outbox) = (store.clone(), outbox.clone());
-        Box::pin(async move { store.business_tx(i, outbox.as_deref(), quiet).await })
+        Box::pin(async move { store.business_tx(i, outbox.as_deref()).await })
     }
 }
 
@@ -85,19 +83,20 @@ async fn measure(
         let destination = "orders.events";
         // Warm the connections and caches, then alternate without / with / with / without so
         // that a drift of the machine weighs on both sides alike.
-        rate(writers, duration / 4, business(&store, None, false)).await?;
-        rate(writers, duration / 4, business(&store, Some(destination), false)).await?;
+        rate(writers, duration / 4, business(&store, None)).await?;
+        rate(writers, duration / 4, business(&store, Some(destination))).await?;
         let load = cpu::load();
         let cpu0 = cpu::sample(&[]);
-        let a = rate(writers, duration, business(&store, None, false)).await?;
-        let b = rate(writers, duration, business(&store, Some(destination), false)).await?;
-        let c = rate(writers, duration, business(&store, Some(destination), false)).await?;
-        let d = rate(writers, duration, business(&store, None, false)).await?;
+        let a = rate(writers, duration, business(&store, None)).await?;
+        let b = rate(writers, duration, business(&store, Some(destination))).await?;
+        let c = rate(writers, duration, business(&store, Some(destination))).await?;
+        let d = rate(writers, duration, business(&store, None)).await?;
         let cores = cpu::sample(&[]).cores_since(&cpu0);
         // PostgreSQL: the same enqueue with `notify = false`, to tell the row from the NOTIFY.
         let raw = if kind == StoreKind::Postgres {
-            let e = rate(writers, duration, business(&store, Some(destination), true)).await?;
-            let f = rate(writers, duration, business(&store, None, false)).await?;
+            store.without_notify().await?;
+            let e = rate(writers, duration, business(&store, Some(destination))).await?;
+            let f = rate(writers, duration, business(&store, None)).await?;
             Some((e, f))
         } else {
             None

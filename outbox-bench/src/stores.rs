@@ -74,7 +74,8 @@ pub(crate) struct BenchStore {
     pub(crate) kind: StoreKind,
     pub(crate) table: String,
     store: Any,
-    /// PostgreSQL: the same outbox with `notify = false`, on the same pool.
+    /// PostgreSQL: the same outbox with `notify = false`, on the same pool: its `migrate`
+    /// removes the table's notify trigger.
     quiet: Option<PostgresStore>,
     /// The SQLite file's directory, removed with the tables.
     dir: Option<std::path::PathBuf>,
@@ -358,10 +359,15 @@ impl BenchStore {
         }
     }
 
+    /// PostgreSQL: turns the outbox table's `NOTIFY` off (`StoreConfig::notify(false)` and
+    /// `migrate`), to tell the cost of the row from the cost of the wake-up.
+    pub(crate) async fn without_notify(&self) -> Res<()> {
+        let quiet = self.quiet.as_ref().ok_or("no quiet store")?;
+        Ok(quiet.migrate().await?)
+    }
+
     /// One business transaction: an order row, and with `outbox` its event in the outbox.
-    /// With `quiet`, PostgreSQL enqueues with `StoreConfig::notify(false)` (no `NOTIFY`), to
-    /// tell the cost of the row from the cost of the wake-up.
-    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, quiet: bool) -> Res<()> {
+    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>) -> Res<()> {
         let orders = orders(&self.table);
         let customer = format!("customer-{}", i % 1000);
         let event = outbox.map(|destination| {
@@ -386,15 +392,8 @@ impl BenchStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                match event {
-                    Some(event) if quiet => {
-                        let quiet = self.quiet.as_ref().ok_or("no quiet store")?;
-                        quiet.enqueue(&mut *tx, event).await?;
-                    }
-                    Some(event) => {
-                        s.enqueue(&mut *tx, event).await?;
-                    }
-                    None => {}
+                if let Some(event) = event {
+                    s.enqueue(&mut *tx, event).await?;
                 }
                 tx.commit().await?;
             }

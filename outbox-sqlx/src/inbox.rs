@@ -25,8 +25,6 @@ pub(crate) struct InboxSql {
     pub(crate) dialect: &'static Dialect,
     /// The table and its index (a template: see [`render`](crate::migrations::render)), every statement idempotent.
     pub(crate) create: &'static str,
-    /// What a subquery of the purge selects rows by (PostgreSQL `ctid`, SQLite `rowid`).
-    pub(crate) row_id: &'static str,
 }
 
 impl InboxSql {
@@ -61,7 +59,7 @@ impl InboxSql {
             (d.now_plus)(sql, -sql::micros(older_than));
         };
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = (names.table.as_str(), self.row_id);
+        let rows = (names.table.as_str(), d.row_id);
         let lock = " FOR UPDATE SKIP LOCKED";
         sql::push_limited(&mut sql, d, rows, conditions, "received_at", limit, lock);
         sql

@@ -78,6 +78,8 @@ const MY: Dialect = Dialect {
     now: "UTC_TIMESTAMP(6)",
     now_plus,
     limited: Limited::Direct,
+    // Unused: MySQL limits a DELETE itself.
+    row_id: "",
     insert_ignore: ("INSERT IGNORE INTO", ""),
     upsert_relay: "ON DUPLICATE KEY UPDATE expires_at = VALUES(expires_at)",
     locks_rows: true,
@@ -358,8 +360,6 @@ impl Store for crate::detached::Direct<MySqlStore> {
 const INBOX: InboxSql = InboxSql {
     dialect: &MY,
     create: include_str!("../migrations/mysql/inbox.sql"),
-    // Unused: MySQL limits the DELETE itself.
-    row_id: "",
 };
 
 crate::inbox::inbox!(MySqlInbox(MySql, INBOX), "MySQL or MariaDB", url: "mysql://app@127.0.0.1/app", begin: "begin()");

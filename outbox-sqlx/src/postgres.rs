@@ -89,6 +89,7 @@ const PG: Dialect = Dialect {
     now: "now()",
     now_plus,
     limited: Limited::Subquery { locks: true },
+    row_id: "ctid",
     insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
     upsert_relay: "ON CONFLICT (relay) DO UPDATE SET expires_at = EXCLUDED.expires_at",
     locks_rows: true,
@@ -368,7 +369,6 @@ fn uuids(ids: &[MessageId]) -> Vec<Uuid> {
 const INBOX: InboxSql = InboxSql {
     dialect: &PG,
     create: include_str!("../migrations/postgres/inbox.sql"),
-    row_id: "ctid",
 };
 
 crate::inbox::inbox!(PostgresInbox(Postgres, INBOX), "PostgreSQL", url: "postgres://app@127.0.0.1/app", begin: "begin()");

@@ -76,6 +76,7 @@ const LITE: Dialect = Dialect {
     now: NOW,
     now_plus,
     limited: Limited::Subquery { locks: false },
+    row_id: "rowid",
     insert_ignore: ("INSERT OR IGNORE INTO", ""),
     upsert_relay: "ON CONFLICT (relay) DO UPDATE SET expires_at = excluded.expires_at",
     locks_rows: false,
@@ -209,7 +210,6 @@ impl Store for SqliteStore {
 const INBOX: InboxSql = InboxSql {
     dialect: &LITE,
     create: include_str!("../migrations/sqlite/inbox.sql"),
-    row_id: "rowid",
 };
 
 crate::inbox::inbox!(SqliteInbox(Sqlite, INBOX), "SQLite", url: "sqlite://consumer.db", begin: "begin_with(\"BEGIN IMMEDIATE\")");

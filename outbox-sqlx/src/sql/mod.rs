@@ -84,6 +84,9 @@ pub(crate) struct Dialect {
     pub(crate) now_plus: fn(&mut Sql, i64),
     /// How an `UPDATE` or `DELETE` takes the first rows in some order.
     pub(crate) limited: Limited,
+    /// What a subquery of such a statement selects the rows of a table without a key of its
+    /// own by (PostgreSQL `ctid`, SQLite `rowid`; unused where the statement limits itself).
+    pub(crate) row_id: &'static str,
     /// An `INSERT` that skips rows whose key exists: its head (`INSERT IGNORE INTO`) and tail
     /// (` ON CONFLICT DO NOTHING`).
     pub(crate) insert_ignore: (&'static str, &'static str),
@@ -211,6 +214,7 @@ mod tests {
             sql.push("NOW() + ").bind(Arg::Int(micros));
         },
         limited: Limited::Direct,
+        row_id: "",
         insert_ignore: ("INSERT IGNORE INTO", ""),
         upsert_relay: "",
         locks_rows: true,
