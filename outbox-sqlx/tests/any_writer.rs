@@ -169,6 +169,46 @@ macro_rules! insert_keys {
     };
 }
 
+/// The body of a test that schema version 2 of `$h`'s tables, brought back to version 1 by
+/// `$revert` (SQL), comes back by `migrate` without rebuilding the table (`$identity`, a query
+/// of one integer that a rebuild changes, bound to the table's name), the rows written before
+/// intact and claimed first, and a plain `INSERT` (`$insert`) working after.
+macro_rules! upgraded_in_place {
+    ($h:expr, $revert:expr, $identity:expr, $insert:expr, $latest:expr) => {{
+        let h = $h;
+        let pool = h.store.pool().clone();
+        sqlx::raw_sql(&$revert)
+            .execute(&pool)
+            .await
+            .expect("back to version 1");
+        assert_eq!(h.store.schema_version().await.expect("version"), 1);
+        let messages = (0..3).map(|i| outbox_core::NewMessage::new("orders", format!("{i}")));
+        let ids = h.enqueue(messages.collect()).await.expect("enqueue");
+        let identity = || {
+            sqlx::query_scalar::<_, i64>($identity)
+                .bind(&h.table)
+                .fetch_one(&pool)
+        };
+        let before = identity().await.expect("identity");
+        h.store.migrate().await.expect("upgrade");
+        assert_eq!(h.store.schema_version().await.expect("version"), $latest);
+        assert_eq!(identity().await.expect("identity"), before, "not rebuilt");
+        sqlx::query(&$insert)
+            .execute(&pool)
+            .await
+            .expect("a plain insert after the upgrade");
+        let relay = RelayId::random();
+        let all: Vec<u16> = (0..PARTITIONS).collect();
+        let lease = Duration::from_secs(60);
+        h.store.acquire(&relay, &all, lease).await.expect("acquire");
+        let claim = h.store.claim(&relay, 10, lease).await.expect("claim");
+        let claimed: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+        assert_eq!(claimed.len(), 4);
+        assert_eq!(claimed[..3], ids[..], "the old rows, first and intact");
+        h.teardown().await;
+    }};
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
@@ -343,6 +383,22 @@ mod mysql {
         refuses_stranded!(&pool, &quoted, statements);
         h.teardown().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_1_table_is_upgraded_in_place() {
+        let Some(h) = MyHarness::new().await else {
+            return;
+        };
+        let t = h.table.clone();
+        upgraded_in_place!(
+            h,
+            format!("DROP TRIGGER `{t}_fill`; DELETE FROM `{t}_schema` WHERE version >= 2"),
+            "SELECT CAST(TABLE_ID AS SIGNED) FROM information_schema.INNODB_SYS_TABLES \
+             WHERE NAME = CONCAT(DATABASE(), '/', ?)",
+            format!("INSERT INTO `{t}` (destination, payload) VALUES ('orders', 'p')"),
+            outbox_sqlx::MySqlStore::SCHEMA_VERSION
+        );
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -404,5 +460,21 @@ mod sqlite {
         );
         refuses_stranded!(&pool, &quoted, statements);
         h.teardown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_1_table_is_upgraded_in_place() {
+        let h = LiteHarness::new().await;
+        let t = h.table.clone();
+        upgraded_in_place!(
+            h,
+            format!(
+                "DROP TRIGGER \"{t}_fill\"; DROP TRIGGER \"{t}_check\"; \
+                 DELETE FROM \"{t}_schema\" WHERE version >= 2"
+            ),
+            "SELECT rootpage FROM sqlite_master WHERE name = ?",
+            format!("INSERT INTO \"{t}\" (destination, payload) VALUES ('orders', x'70')"),
+            outbox_sqlx::SqliteStore::SCHEMA_VERSION
+        );
     }
 }

@@ -457,10 +457,21 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
         .expect_err("claims need version 3");
     assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
 
+    let file = || {
+        sqlx::query_scalar::<_, i64>("SELECT pg_relation_filenode($1)::bigint")
+            .bind(format!("\"{table}\""))
+            .fetch_one(&pool)
+    };
+    let before = file().await.expect("file");
     store.migrate().await.expect("upgrade");
     assert_eq!(
         store.schema_version().await.expect("version"),
         PostgresStore::SCHEMA_VERSION
+    );
+    assert_eq!(
+        file().await.expect("file"),
+        before,
+        "the table is not rewritten"
     );
     let claim = store
         .claim(&relay, 10, Duration::from_secs(30))
