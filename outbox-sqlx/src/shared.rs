@@ -21,18 +21,18 @@ use crate::sql::{Dialect, message_columns};
 
 /// What every store holds: its pool, configuration and validated names.
 #[derive(Debug)]
-pub(crate) struct Base<DB: sqlx::Database> {
-    pub(crate) pool: sqlx::Pool<DB>,
-    pub(crate) config: crate::StoreConfig,
+pub(crate) struct Base<DB: Database> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) config: StoreConfig,
     pub(crate) names: Names,
     /// [`message_columns`] of the dialect.
     pub(crate) columns: String,
 }
 
-impl<DB: sqlx::Database> Base<DB> {
+impl<DB: Database> Base<DB> {
     pub(crate) fn new(
-        pool: sqlx::Pool<DB>,
-        config: crate::StoreConfig,
+        pool: Pool<DB>,
+        config: StoreConfig,
         dialect: &Dialect,
     ) -> Result<Self, StoreError> {
         Ok(Self {

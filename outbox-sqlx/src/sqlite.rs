@@ -49,8 +49,9 @@ const SCHEMA: Schema = Schema {
 };
 
 /// Now, in microseconds. SQLite's clock has millisecond resolution and returns one value for
-/// every use within one statement.
-const NOW: &str = "(CAST(ROUND(unixepoch('subsec') * 1000) AS INTEGER) * 1000)";
+/// every use within one statement. (`julianday`, not `unixepoch('subsec')`, which is 3.42+:
+/// the any-writer trigger computes the same in the writer's own SQLite library.)
+const NOW: &str = "(CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER) * 1000)";
 
 fn now_plus(sql: &mut Sql, micros: i64) {
     sql.push(&format!("({NOW} + "))
@@ -77,7 +78,8 @@ const LITE: Dialect = Dialect {
     now_plus,
     limited: Limited::Subquery { locks: false },
     row_id: "rowid",
-    insert_ignore: ("INSERT OR IGNORE INTO", ""),
+    // Not `INSERT OR IGNORE`, which also ignores a NOT NULL failure.
+    insert_ignore: ("INSERT INTO", " ON CONFLICT DO NOTHING"),
     upsert_relay: "ON CONFLICT (relay) DO UPDATE SET expires_at = excluded.expires_at",
     locks_rows: false,
     begin_write: Some("BEGIN IMMEDIATE"),
@@ -108,7 +110,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 type Inner = Base<Sqlite>;
 
 crate::shared::store! {
-    /// The transactional outbox in an SQLite database (3.42 or later; the bundled one is).
+    /// The transactional outbox in an SQLite database (3.35 or later; the bundled one is).
     ///
     /// Cheap to clone: clones share the pool. Use a file database in WAL mode
     /// ([`SqliteStore::connect`] sets it up); an in-memory database works within one pool only.

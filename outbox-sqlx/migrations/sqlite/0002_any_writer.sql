@@ -1,6 +1,6 @@
--- Outbox schema version 2 (SQLite 3.42+: unixepoch('subsec'), as the store's clock already
--- needs; unhex() is 3.41+; the bundled SQLite of sqlx 0.8 is 3.46): any client can enqueue with
--- a plain INSERT.
+-- Outbox schema version 2 (SQLite 3.35+, with its JSON functions): any client can enqueue
+-- with a plain INSERT. The triggers run in the writer's SQLite library, which may be older
+-- than the store's: they use nothing newer than 3.35 (the MATERIALIZED hint).
 --
 --   INSERT INTO {table} (destination, "key", payload) VALUES ('orders', 'order-7', x'7b7d');
 --   INSERT INTO {table} (destination, "key", payload, headers) VALUES (..., '{"trace":"abc"}');
@@ -9,7 +9,7 @@
 -- editing sqlite_schema under writable_schema), and a BEFORE trigger cannot change NEW. But a
 -- BEFORE trigger runs before the NOT NULL checks, and may insert the completed row itself and
 -- then drop the original one with RAISE(IGNORE) (which skips that row only, not the rest of a
--- multi-row INSERT). The completed row gets what `enqueue` writes: id a UUID v7 (16 bytes),
+-- multi-row INSERT). The completed row gets what `enqueue` writes: id 16 random bytes,
 -- partition = partition_of in outbox-core (FNV-1a of the key's UTF-8 bytes, or of the id's 16
 -- bytes when the key is NULL, modulo 64; SQLite has no XOR: (a | b) - (a & b)), created_at =
 -- available_at = now in microseconds (the store's NOW expression: milliseconds * 1000),
@@ -72,12 +72,11 @@ BEGIN
       -- MATERIALIZED: the id is made once; a flattened subquery would repeat randomblob()
       -- wherever v.id appears, and hash another id than the one stored.
       FROM (WITH v AS MATERIALIZED (
-                SELECT COALESCE(NEW.id, unhex(printf('%012X', c.now / 1000) || '7'
-                                              || substr(hex(randomblob(2)), 2, 3)
-                                              || substr('89AB', 1 + (random() & 3), 1)
-                                              || substr(hex(randomblob(8)), 2, 15))) AS id,
-                       c.now
-                  FROM (SELECT (CAST(ROUND(unixepoch('subsec') * 1000) AS INTEGER) * 1000) AS now) c)
+                -- 16 random bytes: SQL cannot set a UUID's version bits in a blob before
+                -- SQLite 3.41 (unhex); the store's now (SqliteStore's NOW).
+                SELECT COALESCE(NEW.id, randomblob(16)) AS id,
+                       CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER) * 1000
+                           AS now)
             SELECT id, now FROM v) v;
     SELECT RAISE(IGNORE);
 END;
