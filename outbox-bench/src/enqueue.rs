@@ -56,17 +56,19 @@ where
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Business transactions of `store`, with an outbox message to `outbox` when given.
+/// Business transactions of `store`, with an outbox message to `outbox` when given (written
+/// by a plain `INSERT` when `plain`).
 fn business(
     store: &BenchStore,
     outbox: Option<&str>,
+    plain: bool,
 ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Res<()>> + Send>> + Clone + Send + 'static
 {
     let store = store.clone();
     let outbox = outbox.map(str::to_owned);
     move |i| {
         let (store, outbox) = (store.clone(), outbox.clone());
-        Box::pin(async move { store.business_tx(i, outbox.as_deref()).await })
+        Box::pin(async move { store.business_tx(i, outbox.as_deref(), plain).await })
     }
 }
 
@@ -83,20 +85,24 @@ async fn measure(
         let destination = "orders.events";
         // Warm the connections and caches, then alternate without / with / with / without so
         // that a drift of the machine weighs on both sides alike.
-        rate(writers, duration / 4, business(&store, None)).await?;
-        rate(writers, duration / 4, business(&store, Some(destination))).await?;
+        rate(writers, duration / 4, business(&store, None, false)).await?;
+        rate(writers, duration / 4, business(&store, Some(destination), false)).await?;
         let load = cpu::load();
         let cpu0 = cpu::sample(&[]);
-        let a = rate(writers, duration, business(&store, None)).await?;
-        let b = rate(writers, duration, business(&store, Some(destination))).await?;
-        let c = rate(writers, duration, business(&store, Some(destination))).await?;
-        let d = rate(writers, duration, business(&store, None)).await?;
+        let a = rate(writers, duration, business(&store, None, false)).await?;
+        let b = rate(writers, duration, business(&store, Some(destination), false)).await?;
+        let c = rate(writers, duration, business(&store, Some(destination), false)).await?;
+        let d = rate(writers, duration, business(&store, None, false)).await?;
         let cores = cpu::sample(&[]).cores_since(&cpu0);
+        // A writer in another language: the same message by a plain INSERT, the database
+        // filling in the rest.
+        let g = rate(writers, duration, business(&store, Some(destination), true)).await?;
+        let h = rate(writers, duration, business(&store, None, false)).await?;
         // PostgreSQL: the same enqueue with `notify = false`, to tell the row from the NOTIFY.
         let raw = if kind == StoreKind::Postgres {
             store.without_notify().await?;
-            let e = rate(writers, duration, business(&store, Some(destination))).await?;
-            let f = rate(writers, duration, business(&store, None)).await?;
+            let e = rate(writers, duration, business(&store, Some(destination), false)).await?;
+            let f = rate(writers, duration, business(&store, None, false)).await?;
             Some((e, f))
         } else {
             None
@@ -107,6 +113,8 @@ async fn measure(
         Ok::<_, crate::BoxError>(json!({
             "tx_per_s_row_without_notify": raw.map(|(e, _)| e.round()),
             "overhead_row_without_notify": raw.map(|(e, f)| (f / e.max(1e-9) * 1000.0).round() / 1000.0),
+            "tx_per_s_plain_insert": g.round(),
+            "overhead_plain_insert": (h / g.max(1e-9) * 1000.0).round() / 1000.0,
             "store": kind.name(),
             "writers": writers,
             "tx_per_s_without": without.round(),

@@ -32,6 +32,7 @@ const ENQUEUE: &[Column] = &[
     ("tx/s with outbox", "tx_per_s_with"),
     ("overhead", "overhead"),
     ("notify = false", "overhead_row_without_notify"),
+    ("plain INSERT", "overhead_plain_insert"),
     ("target", "target_overhead"),
     ("met", "met"),
 ];

@@ -81,6 +81,40 @@ pub(crate) struct BenchStore {
     dir: Option<std::path::PathBuf>,
 }
 
+/// A writer's plain `INSERT` of one message into outbox table `table` of a `kind` database.
+fn plain_insert(kind: StoreKind, table: &str) -> String {
+    match kind {
+        StoreKind::Postgres => format!(
+            "INSERT INTO \"{table}\" (destination, \"key\", payload, headers) VALUES ($1, $2, $3, $4)"
+        ),
+        StoreKind::MySql => format!(
+            "INSERT INTO `{table}` (destination, `key`, payload, headers) VALUES (?, ?, ?, ?)"
+        ),
+        StoreKind::Sqlite => format!(
+            "INSERT INTO \"{table}\" (destination, \"key\", payload, headers) VALUES (?, ?, ?, ?)"
+        ),
+    }
+}
+
+/// [`plain_insert`]'s statement with `event`'s values bound.
+fn plain_query<'q, DB>(
+    insert: &'q str,
+    event: &'q NewMessage,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(insert)
+        .bind(event.destination())
+        .bind(event.ordering_key())
+        .bind(event.payload())
+        .bind(outbox_core::encode_headers(event.headers()))
+}
+
 /// The business table next to outbox table `table`.
 fn orders(table: &str) -> String {
     format!("{table}_orders")
@@ -366,8 +400,12 @@ impl BenchStore {
         Ok(quiet.migrate().await?)
     }
 
-    /// One business transaction: an order row, and with `outbox` its event in the outbox.
-    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>) -> Res<()> {
+    /// One business transaction: an order row, and with `outbox` its event in the outbox,
+    /// written by the store's `enqueue`, or with `plain` by a plain `INSERT` of destination,
+    /// key, payload and headers that leaves the rest to the database, as a writer in another
+    /// language would.
+    pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, plain: bool) -> Res<()> {
+        let insert = plain_insert(self.kind, &self.table);
         let orders = orders(&self.table);
         let customer = format!("customer-{}", i % 1000);
         let event = outbox.map(|destination| {
@@ -392,8 +430,14 @@ impl BenchStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                if let Some(event) = event {
-                    s.enqueue(&mut *tx, event).await?;
+                match event {
+                    Some(event) if plain => {
+                        plain_query(&insert, &event).execute(&mut *tx).await?;
+                    }
+                    Some(event) => {
+                        s.enqueue(&mut *tx, event).await?;
+                    }
+                    None => {}
                 }
                 tx.commit().await?;
             }
@@ -406,8 +450,14 @@ impl BenchStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                if let Some(event) = event {
-                    s.enqueue(&mut *tx, event).await?;
+                match event {
+                    Some(event) if plain => {
+                        plain_query(&insert, &event).execute(&mut *tx).await?;
+                    }
+                    Some(event) => {
+                        s.enqueue(&mut *tx, event).await?;
+                    }
+                    None => {}
                 }
                 tx.commit().await?;
             }
@@ -420,8 +470,14 @@ impl BenchStore {
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-                if let Some(event) = event {
-                    s.enqueue(&mut *tx, event).await?;
+                match event {
+                    Some(event) if plain => {
+                        plain_query(&insert, &event).execute(&mut *tx).await?;
+                    }
+                    Some(event) => {
+                        s.enqueue(&mut *tx, event).await?;
+                    }
+                    None => {}
                 }
                 tx.commit().await?;
             }
