@@ -315,6 +315,8 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
         let listener = http::bind(addr)
             .await
             .map_err(|err| format!("http.listen {addr}: {err}"))?;
+        // The address bound: the port the system chose when the configured one is 0.
+        let addr = listener.local_addr().unwrap_or(addr);
         info!(%addr, "serving /healthz, /readyz and /metrics");
         let (phase, handle) = (phase.clone(), metrics.clone());
         background.spawn(async move {
