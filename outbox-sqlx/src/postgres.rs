@@ -125,7 +125,7 @@ const BEGIN_SETTLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 type Inner = Base<Postgres>;
 
 crate::shared::store! {
-    /// The transactional outbox on PostgreSQL 12 or later.
+    /// The transactional outbox on PostgreSQL 13 or later (12 with the `pgcrypto` extension).
     ///
     /// Cheap to clone: clones share the pool. See the [crate documentation](crate) for an example.
     PostgresStore(Postgres, PG),

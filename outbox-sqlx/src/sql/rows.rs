@@ -20,7 +20,7 @@ pub(crate) fn settled(settlement: &Settlement, applied: u64) -> Settled {
 }
 
 /// Partitions as read back, sorted.
-pub(crate) fn partitions_from(stored: Vec<i16>) -> Vec<u16> {
+fn partitions_from(stored: Vec<i16>) -> Vec<u16> {
     let mut partitions: Vec<u16> = stored
         .into_iter()
         .filter_map(|p| u16::try_from(p).ok())
@@ -29,8 +29,8 @@ pub(crate) fn partitions_from(stored: Vec<i16>) -> Vec<u16> {
     partitions
 }
 
-/// Members from the rows of [`members`], sorted by relay id, partitions sorted.
-pub(crate) fn members_from(rows: Vec<(String, DateTime<Utc>, Option<i16>)>) -> Vec<RelayMember> {
+/// Members from the rows of [`members`](super::members), sorted by relay id, partitions sorted.
+fn members_from(rows: Vec<(String, DateTime<Utc>, Option<i16>)>) -> Vec<RelayMember> {
     let mut by_relay: BTreeMap<String, RelayMember> = BTreeMap::new();
     for (relay, expires_at, partition) in rows {
         let member = by_relay
@@ -338,7 +338,6 @@ pub(crate) fn assemble_claim(token: LeaseToken, mut rows: Vec<RowParts>) -> Clai
 
 /// The parts of a dead row whose id cannot be read, under a stand-in id made of its sequence
 /// number, so that listing dead letters still shows it.
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn unreadable_id_parts(
     seq: i64,
     error: String,
