@@ -67,6 +67,27 @@ impl AnyStore {
         }
     }
 
+    /// The schema version of the outbox tables, and the one this release migrates to.
+    pub(crate) async fn schema_versions(&self) -> Result<(i32, i32), StoreError> {
+        match self {
+            #[cfg(feature = "store-postgres")]
+            AnyStore::Postgres(store) => Ok((
+                store.schema_version().await?,
+                outbox_sqlx::PostgresStore::SCHEMA_VERSION,
+            )),
+            #[cfg(feature = "store-mysql")]
+            AnyStore::MySql(store) => Ok((
+                store.schema_version().await?,
+                outbox_sqlx::MySqlStore::SCHEMA_VERSION,
+            )),
+            #[cfg(feature = "store-sqlite")]
+            AnyStore::Sqlite(store) => Ok((
+                store.schema_version().await?,
+                outbox_sqlx::SqliteStore::SCHEMA_VERSION,
+            )),
+        }
+    }
+
     /// Creates or upgrades the outbox tables.
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
         match self {
