@@ -65,6 +65,10 @@ enum Command {
         /// The schema version the tables are at; 0 (the default) creates them.
         #[arg(long, default_value_t = 0)]
         from: i32,
+        /// MySQL: for the `mysql` command-line client, which splits statements at `;`: the
+        /// trigger, whose body holds several, between `DELIMITER` lines.
+        #[arg(long)]
+        mysql_client: bool,
     },
 }
 
@@ -153,9 +157,10 @@ pub fn main() -> ExitCode {
         dialect,
         table,
         from,
+        mysql_client,
     } = cli.command
     {
-        return schema(cli.config.as_deref(), dialect, table, from);
+        return schema(cli.config.as_deref(), dialect, table, from, mysql_client);
     }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
@@ -240,6 +245,26 @@ async fn execute(command: Command, config: Config) -> Result<ExitCode, BoxError>
     }
 }
 
+/// `script` for the `mysql` command-line client: each compound statement (`CREATE TRIGGER`
+/// ... `BEGIN` ... `END;`, whose body holds `;`) between `DELIMITER //` and `DELIMITER ;`.
+fn delimited(script: &str) -> String {
+    let mut out = String::with_capacity(script.len() + 64);
+    let mut rest = script;
+    // At the start of a line: comments mention the statement too.
+    while let Some(start) = rest.find("\nCREATE TRIGGER").map(|at| at + 1) {
+        let Some(end) = rest[start..].find("\nEND;").map(|at| start + at) else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str("DELIMITER //\n");
+        out.push_str(&rest[start..end]);
+        out.push_str("\nEND//\nDELIMITER ;");
+        rest = &rest[end + "\nEND;".len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `outbox-relay schema`: prints the schema script of `dialect` (else the configured store's)
 /// for `table` (else the configured one). Without a configuration file, an incomplete
 /// configuration is no error: the store's defaults serve.
@@ -248,6 +273,7 @@ fn schema(
     dialect: Option<StoreKind>,
     table: Option<String>,
     from: i32,
+    mysql_client: bool,
 ) -> ExitCode {
     let mut store = match Config::load(file) {
         Ok(config) => config.store,
@@ -268,6 +294,10 @@ fn schema(
     match kind
         .and_then(|kind| AnyStore::schema_script(kind, &store, from).map_err(|err| err.to_string()))
     {
+        Ok(script) if mysql_client => {
+            print!("{}", delimited(&script));
+            ExitCode::SUCCESS
+        }
         Ok(script) => {
             print!("{script}");
             ExitCode::SUCCESS

@@ -260,6 +260,20 @@ async fn schema_prints_what_migrate_runs_for_other_migration_tools() {
         assert!(status.success(), "{stderr}");
         assert_eq!(stdout, expected.expect("script"), "{dialect} from {from}");
     }
+    // For the `mysql` client: the trigger between DELIMITER lines, nothing else changed.
+    let (status, delimited, stderr) = schema(&["--dialect", "mysql", "--mysql-client"]).await;
+    assert!(status.success(), "{stderr}");
+    let plain = outbox_sqlx::MySqlStore::schema_script(&StoreConfig::new(), 0).expect("script");
+    assert!(
+        delimited.contains("\nDELIMITER //\nCREATE TRIGGER"),
+        "{delimited}"
+    );
+    assert!(delimited.contains("\nEND//\nDELIMITER ;"), "{delimited}");
+    let undelimited = delimited
+        .replace("DELIMITER //\n", "")
+        .replace("END//\nDELIMITER ;", "END;");
+    assert_eq!(undelimited, plain);
+
     let (status, _, stderr) = schema(&["--dialect", "postgres", "--from", "99"]).await;
     assert_eq!(status.code(), Some(2));
     assert!(stderr.contains("newer than"), "{stderr}");
