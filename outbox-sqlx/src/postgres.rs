@@ -159,7 +159,10 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         const DOING: &str = "migrating the outbox schema";
         let names = &self.inner.names;
-        let mut tx = sql::begin(&self.inner.pool, None, DOING).await?;
+        // The idempotent statements' notices ("trigger ... does not exist, skipping") say
+        // nothing an operator needs: this transaction keeps the warnings only.
+        let begin = "BEGIN; SET LOCAL client_min_messages = warning";
+        let mut tx = sql::begin(&self.inner.pool, Some(begin), DOING).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("outbox-migrate:{}", names.table))
             .execute(&mut *tx)
