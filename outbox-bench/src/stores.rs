@@ -120,6 +120,31 @@ fn orders(table: &str) -> String {
     format!("{table}_orders")
 }
 
+/// The `INSERT` of one order row into the business table next to outbox table `table`.
+fn order_insert(kind: StoreKind, table: &str) -> String {
+    let orders = orders(table);
+    match kind {
+        StoreKind::Postgres => format!("INSERT INTO {orders} (customer, amount) VALUES ($1, $2)"),
+        StoreKind::MySql | StoreKind::Sqlite => {
+            format!("INSERT INTO {orders} (customer, amount) VALUES (?, ?)")
+        }
+    }
+}
+
+/// [`order_insert`]'s statement with the order's values bound.
+fn order_query<'q, DB>(
+    insert: &'q str,
+    customer: &'q str,
+    amount: i64,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(insert).bind(customer).bind(amount)
+}
+
 impl BenchStore {
     /// Creates outbox table `table` (migrated) and its business table, on a pool of
     /// `connections`.
@@ -406,7 +431,7 @@ impl BenchStore {
     /// language would.
     pub(crate) async fn business_tx(&self, i: u64, outbox: Option<&str>, plain: bool) -> Res<()> {
         let insert = plain_insert(self.kind, &self.table);
-        let orders = orders(&self.table);
+        let order = order_insert(self.kind, &self.table);
         let customer = format!("customer-{}", i % 1000);
         let event = outbox.map(|destination| {
             let mut payload = format!(
@@ -423,13 +448,9 @@ impl BenchStore {
         match &self.store {
             Any::Postgres(s) => {
                 let mut tx = s.pool().begin().await?;
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES ($1, $2)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 match event {
                     Some(event) if plain => {
                         plain_query(&insert, &event).execute(&mut *tx).await?;
@@ -443,13 +464,9 @@ impl BenchStore {
             }
             Any::MySql(s) => {
                 let mut tx = s.pool().begin().await?;
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 match event {
                     Some(event) if plain => {
                         plain_query(&insert, &event).execute(&mut *tx).await?;
@@ -463,13 +480,9 @@ impl BenchStore {
             }
             Any::Sqlite(s) => {
                 let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 match event {
                     Some(event) if plain => {
                         plain_query(&insert, &event).execute(&mut *tx).await?;
@@ -504,7 +517,7 @@ impl BenchStore {
     /// One consumer transaction: the effect of message `i` (an order row, as
     /// [`BenchStore::business_tx`] writes) and, with `inbox`, its record in the inbox first.
     pub(crate) async fn consumer_tx(&self, i: u64, inbox: Option<&BenchInbox>) -> Res<()> {
-        let orders = orders(&self.table);
+        let order = order_insert(self.kind, &self.table);
         let customer = format!("customer-{}", i % 1000);
         let amount = i64::try_from(i % 997)?;
         let id = outbox_core::MessageId::new();
@@ -526,13 +539,9 @@ impl BenchStore {
                 {
                     return Err("a new message counted as a duplicate".into());
                 }
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES ($1, $2)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
             (Any::MySql(s), inbox) => {
@@ -542,13 +551,9 @@ impl BenchStore {
                 {
                     return Err("a new message counted as a duplicate".into());
                 }
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
             (Any::Sqlite(s), inbox) => {
@@ -558,13 +563,9 @@ impl BenchStore {
                 {
                     return Err("a new message counted as a duplicate".into());
                 }
-                sqlx::query(&format!(
-                    "INSERT INTO {orders} (customer, amount) VALUES (?, ?)"
-                ))
-                .bind(&customer)
-                .bind(amount)
-                .execute(&mut *tx)
-                .await?;
+                order_query(&order, &customer, amount)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
         }
