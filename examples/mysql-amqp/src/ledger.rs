@@ -124,6 +124,15 @@ impl Ledger {
         Ok(())
     }
 
+    /// [`Ledger::consume`] in a task of its own, on `config`'s broker and queue.
+    pub fn spawn_consumer(
+        &self,
+        config: &crate::Config,
+    ) -> tokio::task::JoinHandle<Result<(), Error>> {
+        let (ledger, url, queue) = (self.clone(), config.amqp_url.clone(), config.queue.clone());
+        tokio::spawn(async move { ledger.consume(&url, &queue).await })
+    }
+
     /// Consumes `queue` until the connection ends: each delivery applied once, then
     /// acknowledged. A crash between the commit and the acknowledgement redelivers the event;
     /// the inbox drops it.

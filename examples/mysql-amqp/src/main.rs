@@ -49,14 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // then acknowledged.
     let pool = outbox::sqlx::MySqlPool::connect(&config.database_url).await?;
     let ledger = Ledger::start(pool, &format!("{}_ledger", config.table_prefix)).await?;
-    let consuming = {
-        let (ledger, url, queue) = (
-            ledger.clone(),
-            config.amqp_url.clone(),
-            config.queue.clone(),
-        );
-        tokio::spawn(async move { ledger.consume(&url, &queue).await })
-    };
+    let consuming = ledger.spawn_consumer(&config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (acme, globex) = (

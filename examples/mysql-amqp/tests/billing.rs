@@ -352,14 +352,7 @@ async fn the_ledger_applies_each_event_once_and_drops_redeliveries() {
     )
     .await
     .expect("ledger starts");
-    let consuming = {
-        let (ledger, url, queue) = (
-            ledger.clone(),
-            config.amqp_url.clone(),
-            config.queue.clone(),
-        );
-        tokio::spawn(async move { ledger.consume(&url, &queue).await })
-    };
+    let consuming = ledger.spawn_consumer(&config);
 
     let acme = billing.issue_invoice("acme", 10_000).await.expect("issue");
     billing.record_payment(acme, 4_000).await.expect("pay");
