@@ -42,25 +42,19 @@ impl Consumer {
     async fn handle(&mut self, incoming: &Incoming) -> Result<(), BoxError> {
         let id = incoming.id.to_string();
         let (effect, duplicate) = (&self.effects, &self.duplicates);
-        let processed = match &self.db {
-            Db::Postgres(pool, inbox) => {
-                let mut tx = pool.begin().await?;
-                let processed = inbox
-                    .process(
-                        &mut tx,
-                        CONSUMER,
-                        incoming,
-                        async |tx: &mut PgConnection| {
-                            sqlx::query(&format!(
-                                "INSERT INTO {effect} (id, applied) VALUES ($1, 1) \
-                             ON CONFLICT (id) DO UPDATE SET applied = {effect}.applied + 1"
-                            ))
+        // The effect, upserted by `$effect_sql`, through the inbox, in one transaction of
+        // `$pool` (connections `$conn`); a duplicate counted instead.
+        macro_rules! apply_once {
+            ($pool:expr, $inbox:expr, $conn:ty, $effect_sql:expr) => {{
+                let mut tx = $pool.begin().await?;
+                let processed = $inbox
+                    .process(&mut tx, CONSUMER, incoming, async |tx: &mut $conn| {
+                        sqlx::query(&$effect_sql)
                             .bind(&id)
                             .execute(&mut *tx)
                             .await?;
-                            Ok::<_, BoxError>(())
-                        },
-                    )
+                        Ok::<_, BoxError>(())
+                    })
                     .await?;
                 if processed == Processed::Duplicate {
                     sqlx::query(&format!("UPDATE {duplicate} SET n = n + 1"))
@@ -68,37 +62,28 @@ impl Consumer {
                         .await?;
                 }
                 tx.commit().await?;
-                processed
-            }
-            Db::MySql(pool, inbox) => {
-                let mut tx = pool.begin().await?;
-                let processed = inbox
-                    .process(
-                        &mut tx,
-                        CONSUMER,
-                        incoming,
-                        async |tx: &mut MySqlConnection| {
-                            sqlx::query(&format!(
-                                "INSERT INTO {effect} (id, applied) VALUES (?, 1) \
-                             ON DUPLICATE KEY UPDATE applied = applied + 1"
-                            ))
-                            .bind(&id)
-                            .execute(&mut *tx)
-                            .await?;
-                            Ok::<_, BoxError>(())
-                        },
-                    )
-                    .await?;
-                if processed == Processed::Duplicate {
-                    sqlx::query(&format!("UPDATE {duplicate} SET n = n + 1"))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                processed
-            }
-        };
-        let _ = processed;
+            }};
+        }
+        match &self.db {
+            Db::Postgres(pool, inbox) => apply_once!(
+                pool,
+                inbox,
+                PgConnection,
+                format!(
+                    "INSERT INTO {effect} (id, applied) VALUES ($1, 1) \
+                     ON CONFLICT (id) DO UPDATE SET applied = {effect}.applied + 1"
+                )
+            ),
+            Db::MySql(pool, inbox) => apply_once!(
+                pool,
+                inbox,
+                MySqlConnection,
+                format!(
+                    "INSERT INTO {effect} (id, applied) VALUES (?, 1) \
+                     ON DUPLICATE KEY UPDATE applied = applied + 1"
+                )
+            ),
+        }
         self.committed += 1;
         if self.crash_after > 0 && self.committed == self.crash_after {
             // Committed, not acknowledged: the broker must deliver the message again.
