@@ -348,6 +348,11 @@ impl DeadLetterFilter {
 ///   message.
 /// - **Settle** applies a [`Settlement`] in one transaction, only to messages still leased under
 ///   `token` with an unexpired lease (fencing): a relay whose lease expired changes nothing.
+/// - **How a lease is kept is the store's choice**: written on the rows and committed, or a
+///   transaction that holds the rows locked from the claim to the settle, which then writes
+///   the outcomes in it and commits (a store may hold a connection per claim meanwhile). So
+///   every claim must be settled (the relay settles each one, with `release` for what it did
+///   not publish); a claim never settled holds its messages until its lease ends.
 /// - Time (lease expiry, retry delays, partition leases) is measured on the store's clock, so
 ///   relays on hosts with skewed clocks agree.
 /// - **Cancellation.** The relay drops a call that has not answered within

@@ -75,6 +75,31 @@ pub struct StoreConfig {
     /// refuses to start on a smaller pool; the rest serves the service's own transactions, or
     /// the readiness probe of `outbox-relay`.
     pub max_connections: u32,
+    /// How a claim keeps its messages from other claims while they are published (default
+    /// [`ClaimMode::Transaction`]). PostgreSQL takes both; MySQL and SQLite claim by lease
+    /// whatever this says.
+    pub claims: ClaimMode,
+}
+
+/// How a claim keeps the messages it took from every other claim until their outcomes are
+/// recorded ([`StoreConfig::claims`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ClaimMode {
+    /// The claim is a transaction held open while its batch is published: it locks the rows
+    /// (`FOR UPDATE SKIP LOCKED`), and the settle deletes the published ones and writes back
+    /// the others in the same transaction before it commits. Each message is written about as
+    /// often as a hand-written `DELETE ... RETURNING` relay writes it. A relay that dies, or
+    /// goes quiet for longer than its lease, has its transaction rolled back by the database
+    /// and its messages claimed again. Each batch in flight holds a pooled connection from its
+    /// claim to its settle.
+    #[default]
+    Transaction,
+    /// The claim writes a lease (token and expiry) on its rows and commits; the settle is a
+    /// second transaction, fenced by the token. Each message is written one more time, and no
+    /// connection is held while a batch is published.
+    Lease,
 }
 
 impl Default for StoreConfig {
@@ -87,6 +112,7 @@ impl Default for StoreConfig {
             notify_channel: None,
             notify: true,
             max_connections: 10,
+            claims: ClaimMode::default(),
         }
     }
 }
@@ -136,6 +162,12 @@ impl StoreConfig {
     /// Sets [`StoreConfig::max_connections`].
     pub fn max_connections(mut self, max: u32) -> Self {
         self.max_connections = max;
+        self
+    }
+
+    /// Sets [`StoreConfig::claims`].
+    pub fn claims(mut self, claims: ClaimMode) -> Self {
+        self.claims = claims;
         self
     }
 
@@ -191,6 +223,7 @@ impl fmt::Debug for StoreConfig {
             .field("notify_channel", &self.notify_channel)
             .field("notify", &self.notify)
             .field("max_connections", &self.max_connections)
+            .field("claims", &self.claims)
             .finish()
     }
 }
@@ -250,7 +283,7 @@ pub(crate) struct Names {
     pub(crate) relays: String,
     /// `{table}_schema`: applied migrations.
     pub(crate) schema: String,
-    /// `{table}_claim`: the claim function (PostgreSQL).
+    /// `{table}_claim`: the claim function of leased claims (PostgreSQL).
     pub(crate) claim: String,
     /// The table name without schema and quotes, for index names.
     pub(crate) base: String,

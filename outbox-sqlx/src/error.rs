@@ -81,8 +81,9 @@ fn classify_sqlstate(code: &str) -> (StoreErrorKind, bool) {
         // undefined_table, undefined_column, undefined_object, invalid_schema_name,
         // undefined_function (the claim function of a schema not migrated to version 3)
         "42P01" | "42703" | "42704" | "3F000" | "42883" | "42S02" | "42S22" => (Schema, false),
-        // admin_shutdown (pg_terminate_backend), crash_shutdown, cannot_connect_now
-        "57P01" | "57P02" | "57P03" => (Connection, true),
+        // admin_shutdown (pg_terminate_backend), crash_shutdown, cannot_connect_now, and
+        // idle_in_transaction_session_timeout (a held claim that outlived its lease)
+        "57P01" | "57P02" | "57P03" | "25P03" => (Connection, true),
         // connection_exception, insufficient_resources (too_many_connections, ...)
         _ if code.starts_with("08") || code.starts_with("53") => (Connection, true),
         _ => (Database, false),
@@ -141,6 +142,7 @@ mod tests {
         assert_eq!(classify_sqlstate("42P01"), (Schema, false));
         assert_eq!(classify_sqlstate("42883"), (Schema, false));
         assert_eq!(classify_sqlstate("57P01"), (Connection, true));
+        assert_eq!(classify_sqlstate("25P03"), (Connection, true));
         assert_eq!(classify_sqlstate("08006"), (Connection, true));
         assert_eq!(classify_sqlstate("23505"), (Database, false));
     }

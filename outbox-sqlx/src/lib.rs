@@ -10,6 +10,7 @@ mod config;
 mod detached;
 mod enqueue;
 mod error;
+mod held;
 mod inbox;
 mod migrations;
 #[cfg(feature = "mysql")]
@@ -26,7 +27,7 @@ mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub use config::StoreConfig;
+pub use config::{ClaimMode, StoreConfig};
 pub use inbox::DEFAULT_INBOX_TABLE;
 pub use migrations::SqlxMigrations;
 #[cfg(feature = "mysql")]

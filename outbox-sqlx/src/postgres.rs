@@ -1,33 +1,45 @@
 //! [`PostgresStore`]: the outbox on PostgreSQL.
 //!
-//! - A claim is one call of a PL/pgSQL function (schema version 3), one round trip. It locks
-//!   the relay's partition rows (`FOR SHARE`), then leases the next rows with one
-//!   `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`: two relays never lease the same
-//!   row, a partition that changes hands waits for the old owner's claim to commit, and the
-//!   claim statement reads the leases of every claim committed before it (per-key order).
-//!   Candidates with an earlier pending message of their key that `SKIP LOCKED` passed over
-//!   (a row another transaction held locked) are dropped from the claim: that message must
-//!   go first.
-//! - No index mentions the lease columns, and pages are half empty at insert (schema version
-//!   2), so the lease `UPDATE` writes heap-only tuples: no index entry, a quarter of the WAL.
-//!   Claims tell a held key by its first pending message instead of an index of held rows.
-//! - Settles are one transaction of set-based statements over arrays (`id = ANY($1)`,
-//!   `unnest(...)`), one per outcome.
+//! - **Claims held in a transaction** ([`ClaimMode::Transaction`], the default; schema
+//!   version 5): a claim begins a transaction and calls a PL/pgSQL function that locks the next
+//!   rows of the relay's partitions (`FOR UPDATE SKIP LOCKED`) and returns them; the
+//!   transaction stays open, under the claim's token, while the batch is published. The
+//!   settle deletes the published rows by `ctid` (or marks them, with a retention), writes the
+//!   failed ones back, and commits: each message is locked and deleted, as in a hand-written
+//!   `DELETE ... RETURNING` relay, and written no more. A relay that dies has its
+//!   transaction rolled back; one that stays quiet past its lease has it ended by PostgreSQL
+//!   (`idle_in_transaction_session_timeout`, set for the claim's transaction only).
+//! - **Claims by lease** ([`ClaimMode::Lease`]; schema version 3): one call of a PL/pgSQL
+//!   function locks the relay's partition rows (`FOR SHARE`), then leases the next rows with
+//!   one `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)` and commits; the settle is a
+//!   second transaction of set-based statements over arrays, fenced by the token. No index
+//!   mentions the lease columns, and pages are half empty at insert (schema version 2), so
+//!   the lease `UPDATE` writes heap-only tuples.
+//! - Both keep per-key order by the first pending message of each key: a row another
+//!   transaction holds (locked, or leased) is still pending and holds back the later messages
+//!   of its key; candidates whose earlier message `SKIP LOCKED` passed over are dropped from
+//!   the claim. Both kinds of claim can share a table, while relays are upgraded.
 //! - Any `INSERT` into the outbox table, enqueue's or another language's plain one (schema
 //!   version 4), fires a statement trigger that sends `pg_notify` in the writer's transaction:
 //!   the relay's [`Store::listen`] hears it when, and only when, that transaction commits.
 //!   [`PostgresStore::migrate`] keeps the trigger in step with [`StoreConfig::notify`] and
 //!   the channel.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
 
-use outbox_core::{LeaseToken, MessageId, Settled, Settlement, Store, StoreError, Wakeup};
+use outbox_core::{
+    Claim, LeaseToken, MessageId, RelayId, Settled, Settlement, Store, StoreError, Wakeup,
+};
 use sqlx::Postgres;
 use sqlx::postgres::{PgArguments, PgConnection, PgListener, PgRow};
 use uuid::Uuid;
 
-use crate::config::{Quoting, StoreConfig, config_error};
+use crate::config::{ClaimMode, Quoting, StoreConfig, config_error};
 use crate::error::Context as _;
+use crate::held::HeldClaim;
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::shared::Base;
@@ -51,6 +63,10 @@ const SCHEMA: Schema = Schema {
             4,
             include_str!("../migrations/postgres/0004_any_writer.sql"),
         ),
+        (
+            5,
+            include_str!("../migrations/postgres/0005_held_claims.sql"),
+        ),
     ],
     dialect: &PG,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INTEGER PRIMARY KEY, \
@@ -66,6 +82,7 @@ const SCHEMA: Schema = Schema {
     },
     drop: "DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}; \
            DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
+           DROP FUNCTION IF EXISTS {fn_take}(TEXT, BIGINT, BIGINT); \
            DROP FUNCTION IF EXISTS {fn_fill}(); DROP FUNCTION IF EXISTS {fn_notify}(); \
            DROP FUNCTION IF EXISTS {fn_uuid7}()",
     without_notify: "DROP TRIGGER IF EXISTS {trg_notify} ON {table}",
@@ -240,17 +257,221 @@ crate::enqueue::enqueue_methods!(PostgresStore, Postgres, PgConnection, PG);
 impl Store for PostgresStore {
     crate::shared::operations!(PG);
 
-    crate::shared::claim_by_statement!();
+    async fn claim(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        match self.inner.config.claims {
+            ClaimMode::Lease => self.claim_leased(relay, limit, lease).await,
+            _ => self.claim_held(relay, limit, lease).await,
+        }
+    }
 
     async fn settle(
         &self,
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        const DOING: &str = "recording publish outcomes";
         if settlement.is_empty() {
             return Ok(Settled::default());
         }
+        match self.inner.config.claims {
+            ClaimMode::Lease => self.settle_leased(token, settlement).await,
+            _ => self.settle_held(token, settlement).await,
+        }
+    }
+
+    /// Listens on the notify channel with a connection of its own, waking the relay on each
+    /// notification and after every reconnection (notifications sent meanwhile are lost).
+    /// Returns an error when the connection cannot be restored; the relay then polls and calls
+    /// it again later.
+    async fn listen(&self, wakeup: Wakeup) -> Result<(), StoreError> {
+        const DOING: &str = "listening for outbox notifications";
+        let mut listener = PgListener::connect_with(&self.inner.pool)
+            .await
+            .doing(DOING)?;
+        listener
+            .listen(self.inner.config.channel())
+            .await
+            .doing(DOING)?;
+        // Messages committed before the LISTEN took effect were not announced.
+        wakeup.wake();
+        loop {
+            match listener.try_recv().await.doing(DOING)? {
+                Some(_) => wakeup.wake(),
+                None => {
+                    tracing::debug!("notification connection lost; reconnecting");
+                    wakeup.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Claims held in a transaction ([`ClaimMode::Transaction`], schema version 5).
+impl PostgresStore {
+    /// Begins a transaction, locks the next claimable rows with the take function of schema
+    /// version 5 (migrations/postgres/0005_held_claims.sql) and keeps the transaction open
+    /// under the claim's token until [`Self::settle_held`].
+    async fn claim_held(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        const DOING: &str = "claiming outbox messages";
+        let inner = &*self.inner;
+        inner.held.roll_back_expired(false).await;
+        let token = LeaseToken::new();
+        if limit == 0 {
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        let until = Instant::now() + lease;
+        let mut tx = sql::begin(&inner.pool, None, DOING).await?;
+        let columns = sql::qualified_columns(&inner.columns, "c");
+        let rows = sqlx::query(&format!(
+            "SELECT c.row_id, {columns} FROM {}($1, $2, $3) c",
+            inner.names.function("take")
+        ))
+        .bind(relay.as_str())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(sql::micros(lease))
+        .fetch_all(&mut *tx)
+        .await
+        .doing(DOING)?;
+        let row_ids: HashMap<i64, String> = rows
+            .iter()
+            .filter_map(|row| Some((column(row, "seq").ok()?, column(row, "row_id").ok()?)))
+            .collect();
+        let (parts, unreadable) = DECODING.claimed(&rows);
+        for (seq, error) in &unreadable {
+            tracing::error!(seq, %error, "dead-lettering an outbox row whose id cannot be read");
+            let statement = sql::bury(&PG, &inner.names, *seq, error);
+            bound(&statement.text, statement.args)?
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+        }
+        let rows: HashMap<MessageId, String> = parts
+            .iter()
+            .filter_map(|part| Some((part.id, row_ids.get(&part.seq)?.clone())))
+            .collect();
+        let claim = sql::assemble_claim(token, parts);
+        if claim.is_empty() {
+            tx.commit().await.doing(DOING)?;
+        } else {
+            inner.held.insert(token, HeldClaim { until, tx, rows });
+        }
+        Ok(claim)
+    }
+
+    /// Applies a settlement in the transaction of its claim, and commits: published rows are
+    /// deleted (or marked, with a retention), failed ones written back, released ones only
+    /// unlocked. Outcomes of messages the claim does not hold, of a claim not held (any more),
+    /// or of a claim past its lease are fenced.
+    async fn settle_held(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        const DOING: &str = "recording publish outcomes";
+        let inner = &*self.inner;
+        let Some(claim) = inner.held.take(&token) else {
+            return Ok(sql::settled(settlement, 0));
+        };
+        if claim.until <= Instant::now() {
+            let _ = claim.tx.rollback().await;
+            return Ok(sql::settled(settlement, 0));
+        }
+        let applied = claim.holds(settlement);
+        let t = &inner.names.table;
+        // The transaction began at the claim: times are the statement's.
+        let now = "statement_timestamp()";
+        let mut statements: Vec<(String, Vec<Vec<String>>, Vec<i64>)> = Vec::new();
+        let published: Vec<String> = owned(claim.rows_of(&settlement.published));
+        if !published.is_empty() {
+            let text = if inner.config.retention.is_some() {
+                format!(
+                    "UPDATE {t} SET state = {PUBLISHED}, published_at = {now} \
+                     WHERE ctid = ANY($1::text[]::tid[])"
+                )
+            } else {
+                format!("DELETE FROM {t} WHERE ctid = ANY($1::text[]::tid[])")
+            };
+            statements.push((text, vec![published], Vec::new()));
+        }
+        let retry: Vec<_> = settlement
+            .retry
+            .iter()
+            .filter_map(|r| Some((claim.rows.get(&r.id)?.clone(), r)))
+            .collect();
+        if !retry.is_empty() {
+            statements.push((
+                format!(
+                    "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                     available_at = {now} + v.delay * interval '1 microsecond' \
+                     FROM unnest($1::text[]::tid[], $2::text[], $3::int8[]) AS v(row_id, error, delay) \
+                     WHERE o.ctid = v.row_id"
+                ),
+                vec![
+                    retry.iter().map(|(row, _)| row.clone()).collect(),
+                    retry.iter().map(|(_, r)| r.error.clone()).collect(),
+                ],
+                retry.iter().map(|(_, r)| sql::micros(r.delay)).collect(),
+            ));
+        }
+        let dead: Vec<_> = settlement
+            .dead
+            .iter()
+            .filter_map(|d| Some((claim.rows.get(&d.id)?.clone(), d.error.clone())))
+            .collect();
+        if !dead.is_empty() {
+            let (rows, errors) = dead.into_iter().unzip();
+            statements.push((
+                format!(
+                    "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                     state = {DEAD}, dead_at = {now} \
+                     FROM unnest($1::text[]::tid[], $2::text[]) AS v(row_id, error) \
+                     WHERE o.ctid = v.row_id"
+                ),
+                vec![rows, errors],
+                Vec::new(),
+            ));
+        }
+        let mut tx = claim.tx;
+        for (text, texts, ints) in &statements {
+            let mut query = sqlx::query(text);
+            for arg in texts {
+                query = query.bind(arg);
+            }
+            if !ints.is_empty() {
+                query = query.bind(ints);
+            }
+            query.execute(&mut *tx).await.doing(DOING)?;
+        }
+        tx.commit().await.doing(DOING)?;
+        Ok(sql::settled(settlement, applied))
+    }
+}
+
+fn owned(rows: Vec<&str>) -> Vec<String> {
+    rows.into_iter().map(str::to_owned).collect()
+}
+
+/// Claims by lease ([`ClaimMode::Lease`], schema version 3).
+impl PostgresStore {
+    crate::shared::claim_by_statement!(claim_leased);
+
+    /// Applies a settlement in a transaction of its own, to the rows still leased under
+    /// `token`.
+    async fn settle_leased(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        const DOING: &str = "recording publish outcomes";
         let Inner {
             pool,
             names,
@@ -335,32 +556,6 @@ impl Store for PostgresStore {
         }
         tx.commit().await.doing(DOING)?;
         Ok(sql::settled(settlement, applied))
-    }
-
-    /// Listens on the notify channel with a connection of its own, waking the relay on each
-    /// notification and after every reconnection (notifications sent meanwhile are lost).
-    /// Returns an error when the connection cannot be restored; the relay then polls and calls
-    /// it again later.
-    async fn listen(&self, wakeup: Wakeup) -> Result<(), StoreError> {
-        const DOING: &str = "listening for outbox notifications";
-        let mut listener = PgListener::connect_with(&self.inner.pool)
-            .await
-            .doing(DOING)?;
-        listener
-            .listen(self.inner.config.channel())
-            .await
-            .doing(DOING)?;
-        // Messages committed before the LISTEN took effect were not announced.
-        wakeup.wake();
-        loop {
-            match listener.try_recv().await.doing(DOING)? {
-                Some(_) => wakeup.wake(),
-                None => {
-                    tracing::debug!("notification connection lost; reconnecting");
-                    wakeup.wake();
-                }
-            }
-        }
     }
 }
 

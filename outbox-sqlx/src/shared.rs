@@ -17,6 +17,7 @@ use sqlx::{Connection, Database, Pool};
 use crate::StoreConfig;
 use crate::config::Names;
 use crate::error::Context as _;
+use crate::held::Held;
 use crate::sql::{Dialect, message_columns};
 
 /// What every store holds: its pool, configuration and validated names.
@@ -27,6 +28,8 @@ pub(crate) struct Base<DB: Database> {
     pub(crate) names: Names,
     /// [`message_columns`] of the dialect.
     pub(crate) columns: String,
+    /// Claims held open ([`ClaimMode::Transaction`](crate::ClaimMode::Transaction)).
+    pub(crate) held: Held<DB>,
 }
 
 impl<DB: Database> Base<DB> {
@@ -40,6 +43,7 @@ impl<DB: Database> Base<DB> {
             columns: message_columns(dialect),
             pool,
             config,
+            held: Held::default(),
         })
     }
 
@@ -52,6 +56,7 @@ impl<DB: Database> Base<DB> {
             config,
             names: self.names.clone(),
             columns: self.columns.clone(),
+            held: Held::default(),
         }
     }
 }
@@ -232,6 +237,8 @@ macro_rules! accessors {
                 const DOING: &str = "dropping the outbox tables";
                 let store = self.clone();
                 $crate::detached::detached(DOING, async move {
+                    // Claims held open would keep the tables locked.
+                    store.inner.held.roll_back_expired(true).await;
                     let script = $schema.drop(&store.inner.names);
                     $crate::sql::run_script(&store.inner.pool, &script)
                         .await
@@ -506,14 +513,15 @@ macro_rules! operations {
 }
 
 /// `Store::claim` as one statement, the store's `claim_statement(&ClaimArgs)`, which leases
-/// the rows and returns their [`message_columns`]: an item of an `impl Store` block.
+/// the rows and returns their [`message_columns`]: the method `$name` (`claim` in an
+/// `impl Store` block).
 #[cfg_attr(
     not(any(feature = "postgres", feature = "sqlite")),
     allow(unused_macros)
 )]
 macro_rules! claim_by_statement {
-    () => {
-        async fn claim(
+    ($name:ident) => {
+        async fn $name(
             &self,
             relay: &::outbox_core::RelayId,
             limit: usize,

@@ -203,7 +203,7 @@ impl SqliteStore {
 impl Store for SqliteStore {
     crate::shared::operations!(LITE);
 
-    crate::shared::claim_by_statement!();
+    crate::shared::claim_by_statement!(claim);
 
     crate::shared::settle_by_statements!(LITE);
 }

@@ -32,6 +32,18 @@ mod sqlite {
     outbox_testkit::inbox_suite!(inbox);
 }
 
+/// The store and relay suites with claims by lease (`ClaimMode::Lease`), where the store also
+/// claims in held transactions by default.
+#[cfg(feature = "postgres")]
+mod leased {
+    mod postgres {
+        use super::super::common::pg::harness_leased as harness;
+
+        outbox_testkit::store_suite!(harness);
+        outbox_testkit::relay_suite!(harness);
+    }
+}
+
 /// The store suite on tables created by the schema script (what `outbox-relay schema` prints)
 /// instead of `migrate`.
 mod from_script {

@@ -220,6 +220,149 @@ async fn a_row_locked_elsewhere_still_holds_back_its_key() {
     h.teardown().await;
 }
 
+/// A held claim whose relay goes quiet (alive, but never settling) is ended by PostgreSQL once
+/// its lease is over: another relay's store then claims the messages, and the late settle
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_claim_past_its_lease_is_ended_by_the_database() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let Some(other_pool) = pool().await else {
+        return;
+    };
+    let quiet = h.store();
+    let other = PostgresStore::new(other_pool, quiet.config().clone()).expect("store");
+    let relay = RelayId::random();
+    own_everything(&quiet, &relay).await;
+    let ids = h
+        .enqueue(vec![
+            NewMessage::new("orders", "a1").key("a"),
+            NewMessage::new("orders", "a2").key("a"),
+        ])
+        .await
+        .expect("enqueue");
+    let held = quiet
+        .claim(&relay, 1, Duration::from_millis(1200))
+        .await
+        .expect("claim");
+    assert_eq!(
+        held.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    let meanwhile = other
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert!(
+        meanwhile.is_empty(),
+        "a1 is held, and a2 waits for it: {meanwhile:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = other
+        .claim(&relay, 10, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        after.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        ids,
+        "the database ended the quiet claim: both messages, in order, unchanged"
+    );
+    assert_eq!(after.messages[0].attempts, 0);
+    let late = quiet
+        .settle(
+            held.token,
+            &outbox_core::Settlement {
+                published: vec![ids[0]],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("settle");
+    assert_eq!(
+        (late.applied, late.fenced),
+        (0, 1),
+        "the late settle is fenced"
+    );
+    let settled = other
+        .settle(
+            after.token,
+            &outbox_core::Settlement {
+                published: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("settle");
+    assert_eq!((settled.applied, settled.fenced), (2, 0));
+    drop(other);
+    h.teardown().await;
+}
+
+/// Relays that claim by lease and relays that hold their claims in a transaction can share a
+/// table (while relays are upgraded one by one): neither hands out a message whose key has an
+/// earlier message the other holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_and_leased_claims_share_a_table_in_key_order() {
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let held = h.store();
+    let leased = PostgresStore::new(
+        held.pool().clone(),
+        held.config().clone().claims(outbox_sqlx::ClaimMode::Lease),
+    )
+    .expect("store");
+    let relay = RelayId::random();
+    own_everything(&held, &relay).await;
+    let lease = Duration::from_secs(30);
+    let ids = h
+        .enqueue(vec![
+            NewMessage::new("orders", "a1").key("a"),
+            NewMessage::new("orders", "b1").key("b"),
+            NewMessage::new("orders", "a2").key("a"),
+            NewMessage::new("orders", "b2").key("b"),
+        ])
+        .await
+        .expect("enqueue");
+    let of = |claim: &outbox_core::Claim| claim.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+    let first = held.claim(&relay, 1, lease).await.expect("claim");
+    assert_eq!(of(&first), vec![ids[0]]);
+    let second = leased.claim(&relay, 10, lease).await.expect("claim");
+    assert_eq!(
+        of(&second),
+        vec![ids[1], ids[3]],
+        "a2 waits for the held a1"
+    );
+    let third = held.claim(&relay, 10, lease).await.expect("claim");
+    assert!(
+        third.is_empty(),
+        "a2 waits for a1, b for the leased b1, b2: {third:?}"
+    );
+    let publish = |ids: Vec<outbox_core::MessageId>| outbox_core::Settlement {
+        published: ids,
+        ..Default::default()
+    };
+    let done = held
+        .settle(first.token, &publish(vec![ids[0]]))
+        .await
+        .expect("settle");
+    assert_eq!(done.applied, 1);
+    let done = leased
+        .settle(second.token, &publish(vec![ids[1], ids[3]]))
+        .await
+        .expect("settle");
+    assert_eq!(done.applied, 2);
+    let last = held.claim(&relay, 10, lease).await.expect("claim");
+    assert_eq!(of(&last), vec![ids[2]]);
+    let done = held
+        .settle(last.token, &publish(vec![ids[2]]))
+        .await
+        .expect("settle");
+    assert_eq!(done.applied, 1);
+    h.teardown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_names_that_are_not_identifiers_are_refused() {
     let Some(pool) = pool().await else {
@@ -427,9 +570,9 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     let store = PostgresStore::new(pool.clone(), common::fresh_config()).expect("store");
     store.migrate().await.expect("migrate");
     let table = store.config().table.clone();
-    // What schema version 2 left: no claim function, no triggers.
+    // What schema version 2 left: no claim functions, no triggers.
     sqlx::raw_sql(&format!(
-        "DROP FUNCTION \"{table}_claim\"; \
+        "DROP FUNCTION \"{table}_claim\"; DROP FUNCTION \"{table}_take\"; \
          DROP TRIGGER \"{table}_fill\" ON \"{table}\"; DROP FUNCTION \"{table}_fill\"(); \
          DROP TRIGGER \"{table}_notify\" ON \"{table}\"; DROP FUNCTION \"{table}_notify\"(); \
          DELETE FROM \"{table}_schema\" WHERE version >= 3"
@@ -454,7 +597,7 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     let err = store
         .claim(&relay, 10, Duration::from_secs(30))
         .await
-        .expect_err("claims need version 3");
+        .expect_err("claims need version 5");
     assert_eq!(err.kind(), StoreErrorKind::Schema, "{err}");
 
     let file = || {

@@ -196,6 +196,17 @@ pub async fn concurrent_claims_never_share_a_message<H: StoreHarness>(h: H) {
                 if claim.is_empty() {
                     return got;
                 }
+                // Settled, as the relay settles every claim: a store may hold resources (a
+                // connection, a transaction) for each claim until then.
+                tokio::task::yield_now().await;
+                let settlement = Settlement {
+                    published: ids(&claim),
+                    ..Settlement::default()
+                };
+                store
+                    .settle(claim.token, &settlement)
+                    .await
+                    .expect("settle");
                 got.extend(claim.messages.into_iter().map(|m| m.id));
             }
         }));

@@ -385,6 +385,11 @@ pub mod pg {
         PgHarness::new().await
     }
 
+    /// The conformance factory with claims by lease instead of held transactions.
+    pub async fn harness_leased() -> Option<PgHarness> {
+        PgHarness::with_config(fresh_config().claims(outbox_sqlx::ClaimMode::Lease)).await
+    }
+
     /// The conformance factory on tables created by running `schema_script` as another
     /// migration tool would, instead of `migrate`.
     pub async fn harness_from_script() -> Option<PgHarness> {
