@@ -25,17 +25,6 @@ pub(crate) struct HeldClaim<DB: Database> {
 }
 
 impl<DB: Database> HeldClaim<DB> {
-    /// The rows of `ids` this claim holds, in the order of `ids`; the others are not this
-    /// claim's (fenced).
-    pub(crate) fn rows_of<'a>(
-        &'a self,
-        ids: impl IntoIterator<Item = &'a MessageId>,
-    ) -> Vec<&'a str> {
-        ids.into_iter()
-            .filter_map(|id| self.rows.get(id).map(String::as_str))
-            .collect()
-    }
-
     /// How many of the settlement's messages this claim holds.
     pub(crate) fn holds(&self, settlement: &Settlement) -> u64 {
         let ids = settlement

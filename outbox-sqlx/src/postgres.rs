@@ -386,11 +386,12 @@ impl PostgresStore {
             return Ok(sql::settled(settlement, 0));
         }
         let applied = claim.holds(settlement);
+        let HeldClaim { mut tx, rows, .. } = claim;
+        let row = |id: &MessageId| rows.get(id).cloned();
         let t = &inner.names.table;
         // The transaction began at the claim: times are the statement's.
         let now = "statement_timestamp()";
-        let mut statements: Vec<(String, Vec<Vec<String>>, Vec<i64>)> = Vec::new();
-        let published: Vec<String> = owned(claim.rows_of(&settlement.published));
+        let published: Vec<String> = settlement.published.iter().filter_map(row).collect();
         if !published.is_empty() {
             let text = if inner.config.retention.is_some() {
                 format!(
@@ -400,64 +401,53 @@ impl PostgresStore {
             } else {
                 format!("DELETE FROM {t} WHERE ctid = ANY($1::text[]::tid[])")
             };
-            statements.push((text, vec![published], Vec::new()));
+            sqlx::query(&text)
+                .bind(published)
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
         }
-        let retry: Vec<_> = settlement
+        let (retried, (errors, delays)): (Vec<String>, (Vec<&str>, Vec<i64>)) = settlement
             .retry
             .iter()
-            .filter_map(|r| Some((claim.rows.get(&r.id)?.clone(), r)))
-            .collect();
-        if !retry.is_empty() {
-            statements.push((
-                format!(
-                    "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
-                     available_at = {now} + v.delay * interval '1 microsecond' \
-                     FROM unnest($1::text[]::tid[], $2::text[], $3::int8[]) AS v(row_id, error, delay) \
-                     WHERE o.ctid = v.row_id"
-                ),
-                vec![
-                    retry.iter().map(|(row, _)| row.clone()).collect(),
-                    retry.iter().map(|(_, r)| r.error.clone()).collect(),
-                ],
-                retry.iter().map(|(_, r)| sql::micros(r.delay)).collect(),
-            ));
+            .filter_map(|r| Some((row(&r.id)?, (r.error.as_str(), sql::micros(r.delay)))))
+            .unzip();
+        if !retried.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                 available_at = {now} + v.delay * interval '1 microsecond' \
+                 FROM unnest($1::text[]::tid[], $2::text[], $3::int8[]) AS v(row_id, error, delay) \
+                 WHERE o.ctid = v.row_id"
+            ))
+            .bind(retried)
+            .bind(errors)
+            .bind(delays)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
         }
-        let dead: Vec<_> = settlement
+        let (dead, errors): (Vec<String>, Vec<&str>) = settlement
             .dead
             .iter()
-            .filter_map(|d| Some((claim.rows.get(&d.id)?.clone(), d.error.clone())))
-            .collect();
+            .filter_map(|d| Some((row(&d.id)?, d.error.as_str())))
+            .unzip();
         if !dead.is_empty() {
-            let (rows, errors) = dead.into_iter().unzip();
-            statements.push((
-                format!(
-                    "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
-                     state = {DEAD}, dead_at = {now} \
-                     FROM unnest($1::text[]::tid[], $2::text[]) AS v(row_id, error) \
-                     WHERE o.ctid = v.row_id"
-                ),
-                vec![rows, errors],
-                Vec::new(),
-            ));
+            sqlx::query(&format!(
+                "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
+                 state = {DEAD}, dead_at = {now} \
+                 FROM unnest($1::text[]::tid[], $2::text[]) AS v(row_id, error) \
+                 WHERE o.ctid = v.row_id"
+            ))
+            .bind(dead)
+            .bind(errors)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
         }
-        let mut tx = claim.tx;
-        for (text, texts, ints) in &statements {
-            let mut query = sqlx::query(text);
-            for arg in texts {
-                query = query.bind(arg);
-            }
-            if !ints.is_empty() {
-                query = query.bind(ints);
-            }
-            query.execute(&mut *tx).await.doing(DOING)?;
-        }
+        // Released messages need nothing: the commit unlocks them as they were.
         tx.commit().await.doing(DOING)?;
         Ok(sql::settled(settlement, applied))
     }
-}
-
-fn owned(rows: Vec<&str>) -> Vec<String> {
-    rows.into_iter().map(str::to_owned).collect()
 }
 
 /// Claims by lease ([`ClaimMode::Lease`], schema version 3).
