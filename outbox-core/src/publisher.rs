@@ -28,6 +28,11 @@ pub struct Capabilities {
     /// Messages of one key given in one [`Publisher::publish`] call reach the broker in call
     /// order, and once one of them fails no later one of that key in the call is published.
     /// When false, the relay never puts two messages of one key in the same call.
+    ///
+    /// A publisher whose broker answers for each message only after the later ones were sent
+    /// can keep the second half only for failures it sees before sending; it may still offer
+    /// this as an option that its documentation says relaxes first-delivery order (the Kafka
+    /// and NATS publishers' `pipeline_keys`), never by default.
     pub ordered_per_key: bool,
 }
 

@@ -89,6 +89,17 @@ pub struct KafkaConfig {
     /// still queued to be confirmed or failed (default 30 s).
     #[serde(with = "humantime_serde")]
     pub flush_timeout: Duration,
+    /// Lets the relay put several messages of one key in a call (default false): they go to
+    /// the key's partition in order, and the idempotent producer keeps that order through its
+    /// retries, so a key with a backlog (one aggregate, one tenant) drains as fast as many keys
+    /// do, instead of one delivery round trip per message.
+    ///
+    /// What it relaxes: when a message fails after the later messages of its key in the call
+    /// were handed to the producer (a delivery timeout, a message the broker refuses), those
+    /// may still be delivered, and the failed one, retried, arrives after them. A message the
+    /// producer refuses at once (too large, an unknown topic, a full queue) stops the key's
+    /// later messages in the call. Without it, first deliveries of a key are always in order.
+    pub pipeline_keys: bool,
 }
 
 impl Default for KafkaConfig {
@@ -101,6 +112,7 @@ impl Default for KafkaConfig {
             enqueue_timeout: Duration::from_secs(5),
             check_timeout: Duration::from_secs(5),
             flush_timeout: Duration::from_secs(30),
+            pipeline_keys: false,
         }
     }
 }
@@ -147,6 +159,12 @@ impl KafkaConfig {
     /// Sets [`KafkaConfig::check_timeout`].
     pub fn check_timeout(mut self, timeout: Duration) -> Self {
         self.check_timeout = timeout;
+        self
+    }
+
+    /// Sets [`KafkaConfig::pipeline_keys`].
+    pub fn pipeline_keys(mut self, pipeline: bool) -> Self {
+        self.pipeline_keys = pipeline;
         self
     }
 
@@ -289,6 +307,7 @@ impl fmt::Debug for KafkaConfig {
             .field("enqueue_timeout", &self.enqueue_timeout)
             .field("check_timeout", &self.check_timeout)
             .field("flush_timeout", &self.flush_timeout)
+            .field("pipeline_keys", &self.pipeline_keys)
             .finish()
     }
 }

@@ -1,5 +1,6 @@
 //! [`KafkaPublisher`]: an idempotent librdkafka producer with `acks=all`, pipelining each batch.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -217,7 +218,18 @@ impl Publisher for KafkaPublisher {
         let mut outcomes: Vec<Option<PublishOutcome>> = batch.iter().map(|_| None).collect();
         let mut pending = Vec::with_capacity(batch.len());
 
+        // Keys with a message the producer refused in this call (pipelined keys only): their
+        // later messages are not handed to it.
+        let mut failed_keys: HashSet<&str> = HashSet::new();
         for (index, msg) in batch.iter().enumerate() {
+            if let Some(key) = msg.key.as_deref()
+                && failed_keys.contains(key)
+            {
+                outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(
+                    "not sent: an earlier message of its key failed in this call",
+                )));
+                continue;
+            }
             let topic = config.topic_for(&msg.destination);
             let mut record = FutureRecord::<str, [u8]>::to(&topic)
                 .payload(msg.payload.as_slice())
@@ -228,6 +240,7 @@ impl Publisher for KafkaPublisher {
             match enqueue(&producer, record, deadline).await {
                 Ok(delivery) => pending.push((index, delivery)),
                 Err(err) => {
+                    failed_keys.extend(msg.key.as_deref());
                     debug!(target: "outbox_kafka", id = %msg.id, %topic, error = %err, "message refused by the producer");
                     outcomes[index] = Some(PublishOutcome::Failed(publish_error(err, &topic)));
                 }
@@ -283,12 +296,13 @@ impl Publisher for KafkaPublisher {
             .collect())
     }
 
-    /// Not ordered per key. The idempotent producer keeps the messages of one partition in
-    /// order, but when one of them fails (a delivery timeout, a message too large) the later
-    /// ones of its key in the same call may still be delivered, which the relay must not see.
-    /// So the relay sends at most one message per key in a call.
+    /// Not ordered per key unless [`KafkaConfig::pipeline_keys`] says so. The idempotent
+    /// producer keeps the messages of one partition in order, but when one of them fails (a
+    /// delivery timeout, a message the broker refuses) the later ones of its key in the same
+    /// call may still be delivered. By default the relay therefore sends at most one message
+    /// per key in a call; `pipeline_keys` accepts that relaxation for speed.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().ordered_per_key(false)
+        Capabilities::default().ordered_per_key(self.inner.config.pipeline_keys)
     }
 
     /// Fetches the cluster metadata; fails when no broker answers within

@@ -4,3 +4,15 @@
 mod common;
 
 outbox_testkit::publisher_suite!(common::harness);
+
+/// The suite again with `pipeline_keys`: calls then carry several messages of a key.
+mod pipelined {
+    use super::common::{KafkaHarness, admin_or_skip};
+
+    async fn harness() -> Option<KafkaHarness> {
+        let admin = admin_or_skip().await?;
+        Some(KafkaHarness::with(admin, |config| config.pipeline_keys(true)).await)
+    }
+
+    outbox_testkit::publisher_suite!(harness);
+}

@@ -376,3 +376,42 @@ async fn tls_and_zstd_follow_the_crate_features() {
         KafkaPublisher::new(KafkaConfig::default().property("compression.type", "zstd")).await;
     assert_eq!(zstd.is_ok(), cfg!(feature = "zstd"), "{zstd:?}");
 }
+
+/// With `pipeline_keys`, a message the producer refuses at once (larger than
+/// `message.max.bytes`) stops the later messages of its key in the call; other keys go on, and
+/// what was sent arrives in call order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_keys_stop_at_a_message_the_producer_refuses() {
+    let Some(admin) = admin_or_skip().await else {
+        return;
+    };
+    let h = KafkaHarness::with(admin, |config| config.pipeline_keys(true)).await;
+    let publisher = h.publisher();
+    assert!(publisher.capabilities().ordered_per_key);
+    let topic = h.destination();
+    let keyed = |key: &str, payload: Vec<u8>| {
+        Message::new(NewMessage::new(topic.clone(), payload).key(key), Utc::now())
+    };
+    let batch = vec![
+        keyed("k", b"k0".to_vec()),
+        keyed("k", vec![b'x'; common::MAX_MESSAGE_BYTES * 2]),
+        keyed("k", b"k2".to_vec()),
+        keyed("j", b"j0".to_vec()),
+    ];
+    let outcomes = publisher.publish(&batch).await.expect("publish");
+    assert!(outcomes[0].is_published(), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[1], PublishOutcome::Failed(err) if !err.is_transient()),
+        "{outcomes:?}"
+    );
+    let PublishOutcome::Failed(err) = &outcomes[2] else {
+        panic!("k's later message was sent after k failed: {outcomes:?}");
+    };
+    assert!(err.is_transient() && err.to_string().contains("earlier message of its key"));
+    assert!(outcomes[3].is_published(), "{outcomes:?}");
+    let got = h.read(2, Duration::from_secs(20)).await;
+    let mut payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, vec![&b"j0"[..], b"k0"]);
+    h.teardown().await;
+}

@@ -209,6 +209,19 @@ pub struct NatsConfig {
     /// Client name shown in the server's monitoring (default `outbox-nats`).
     #[serde(default = "default_name")]
     pub connection_name: String,
+    /// Lets the relay put several messages of one key in a call (default false), sent in order
+    /// on the one connection with their acks pipelined, instead of one message per key per
+    /// call: a key with a backlog (one aggregate, one tenant) then drains as fast as many
+    /// keys do, instead of one publish round trip per message.
+    ///
+    /// What it relaxes: when the stream refuses a message after the later messages of its key
+    /// in the call were sent (no stream on its subject, a stream limit, no ack in time), those
+    /// later messages may be stored, and the failed one, retried, arrives after them. A
+    /// failure found before sending (an invalid subject or header, a lost connection) stops the
+    /// key's later messages in the call, as does an ack failure that comes back before they
+    /// are sent. Without it, first deliveries of a key are always in order.
+    #[serde(default)]
+    pub pipeline_keys: bool,
 }
 
 fn default_key_header() -> Option<String> {
@@ -243,6 +256,7 @@ impl NatsConfig {
             ping_interval: default_ping_interval(),
             ensure_stream: None,
             connection_name: default_name(),
+            pipeline_keys: false,
         }
     }
 
@@ -285,6 +299,12 @@ impl NatsConfig {
     /// Sets [`NatsConfig::ensure_stream`].
     pub fn ensure_stream(mut self, stream: StreamSpec) -> Self {
         self.ensure_stream = Some(stream);
+        self
+    }
+
+    /// Sets [`NatsConfig::pipeline_keys`].
+    pub fn pipeline_keys(mut self, pipeline: bool) -> Self {
+        self.pipeline_keys = pipeline;
         self
     }
 
@@ -414,6 +434,7 @@ impl fmt::Debug for NatsConfig {
             .field("ping_interval", &self.ping_interval)
             .field("ensure_stream", &self.ensure_stream)
             .field("connection_name", &self.connection_name)
+            .field("pipeline_keys", &self.pipeline_keys)
             .finish()
     }
 }

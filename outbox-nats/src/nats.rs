@@ -1,6 +1,6 @@
 //! [`NatsPublisher`]: publishes outbox messages to JetStream with a window of acks in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -309,25 +309,32 @@ impl Inner {
         let mut in_flight = FuturesOrdered::new();
         let window = self.config.max_acks_in_flight;
 
+        // Keys with a failed message in this call (pipelined keys only): their later messages
+        // are not sent.
+        let mut failed_keys: HashSet<String> = HashSet::new();
         let settle = |index: usize,
                       result: Result<PublishAck, jetstream::context::PublishError>,
                       outcomes: &mut [Option<PublishOutcome>],
                       no_stream: &mut Vec<usize>,
-                      lost: &mut Option<String>| {
+                      lost: &mut Option<String>,
+                      failed_keys: &mut HashSet<String>| {
             // A duplicate ack means the stream already holds this id: published.
             let outcome = match result {
                 Ok(_ack) => PublishOutcome::Published,
-                Err(err) => match classify(err) {
-                    Failure::NoStream => {
-                        no_stream.push(index);
-                        return;
+                Err(err) => {
+                    failed_keys.extend(batch[index].key.clone());
+                    match classify(err) {
+                        Failure::NoStream => {
+                            no_stream.push(index);
+                            return;
+                        }
+                        Failure::Lost(err) => {
+                            lost.get_or_insert_with(|| err.to_chain_string());
+                            PublishOutcome::Failed(err)
+                        }
+                        Failure::Message(err) => PublishOutcome::Failed(err),
                     }
-                    Failure::Lost(err) => {
-                        lost.get_or_insert_with(|| err.to_chain_string());
-                        PublishOutcome::Failed(err)
-                    }
-                    Failure::Message(err) => PublishOutcome::Failed(err),
-                },
+                }
             };
             outcomes[index] = Some(outcome);
         };
@@ -342,16 +349,34 @@ impl Inner {
                 ))));
                 continue;
             }
+            if msg
+                .key
+                .as_deref()
+                .is_some_and(|key| failed_keys.contains(key))
+            {
+                outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(
+                    "not sent: an earlier message of its key failed in this call",
+                )));
+                continue;
+            }
             let (subject, headers) = match self.prepare(msg) {
                 Ok(prepared) => prepared,
                 Err(err) => {
+                    failed_keys.extend(msg.key.clone());
                     outcomes[index] = Some(PublishOutcome::Failed(err));
                     continue;
                 }
             };
             while in_flight.len() >= window {
                 if let Some((done, result)) = in_flight.next().await {
-                    settle(done, result, &mut outcomes, &mut no_stream, &mut lost);
+                    settle(
+                        done,
+                        result,
+                        &mut outcomes,
+                        &mut no_stream,
+                        &mut lost,
+                        &mut failed_keys,
+                    );
                 }
             }
             // Sending waits for room in the client's buffer and in the context's in-flight
@@ -368,11 +393,25 @@ impl Inner {
                 });
             match sent {
                 Ok(ack) => in_flight.push_back(async move { (index, ack.await) }),
-                Err(err) => settle(index, Err(err), &mut outcomes, &mut no_stream, &mut lost),
+                Err(err) => settle(
+                    index,
+                    Err(err),
+                    &mut outcomes,
+                    &mut no_stream,
+                    &mut lost,
+                    &mut failed_keys,
+                ),
             }
         }
         while let Some((done, result)) = in_flight.next().await {
-            settle(done, result, &mut outcomes, &mut no_stream, &mut lost);
+            settle(
+                done,
+                result,
+                &mut outcomes,
+                &mut no_stream,
+                &mut lost,
+                &mut failed_keys,
+            );
         }
 
         let mut lookups: HashMap<String, (bool, String)> = HashMap::new();
@@ -465,9 +504,9 @@ impl Publisher for NatsPublisher {
 
     /// Messages of a call are sent in order on one connection, but with acks pipelined a later
     /// message of a key can be stored after an earlier one failed: no per-key promise within a
-    /// call.
+    /// call, unless [`NatsConfig::pipeline_keys`] accepts that relaxation.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities::default().ordered_per_key(self.inner.config.pipeline_keys)
     }
 
     /// Connected, JetStream answering for the account, and the configured stream in place.

@@ -10,3 +10,14 @@ async fn harness() -> Option<NatsHarness> {
 }
 
 outbox_testkit::publisher_suite!(harness);
+
+/// The suite again with `pipeline_keys`: calls then carry several messages of a key.
+mod pipelined {
+    use super::common::{NatsHarness, Options};
+
+    async fn harness() -> Option<NatsHarness> {
+        NatsHarness::with(Options::default(), |config| config.pipeline_keys(true)).await
+    }
+
+    outbox_testkit::publisher_suite!(harness);
+}

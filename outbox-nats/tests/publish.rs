@@ -310,3 +310,46 @@ async fn throughput_with_acks_in_flight() {
     assert_eq!(ids.len(), total);
     h.teardown().await;
 }
+
+/// With `pipeline_keys`, what a failure in the middle of a key's run does, as documented: a
+/// failure found before sending stops the key's later messages in the call; a refusal by the
+/// server after they were sent does not (the relaxation the setting accepts).
+#[tokio::test]
+async fn pipelined_keys_stop_at_a_failure_found_before_sending() {
+    let Some(h) = NatsHarness::with(Options::default(), |config| config.pipeline_keys(true)).await
+    else {
+        return;
+    };
+    assert!(h.publisher().capabilities().ordered_per_key);
+    let dest = h.destination();
+    let keyed = |dest: &str, i: usize| stored(NewMessage::new(dest, format!("{i}")).key("k"));
+
+    // An invalid subject fails before sending: the later messages of k are not sent; other
+    // keys go on.
+    let batch = vec![
+        keyed(&dest, 0),
+        keyed("not a subject", 1),
+        keyed(&dest, 2),
+        stored(NewMessage::new(dest.clone(), "other").key("j")),
+    ];
+    let outcomes = h.publisher().publish(&batch).await.expect("publish");
+    assert!(outcomes[0].is_published(), "{outcomes:?}");
+    assert!(permanent(&outcomes[1]), "{outcomes:?}");
+    let PublishOutcome::Failed(err) = &outcomes[2] else {
+        panic!("k's later message was sent after k failed: {outcomes:?}");
+    };
+    assert!(err.is_transient() && err.to_string().contains("earlier message of its key"));
+    assert!(outcomes[3].is_published(), "{outcomes:?}");
+
+    // A subject without a stream is refused by the server once sent: the later message of k,
+    // sent before that answer came, is stored.
+    let nowhere = h.invalid_destination().expect("a subject without stream");
+    let batch = vec![keyed(&nowhere, 3), keyed(&dest, 4)];
+    let outcomes = h.publisher().publish(&batch).await.expect("publish");
+    assert!(permanent(&outcomes[0]), "{outcomes:?}");
+    assert!(outcomes[1].is_published(), "{outcomes:?}");
+    let got = h.read(3, READ).await;
+    let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"0"[..], b"other", b"4"]);
+    h.teardown().await;
+}

@@ -212,10 +212,15 @@ pub struct KafkaHarness {
 
 impl KafkaHarness {
     pub async fn new(admin: Admin) -> Self {
+        Self::with(admin, |config| config).await
+    }
+
+    /// A harness whose publisher's configuration `configure` adjusts.
+    pub async fn with(admin: Admin, configure: impl FnOnce(KafkaConfig) -> KafkaConfig) -> Self {
         let brokers = brokers();
         let topic = env::unique_name("outbox_kafka");
         admin.create_topic(&topic, 3).await;
-        let publisher = KafkaPublisher::new(publisher_config(&brokers))
+        let publisher = KafkaPublisher::new(configure(publisher_config(&brokers)))
             .await
             .expect("publisher");
         let reader = Mutex::new(Reader::new(&brokers, &topic));
