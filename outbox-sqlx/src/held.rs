@@ -14,17 +14,40 @@ use std::time::Instant;
 use outbox_core::{LeaseToken, MessageId, Settlement};
 use sqlx::{Database, Transaction};
 
-/// One claim's open transaction.
-pub(crate) struct HeldClaim<DB: Database> {
-    /// The lease's end, on this process's clock; the database ends the transaction on its
-    /// own a little later (its idle timeout counts from the claim's answer).
-    pub(crate) until: Instant,
-    pub(crate) tx: Transaction<'static, DB>,
-    /// Each claimed message's row, as the database addresses it within the transaction.
-    pub(crate) rows: HashMap<MessageId, String>,
+use crate::sql::RowParts;
+
+/// The rows one claim holds: how the database addresses each message's row within the
+/// transaction, and what later claims must pass over while it is held.
+#[derive(Debug, Default)]
+pub(crate) struct HeldRows {
+    rows: HashMap<MessageId, String>,
+    /// Keys of the claimed messages: their later messages wait for these.
+    keys: Vec<String>,
+    /// Sequence numbers of the claimed messages without a key.
+    keyless: Vec<i64>,
 }
 
-impl<DB: Database> HeldClaim<DB> {
+impl HeldRows {
+    /// The rows of claimed messages, each with its row address.
+    pub(crate) fn new<'a>(parts: impl IntoIterator<Item = (&'a RowParts, String)>) -> Self {
+        let mut held = Self::default();
+        for (part, row) in parts {
+            match part.key.as_ref().ok().and_then(Option::as_ref) {
+                Some(key) => held.keys.push(key.clone()),
+                None => held.keyless.push(part.seq),
+            }
+            held.rows.insert(part.id, row);
+        }
+        held.keys.sort_unstable();
+        held.keys.dedup();
+        held
+    }
+
+    /// The row of message `id`, when this claim holds it.
+    pub(crate) fn row(&self, id: &MessageId) -> Option<String> {
+        self.rows.get(id).cloned()
+    }
+
     /// How many of the settlement's messages this claim holds.
     pub(crate) fn holds(&self, settlement: &Settlement) -> u64 {
         let ids = settlement
@@ -35,6 +58,15 @@ impl<DB: Database> HeldClaim<DB> {
             .chain(&settlement.release);
         ids.filter(|id| self.rows.contains_key(id)).count() as u64
     }
+}
+
+/// One claim's open transaction.
+pub(crate) struct HeldClaim<DB: Database> {
+    /// The lease's end, on this process's clock; the database ends the transaction on its
+    /// own a little later (its idle timeout counts from the claim's answer).
+    pub(crate) until: Instant,
+    pub(crate) tx: Transaction<'static, DB>,
+    pub(crate) rows: HeldRows,
 }
 
 /// The claims a store holds open, by token.
@@ -61,10 +93,23 @@ impl<DB: Database> std::fmt::Debug for Held<DB> {
 impl<DB: Database> Held<DB> {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseToken, HeldClaim<DB>>> {
         // A panic while the map was locked cannot leave it half-changed: every use is one
-        // insert or remove.
+        // insert, remove or read.
         self.claims
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The keys, and the keyless rows' sequence numbers, of every claim held: a new claim
+    /// passes over them.
+    pub(crate) fn in_flight(&self) -> (Vec<String>, Vec<i64>) {
+        let claims = self.lock();
+        let mut keys = Vec::new();
+        let mut keyless = Vec::new();
+        for claim in claims.values() {
+            keys.extend(claim.rows.keys.iter().cloned());
+            keyless.extend(&claim.rows.keyless);
+        }
+        (keys, keyless)
     }
 
     /// Keeps `claim` open under `token`.
@@ -79,7 +124,7 @@ impl<DB: Database> Held<DB> {
 
     /// Removes the claims whose lease ended (or every claim, with `all`), for the caller to
     /// roll back.
-    pub(crate) fn expired(&self, all: bool) -> Vec<HeldClaim<DB>> {
+    fn expired(&self, all: bool) -> Vec<HeldClaim<DB>> {
         let now = Instant::now();
         let mut claims = self.lock();
         let ended: Vec<LeaseToken> = claims

@@ -208,6 +208,17 @@ async fn a_row_locked_elsewhere_still_holds_back_its_key() {
         vec![ids[1]],
         "a1 is skipped while locked, and a2 waits for it"
     );
+    // A held claim may keep a2 locked, unreturned, until it settles.
+    store
+        .settle(
+            claim.token,
+            &outbox_core::Settlement {
+                published: vec![ids[1]],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("settle");
     locker.rollback().await.expect("unlock");
     let claim = store
         .claim(&relay, 10, Duration::from_secs(30))
