@@ -1,10 +1,12 @@
 //! The three brokers, each with a destination of its own: topology set up and removed, the
 //! raw publish baseline (acks pipelined, the same client crate as the publisher), the
-//! publisher under test, and what arrived.
+//! publisher under test, and what arrived; and a no-op sink, which takes the broker away to
+//! show what the relay costs by itself.
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream::Config as StreamConfig};
@@ -16,7 +18,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use outbox_core::{DynPublisher, MESSAGE_ID_HEADER, MessageId};
+use outbox_core::{
+    Capabilities, DynPublisher, MESSAGE_ID_HEADER, Message, MessageId, PublishError,
+    PublishOutcome, Publisher,
+};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -25,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::Res;
 use crate::services::{Services, reachable};
-use crate::workload;
+use crate::workload::{self, Keys};
 
 /// Acks awaited at once by the raw publish baselines.
 pub(crate) const RAW_WINDOW: usize = 1024;
@@ -36,6 +41,8 @@ pub(crate) enum BrokerKind {
     Nats,
     Kafka,
     Amqp,
+    /// No broker: a publisher that confirms every message at once.
+    Noop,
 }
 
 impl BrokerKind {
@@ -44,6 +51,7 @@ impl BrokerKind {
             BrokerKind::Nats => "nats",
             BrokerKind::Kafka => "kafka",
             BrokerKind::Amqp => "amqp",
+            BrokerKind::Noop => "noop",
         }
     }
 
@@ -52,13 +60,14 @@ impl BrokerKind {
             "nats" => Some(BrokerKind::Nats),
             "kafka" => Some(BrokerKind::Kafka),
             "amqp" | "rabbitmq" => Some(BrokerKind::Amqp),
+            "noop" => Some(BrokerKind::Noop),
             _ => None,
         }
     }
 }
 
 /// A destination created for one measurement: a JetStream stream (file storage), a Kafka
-/// topic of 3 partitions, or an AMQP direct exchange bound to a durable queue.
+/// topic of 3 partitions, an AMQP direct exchange bound to a durable queue, or a no-op sink.
 pub(crate) struct Broker {
     pub(crate) kind: BrokerKind,
     pub(crate) name: String,
@@ -66,6 +75,34 @@ pub(crate) struct Broker {
     nats: Option<jetstream::Context>,
     kafka: Option<AdminClient<DefaultClientContext>>,
     amqp: Option<Connection>,
+    noop: Option<Arc<NoopPublisher>>,
+}
+
+/// The `noop` broker's publisher: confirms every message at once, without I/O, and only
+/// counts them (a [`outbox_core::MemoryPublisher`] would keep them all).
+#[derive(Debug, Default)]
+pub(crate) struct NoopPublisher {
+    confirmed: AtomicU64,
+}
+
+impl NoopPublisher {
+    /// Messages confirmed so far.
+    pub(crate) fn confirmed(&self) -> u64 {
+        self.confirmed.load(Ordering::Relaxed)
+    }
+}
+
+impl Publisher for NoopPublisher {
+    async fn publish(&self, batch: &[Message]) -> Result<Vec<PublishOutcome>, PublishError> {
+        self.confirmed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(batch.iter().map(|_| PublishOutcome::Published).collect())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // Confirmed in call order, and nothing ever fails.
+        Capabilities::default().ordered_per_key(true)
+    }
 }
 
 /// Librdkafka settings of the publisher, and `linger_ms`.
@@ -90,6 +127,7 @@ impl Broker {
             nats: None,
             kafka: None,
             amqp: None,
+            noop: None,
         };
         match kind {
             BrokerKind::Nats => {
@@ -152,6 +190,7 @@ impl Broker {
                     .await?;
                 broker.amqp = Some(connection);
             }
+            BrokerKind::Noop => broker.noop = Some(Arc::new(NoopPublisher::default())),
         }
         Ok(broker)
     }
@@ -162,22 +201,30 @@ impl Broker {
             BrokerKind::Nats => format!("{}.events", self.name),
             BrokerKind::Kafka => self.name.clone(),
             BrokerKind::Amqp => format!("{}/events", self.name),
+            BrokerKind::Noop => format!("{}.events", self.name),
         }
     }
 
-    /// The publisher under test, with its defaults (Kafka: `linger_ms`).
-    pub(crate) async fn publisher(&self, linger_ms: u32) -> Res<Arc<dyn DynPublisher>> {
+    /// The publisher under test, with its defaults (Kafka: `linger_ms`); for `noop`, the one
+    /// sink of the destination, whatever the call.
+    pub(crate) async fn publisher(
+        &self,
+        linger_ms: u32,
+        pipeline_keys: bool,
+    ) -> Res<Arc<dyn DynPublisher>> {
         Ok(match self.kind {
             BrokerKind::Nats => Arc::new(
-                outbox_nats::NatsPublisher::connect(outbox_nats::NatsConfig::new(
-                    self.services.nats.as_str(),
-                ))
+                outbox_nats::NatsPublisher::connect(
+                    outbox_nats::NatsConfig::new(self.services.nats.as_str())
+                        .pipeline_keys(pipeline_keys),
+                )
                 .await?,
             ),
             BrokerKind::Kafka => Arc::new(
                 outbox_kafka::KafkaPublisher::new(
                     outbox_kafka::KafkaConfig::new(self.services.kafka.as_str())
-                        .property("linger.ms", linger_ms.to_string()),
+                        .property("linger.ms", linger_ms.to_string())
+                        .pipeline_keys(pipeline_keys),
                 )
                 .await?,
             ),
@@ -187,13 +234,20 @@ impl Broker {
                 ))
                 .await?,
             ),
+            BrokerKind::Noop => self.noop.clone().ok_or("no sink")?,
         })
+    }
+
+    /// Messages the `noop` sink confirmed so far (`None` for a real broker).
+    pub(crate) fn sink_confirmed(&self) -> Option<u64> {
+        self.noop.as_ref().map(|sink| sink.confirmed())
     }
 
     /// The raw publish baseline's client, connected and warmed by one acknowledged message
     /// (a new Kafka producer takes about half a second over its first delivery, which is
-    /// start-up, not throughput); what it publishes is purged with the rest.
-    pub(crate) async fn raw_publisher(&self, keys: u64) -> Res<RawPublisher> {
+    /// start-up, not throughput); what it publishes is purged with the rest. There is none for
+    /// `noop`: without I/O, nothing would be measured.
+    pub(crate) async fn raw_publisher(&self, keys: Keys) -> Res<RawPublisher> {
         let client = match self.kind {
             BrokerKind::Nats => {
                 let client = async_nats::connect(self.services.nats.as_str()).await?;
@@ -217,6 +271,7 @@ impl Broker {
                     .await?;
                 RawClient::Amqp(connection, channel)
             }
+            BrokerKind::Noop => return Err("the noop sink has no raw publish".into()),
         };
         let raw = RawPublisher {
             client,
@@ -232,7 +287,8 @@ impl Broker {
     }
 
     /// Messages the destination holds (NATS: the stream; AMQP: the queue), `None` for Kafka
-    /// (tansu's offsets are not to be trusted: see [`Broker::read_nats`] for a real count).
+    /// (tansu's offsets are not to be trusted: see [`Broker::read_nats`] for a real count) and
+    /// for the `noop` sink, which holds nothing.
     pub(crate) async fn stored(&self) -> Res<Option<u64>> {
         match self.kind {
             BrokerKind::Nats => {
@@ -240,7 +296,7 @@ impl Broker {
                 let mut stream = context.get_stream(&self.name).await?;
                 Ok(Some(stream.info().await?.state.messages))
             }
-            BrokerKind::Kafka => Ok(None),
+            BrokerKind::Kafka | BrokerKind::Noop => Ok(None),
             BrokerKind::Amqp => {
                 let connection = self.amqp.as_ref().ok_or("no AMQP connection")?;
                 let channel = connection.create_channel().await?;
@@ -266,7 +322,7 @@ impl Broker {
                 let context = self.nats.as_ref().ok_or("no NATS context")?;
                 context.get_stream(&self.name).await?.purge().await?;
             }
-            BrokerKind::Kafka => {}
+            BrokerKind::Kafka | BrokerKind::Noop => {}
             BrokerKind::Amqp => {
                 let connection = self.amqp.as_ref().ok_or("no AMQP connection")?;
                 let channel = connection.create_channel().await?;
@@ -351,6 +407,7 @@ impl Broker {
                         let _ = connection.close(200, "done".into()).await;
                     }
                 }
+                BrokerKind::Noop => {}
             }
             Ok(())
         }
@@ -382,7 +439,7 @@ pub(crate) struct RawPublisher {
     client: RawClient,
     destination: String,
     exchange: String,
-    keys: u64,
+    keys: Keys,
 }
 
 impl RawPublisher {

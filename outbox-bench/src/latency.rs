@@ -1,11 +1,13 @@
 //! Commit-to-ack latency at a steady rate: producers commit one message per transaction on
-//! PostgreSQL; the relay hears of them through LISTEN/NOTIFY only (no in-process wake-up) and
-//! publishes them. Each message's latency runs from its commit returning to the producer to
-//! the publisher reporting it acknowledged by the broker, both on this process's monotonic
-//! clock.
+//! PostgreSQL, and a contender hears of them through LISTEN/NOTIFY and publishes them: the
+//! relay (no in-process wake-up), then, on a table of its own at the same rate, a hand relay
+//! of one worker that also looks every 10 ms. Each message's latency runs from its commit
+//! returning to the producer to the publisher reporting it acknowledged by the broker, both on
+//! this process's monotonic clock; the breakdown places its claim and its publish call in
+//! between.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -18,10 +20,13 @@ use outbox_testkit::env::unique_name;
 use serde_json::json;
 
 use crate::brokers::{Broker, BrokerKind};
+use crate::hand::HandRelay;
 use crate::report::Report;
 use crate::services::Services;
 use crate::stores::{BenchStore, StoreKind};
-use crate::{Options, Res, Scenario, cpu, workload};
+use crate::timing::{Observer, TimedStore};
+use crate::workload::{self, Keys};
+use crate::{Options, Res, Scenario, cpu};
 
 /// Targets of PostgreSQL to NATS, in milliseconds: (p50, p99).
 const NATS_TARGET_MS: (f64, f64) = (0.35, 0.7);
@@ -37,26 +42,43 @@ pub(crate) async fn run(options: &Options, services: &Services, report: &mut Rep
     }
 }
 
+/// What relays the messages of a latency run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contender {
+    /// The relay, with its defaults.
+    Relay,
+    /// The hand relay, on one worker.
+    Hand,
+}
+
 #[derive(Default)]
 struct Stamp {
     committed: Option<Instant>,
+    /// When the claim that took it started and returned.
+    claimed: Option<(Instant, Instant)>,
     /// When the publish call that carried it started and returned.
     published: Option<(Instant, Instant)>,
     measured: bool,
 }
 
+/// Histograms in microseconds: per message, and per settle call.
 struct Hists {
     total: Histogram<u64>,
+    to_claim: Histogram<u64>,
+    claim: Histogram<u64>,
+    claim_to_call: Histogram<u64>,
     to_call: Histogram<u64>,
     call: Histogram<u64>,
+    settle: Histogram<u64>,
 }
 
-/// Commit and ack instants of every message, and the histograms (microseconds) of the ones
+/// Commit, claim and ack instants of every message, and the histograms of the ones committed
 /// past the warm-up.
 struct Stamps {
     stamps: Mutex<HashMap<MessageId, Stamp>>,
     hists: Mutex<Hists>,
-    measure_from: Instant,
+    /// Set when the producers start.
+    measure_from: OnceLock<Instant>,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -64,16 +86,20 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl Stamps {
-    fn new(measure_from: Instant) -> Res<Self> {
+    fn new() -> Res<Self> {
         let hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3);
         Ok(Self {
             stamps: Mutex::new(HashMap::new()),
             hists: Mutex::new(Hists {
                 total: hist()?,
+                to_claim: hist()?,
+                claim: hist()?,
+                claim_to_call: hist()?,
                 to_call: hist()?,
                 call: hist()?,
+                settle: hist()?,
             }),
-            measure_from,
+            measure_from: OnceLock::new(),
         })
     }
 
@@ -81,28 +107,46 @@ impl Stamps {
         let mut stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
         let stamp = stamps.entry(id).or_default();
         change(stamp);
-        if let (Some(committed), Some((start, end)), false) =
+        let (Some(committed), Some((start, end)), false) =
             (stamp.committed, stamp.published, stamp.measured)
-        {
-            stamp.measured = true;
-            if committed >= self.measure_from {
-                let mut hists = self.hists.lock().unwrap_or_else(PoisonError::into_inner);
-                let _ = hists
-                    .total
-                    .record(micros(end.saturating_duration_since(committed)));
-                let _ = hists
-                    .to_call
-                    .record(micros(start.saturating_duration_since(committed)));
-                let _ = hists
-                    .call
-                    .record(micros(end.saturating_duration_since(start)));
-            }
+        else {
+            return;
+        };
+        stamp.measured = true;
+        if self.measure_from.get().is_none_or(|from| committed < *from) {
+            return;
+        }
+        let mut hists = self.hists.lock().unwrap_or_else(PoisonError::into_inner);
+        let since =
+            |later: Instant, earlier: Instant| micros(later.saturating_duration_since(earlier));
+        let _ = hists.total.record(since(end, committed));
+        let _ = hists.to_call.record(since(start, committed));
+        let _ = hists.call.record(since(end, start));
+        if let Some((claim_start, claim_end)) = stamp.claimed {
+            let _ = hists.to_claim.record(since(claim_start, committed));
+            let _ = hists.claim.record(since(claim_end, claim_start));
+            let _ = hists.claim_to_call.record(since(start, claim_end));
         }
     }
 
     fn measured(&self) -> usize {
         let stamps = self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
         stamps.values().filter(|s| s.measured).count()
+    }
+}
+
+impl Observer for Stamps {
+    fn claimed(&self, ids: &[MessageId], started: Instant, returned: Instant) {
+        for id in ids {
+            self.update(*id, |s| s.claimed = Some((started, returned)));
+        }
+    }
+
+    fn settled(&self, took: Duration) {
+        if self.measure_from.get().is_some() {
+            let mut hists = self.hists.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = hists.settle.record(micros(took));
+        }
     }
 }
 
@@ -144,6 +188,9 @@ fn ms(micros: u64) -> f64 {
 }
 
 fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return json!(null);
+    }
     json!({
         "p50_ms": ms(h.value_at_quantile(0.5)),
         "p95_ms": ms(h.value_at_quantile(0.95)),
@@ -152,25 +199,40 @@ fn summary(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
+/// `a / b` to two decimals, when both are there.
+fn ratio(a: &serde_json::Value, b: &serde_json::Value) -> serde_json::Value {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 100.0).round() / 100.0),
+        _ => json!(null),
+    }
+}
+
 async fn measure(
     options: &Options,
     services: &Services,
     broker_kind: BrokerKind,
 ) -> Res<serde_json::Value> {
     let name = unique_name("bench_latency");
-    let store = BenchStore::create(StoreKind::Postgres, services, &name, 8).await?;
-    let broker = match Broker::setup(broker_kind, services, &name).await {
-        Ok(broker) => broker,
-        Err(err) => {
-            store.drop_all().await;
-            return Err(err);
-        }
-    };
-    let result = run_steady(options, services, &store, &broker).await;
+    let broker = Broker::setup(broker_kind, services, &name).await?;
+    let result = async {
+        let relay = contender_run(options, services, &broker, &name, Contender::Relay).await?;
+        let hand = contender_run(
+            options,
+            services,
+            &broker,
+            &format!("{name}_hand"),
+            Contender::Hand,
+        )
+        .await?;
+        Ok::<_, crate::BoxError>((relay, hand))
+    }
+    .await;
     broker.teardown().await;
-    store.drop_all().await;
-    let mut value = result?;
+    let (mut value, hand) = result?;
     value["pair"] = json!(format!("postgres-{}", broker_kind.name()));
+    value["p50_vs_hand"] = ratio(&value["p50_ms"], &hand["p50_ms"]);
+    value["p99_vs_hand"] = ratio(&value["p99_ms"], &hand["p99_ms"]);
+    value["hand"] = hand;
     if broker_kind == BrokerKind::Nats {
         let (p50, p99) = NATS_TARGET_MS;
         value["target_p50_ms"] = json!(p50);
@@ -183,11 +245,94 @@ async fn measure(
     Ok(value)
 }
 
+/// One contender's run on table `table` of its own.
+async fn contender_run(
+    options: &Options,
+    services: &Services,
+    broker: &Broker,
+    table: &str,
+    contender: Contender,
+) -> Res<serde_json::Value> {
+    let store = BenchStore::create(StoreKind::Postgres, services, table, 8).await?;
+    let result = run_steady(options, services, &store, broker, contender).await;
+    store.drop_all().await;
+    result
+}
+
+/// A contender relaying in a task of its own.
+enum Running {
+    Relay {
+        stop: tokio::sync::oneshot::Sender<()>,
+        running: tokio::task::JoinHandle<Result<(), outbox_core::RelayError>>,
+        store: TimedStore,
+    },
+    Hand {
+        stop: tokio::sync::oneshot::Sender<()>,
+        running: tokio::task::JoinHandle<Res<()>>,
+    },
+}
+
+impl Running {
+    async fn start(
+        contender: Contender,
+        store: &BenchStore,
+        publisher: Timed,
+        stamps: &Arc<Stamps>,
+    ) -> Res<Self> {
+        let config = RelayConfig::default();
+        let observer: Arc<dyn Observer> = Arc::clone(stamps) as Arc<dyn Observer>;
+        Ok(match contender {
+            Contender::Relay => {
+                let timed_store = TimedStore::new(store.dyn_store()).observed(observer);
+                let relay = Relay::builder(timed_store.clone(), publisher)
+                    .config(config)
+                    .build()?;
+                let (stop, running) = crate::drain::spawn_relay(relay);
+                Running::Relay {
+                    stop,
+                    running,
+                    store: timed_store,
+                }
+            }
+            Contender::Hand => {
+                let hand = HandRelay::new(store, Arc::new(publisher), config.batch_size)?
+                    .observed(observer);
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                // The table's trigger notifies on the store's channel: the table's name.
+                let running = tokio::spawn(Arc::new(hand).follow(store.table.clone(), stopped));
+                Running::Hand { stop, running }
+            }
+        })
+    }
+
+    /// Stops the contender; the relay's claim and settle timings over `over`, if it is the
+    /// relay.
+    async fn stop(self, over: Duration) -> Res<Option<serde_json::Value>> {
+        match self {
+            Running::Relay {
+                stop,
+                running,
+                store,
+            } => {
+                let _ = stop.send(());
+                running.await??;
+                Ok(Some(store.report(over)))
+            }
+            Running::Hand { stop, running } => {
+                let _ = stop.send(());
+                running.await??;
+                Ok(None)
+            }
+        }
+    }
+}
+
 async fn run_steady(
     options: &Options,
     services: &Services,
     store: &BenchStore,
     broker: &Broker,
+    contender: Contender,
 ) -> Res<serde_json::Value> {
     let rate = options.rate.max(1);
     let duration = options.latency_duration();
@@ -203,58 +348,60 @@ async fn run_steady(
     )
     .await?;
 
-    let started = Instant::now();
-    let stamps = Arc::new(Stamps::new(started + warmup)?);
+    let stamps = Arc::new(Stamps::new()?);
     let publisher = Timed {
-        inner: broker.publisher(0).await?,
+        inner: broker.publisher(0, options.pipeline_keys).await?,
         stamps: Arc::clone(&stamps),
     };
-    let timed_store = crate::timing::TimedStore::new(store.dyn_store());
-    let relay = Relay::builder(timed_store.clone(), publisher)
-        .config(RelayConfig::default())
-        .build()?;
-    let (stop, running) = crate::drain::spawn_relay(relay);
-    // Let the relay start listening.
+    let running = Running::start(contender, store, publisher, &stamps).await?;
+    // Let the contender start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let load = cpu::load();
     let cpu0 = cpu::sample(&[]);
     let started = Instant::now();
+    let _ = stamps.measure_from.set(started + warmup);
     let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(16));
-    for seq in 0..total {
-        ticker.tick().await;
-        let permit = Arc::clone(&in_flight).acquire_owned().await?;
-        let (producers, stamps) = (producers.clone(), Arc::clone(&stamps));
-        let msg: NewMessage = workload::message(&destination, seq, u64::MAX);
-        tasks.spawn(async move {
-            let id = msg.id();
-            let mut tx = producers.pool().begin().await?;
-            producers.enqueue(&mut *tx, msg).await?;
-            tx.commit().await?;
-            let committed = Instant::now();
-            stamps.update(id, |s| s.committed = Some(committed));
-            drop(permit);
-            Ok::<(), crate::BoxError>(())
-        });
-        while let Some(done) = tasks.try_join_next() {
+    let keys = Keys::one_per_message();
+    let produced: Res<()> = async {
+        for seq in 0..total {
+            ticker.tick().await;
+            let permit = Arc::clone(&in_flight).acquire_owned().await?;
+            let (producers, stamps) = (producers.clone(), Arc::clone(&stamps));
+            let msg: NewMessage = workload::message(&destination, seq, keys);
+            tasks.spawn(async move {
+                let id = msg.id();
+                let mut tx = producers.pool().begin().await?;
+                producers.enqueue(&mut *tx, msg).await?;
+                tx.commit().await?;
+                let committed = Instant::now();
+                stamps.update(id, |s| s.committed = Some(committed));
+                drop(permit);
+                Ok::<(), crate::BoxError>(())
+            });
+            while let Some(done) = tasks.try_join_next() {
+                done??;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
             done??;
         }
+        Ok(())
     }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    .await;
     let produced_in = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stamps.measured() < total as usize && Instant::now() < deadline {
+    while produced.is_ok() && stamps.measured() < total as usize && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cores = cpu::sample(&[]).cores_since(&cpu0);
-    let _ = stop.send(());
-    running.await??;
+    let store_calls = running.stop(produced_in).await;
     producers.pool().close().await;
+    produced?;
+    let store_calls = store_calls?;
     let acked = stamps.measured();
     if acked < total as usize {
         return Err(format!("{acked} of {total} messages acknowledged").into());
@@ -263,6 +410,10 @@ async fn run_steady(
     let hists = stamps.hists.lock().unwrap_or_else(PoisonError::into_inner);
     let total_h = &hists.total;
     let mut value = summary(total_h);
+    value["contender"] = json!(match contender {
+        Contender::Relay => "relay",
+        Contender::Hand => "hand relay, 1 worker",
+    });
     value["measured"] = json!(total_h.len());
     value["rate_msgs_per_s"] = json!(rate);
     value["achieved_msgs_per_s"] = json!((total as f64 / produced_in.as_secs_f64()).round());
@@ -274,9 +425,23 @@ async fn run_steady(
             .map(|q| json!([q, ms(total_h.value_at_quantile(*q))]))
             .collect::<Vec<_>>()
     );
+    // Where a message's time goes: from its commit to the start of the claim that took it,
+    // that claim, on to the publish call (the relay: the batch waiting its turn), the call up
+    // to the broker's ack; then, after the ack and outside the latency, the settle (the hand
+    // relay: its COMMIT), per call.
+    value["breakdown"] = json!({
+        "commit_to_claim": summary(&hists.to_claim),
+        "claim": summary(&hists.claim),
+        "claim_to_publish_call": summary(&hists.claim_to_call),
+        "publish_call": summary(&hists.call),
+        "settle": summary(&hists.settle),
+    });
     value["commit_to_publish_call"] = summary(&hists.to_call);
     value["publish_call"] = summary(&hists.call);
-    value["store_calls"] = timed_store.report(produced_in);
+    if let Some(store_calls) = store_calls {
+        value["store_calls"] = store_calls;
+    }
+    value["batch_size"] = json!(RelayConfig::default().batch_size);
     value["kafka_linger_ms"] = json!(if broker.kind == BrokerKind::Kafka {
         Some(0)
     } else {

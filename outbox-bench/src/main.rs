@@ -4,8 +4,10 @@
 //! Scenarios (each prints a table and one `RESULT {json}` line per result):
 //!
 //! - `enqueue`: business transactions with and without an outbox message, per store;
-//! - `drain`: a backlog relayed to a broker, against a raw publish and a raw table drain;
-//! - `latency`: commit-to-broker-ack at a steady rate, through LISTEN/NOTIFY;
+//! - `drain`: a backlog relayed to a broker, against a raw publish, a raw table drain and hand
+//!   relays (the naive relay a user would write) on 1 and 2 workers;
+//! - `latency`: commit-to-broker-ack at a steady rate, through LISTEN/NOTIFY, of the relay
+//!   and of a hand relay;
 //! - `scaling`: 1, 2 and 4 relay processes on one PostgreSQL table, per-key order checked;
 //! - `memory`: peak RSS of a relay process draining a large backlog.
 //!
@@ -17,6 +19,7 @@ mod child;
 mod cpu;
 mod drain;
 mod enqueue;
+mod hand;
 mod inbox;
 mod latency;
 mod plot;
@@ -36,6 +39,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::report::Report;
 use crate::services::Services;
+use crate::workload::{Keys, Workload};
 
 /// Boxed error of the bench: every failure ends the scenario it happened in.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -99,7 +103,8 @@ pub(crate) struct Options {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) scenarios: Vec<Scenario>,
     /// Drain pairs to run, as store-broker (default: postgres-nats, postgres-kafka,
-    /// postgres-amqp, mysql-nats, sqlite-nats).
+    /// postgres-amqp, postgres-noop, mysql-nats, sqlite-nats); broker `noop` confirms every
+    /// message at once without I/O.
     #[arg(long, value_delimiter = ',')]
     pub(crate) pairs: Vec<String>,
     /// Messages in the backlog of the drain and scaling scenarios [100000; quick 3000].
@@ -129,10 +134,17 @@ pub(crate) struct Options {
     /// Relay claims under way at once in the drain scenario (the relay's default: 2).
     #[arg(long, default_value_t = 2)]
     pub(crate) claims: usize,
-    /// Distinct keys per backlog, as messages per key (each key comes back every
-    /// `messages / keys_every` messages).
+    /// Messages per key of the `uniform` workload (each key comes back every
+    /// `messages / messages_per_key` messages).
     #[arg(long, default_value_t = 10)]
     pub(crate) messages_per_key: u64,
+    /// How the messages of the drain, scaling and memory backlogs spread over keys.
+    #[arg(long, value_enum, default_value_t = Workload::Uniform)]
+    pub(crate) workload: Workload,
+    /// Kafka and NATS publishers with `pipeline_keys`: a call carries several messages of a
+    /// key (off by default, as in the publishers).
+    #[arg(long)]
+    pub(crate) pipeline_keys: bool,
     /// Writes the drain and latency plot (SVG) here.
     #[arg(long)]
     pub(crate) plot: Option<PathBuf>,
@@ -166,8 +178,8 @@ impl Options {
         )
     }
 
-    pub(crate) fn keys_for(&self, messages: u64) -> u64 {
-        (messages / self.messages_per_key.max(1)).max(1)
+    pub(crate) fn keys_for(&self, messages: u64) -> Keys {
+        Keys::new(self.workload, messages, self.messages_per_key)
     }
 
     fn scenarios(&self) -> Vec<Scenario> {

@@ -1,5 +1,5 @@
-//! The plot of the documentation: drain throughput of the relay next to its two baselines,
-//! and the commit-to-ack latency distribution, as one SVG.
+//! The plot of the documentation: drain throughput of the relay next to its baselines, and
+//! the commit-to-ack latency distribution of the relay and of the hand relay, as one SVG.
 
 use std::path::Path;
 
@@ -9,16 +9,22 @@ use crate::Scenario;
 use crate::latency::QUANTILES;
 use crate::report::Report;
 
-const BAR_COLORS: [RGBColor; 3] = [
+const BAR_COLORS: [RGBColor; 5] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
 ];
-const SERIES: [(&str, &str); 3] = [
+const SERIES: [(&str, &str); 5] = [
     ("relay", "relay_msgs_per_s"),
     ("raw publish", "raw_publish_msgs_per_s"),
     ("raw drain", "raw_drain_msgs_per_s"),
+    ("hand, 1 worker", "hand1_msgs_per_s"),
+    ("hand, 2 workers", "hand2_msgs_per_s"),
 ];
+/// Width of one bar, in pair widths.
+const BAR: f64 = 0.76 / SERIES.len() as f64;
 
 /// Draws the plot to `path` (SVG).
 pub(crate) fn draw(report: &Report, path: &Path) -> crate::Res<()> {
@@ -38,7 +44,7 @@ fn throughput<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let drains: Vec<(&str, [f64; 3])> = report
+    let drains: Vec<(&str, [f64; SERIES.len()])> = report
         .entries
         .iter()
         .filter(|e| e.scenario == Scenario::Drain && e.value.get("ratio").is_some())
@@ -77,8 +83,11 @@ where
         let color = BAR_COLORS[series];
         chart
             .draw_series(drains.iter().enumerate().map(|(i, (_, values))| {
-                let x0 = i as f64 + 0.12 + series as f64 * 0.25;
-                Rectangle::new([(x0, 0.0), (x0 + 0.23, values[series])], color.filled())
+                let x0 = i as f64 + 0.12 + series as f64 * BAR;
+                Rectangle::new(
+                    [(x0, 0.0), (x0 + BAR * 0.92, values[series])],
+                    color.filled(),
+                )
             }))?
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
@@ -99,18 +108,28 @@ fn latency<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let lines: Vec<(&str, Vec<f64>)> = report
-        .entries
-        .iter()
-        .filter(|e| e.scenario == Scenario::Latency)
-        .filter_map(|e| {
-            let points = e.value.get("quantiles_ms")?.as_array()?;
-            let values = points
+    let quantiles = |value: &serde_json::Value| -> Option<Vec<f64>> {
+        let points = value.get("quantiles_ms")?.as_array()?;
+        Some(
+            points
                 .iter()
                 .filter_map(|p| p.get(1)?.as_f64())
                 .map(|v| v.max(0.01))
-                .collect();
-            Some((e.label.as_str(), values))
+                .collect(),
+        )
+    };
+    let lines: Vec<(String, Vec<f64>)> = report
+        .entries
+        .iter()
+        .filter(|e| e.scenario == Scenario::Latency)
+        .flat_map(|e| {
+            let relay = quantiles(&e.value).map(|v| (e.label.clone(), v));
+            let hand = e
+                .value
+                .get("hand")
+                .and_then(quantiles)
+                .map(|v| (format!("{} (hand)", e.label), v));
+            relay.into_iter().chain(hand)
         })
         .collect();
     let top = lines
@@ -147,7 +166,7 @@ where
                 values.iter().enumerate().map(|(x, y)| (x as f64, *y)),
                 color.stroke_width(2),
             ))?
-            .label(*label)
+            .label(label.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });

@@ -194,7 +194,8 @@ async fn scaling(options: &Options, services: &Services, count: usize) -> Res<se
         Ok::<_, crate::BoxError>(json!({
             "relays": count,
             "messages": n,
-            "keys": keys,
+            "workload": keys.workload().name(),
+            "keys": keys.count(),
             "msgs_per_s": (n as f64 / took.as_secs_f64()).round(),
             "secs": took.as_secs_f64(),
             "delivered_distinct": distinct,
@@ -242,7 +243,8 @@ async fn memory(options: &Options, services: &Services) -> Res<serde_json::Value
         let peak_mib = peaks.first().copied().unwrap_or(0) as f64 / 1024.0;
         Ok::<_, crate::BoxError>(json!({
             "backlog": n,
-            "keys": keys,
+            "workload": keys.workload().name(),
+            "keys": keys.count(),
             "peak_rss_mib": (peak_mib * 10.0).round() / 10.0,
             "target_mib": MEMORY_TARGET_MIB,
             "met": peak_mib > 0.0 && peak_mib <= MEMORY_TARGET_MIB,

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use outbox_core::{DynStore, NewMessage, Store};
 use outbox_sqlx::sqlx::{self, Row};
 use outbox_sqlx::{
-    MySqlInbox, MySqlStore, PostgresInbox, PostgresStore, SqliteInbox, SqliteStore, StoreConfig,
+    ClaimMode, MySqlInbox, MySqlStore, PostgresInbox, PostgresStore, SqliteInbox, SqliteStore,
+    StoreConfig,
 };
 
 use crate::Res;
 use crate::services::{Services, reachable};
-use crate::workload;
+use crate::workload::{self, Keys};
 
 /// A database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +47,15 @@ enum Any {
     Postgres(PostgresStore),
     MySql(MySqlStore),
     Sqlite(SqliteStore),
+}
+
+/// The connection pool of an outbox table's database.
+#[derive(Clone, Debug)]
+pub(crate) enum Pool {
+    Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
+    /// SQLite: nothing speaks to it directly.
+    Sqlite,
 }
 
 /// A consumer's inbox on one of the databases.
@@ -145,6 +155,15 @@ where
     sqlx::query(insert).bind(customer).bind(amount)
 }
 
+/// How the relay's store claims (`OUTBOX_BENCH_CLAIMS=lease`, or `transaction`, the
+/// default), so that runs of both can be compared.
+fn claim_mode() -> ClaimMode {
+    match std::env::var("OUTBOX_BENCH_CLAIMS").as_deref() {
+        Ok("lease") => ClaimMode::Lease,
+        _ => ClaimMode::Transaction,
+    }
+}
+
 impl BenchStore {
     /// Creates outbox table `table` (migrated) and its business table, on a pool of
     /// `connections`.
@@ -154,7 +173,10 @@ impl BenchStore {
         table: &str,
         connections: u32,
     ) -> Res<Self> {
-        let config = StoreConfig::new().table(table).max_connections(connections);
+        let config = StoreConfig::new()
+            .table(table)
+            .max_connections(connections)
+            .claims(claim_mode());
         let (store, dir) = match kind {
             StoreKind::Postgres => {
                 reachable("PostgreSQL", &services.postgres, 5432).await?;
@@ -229,6 +251,15 @@ impl BenchStore {
         Ok(())
     }
 
+    /// The pool behind the table, for code that speaks SQL to it directly.
+    pub(crate) fn pool(&self) -> Pool {
+        match &self.store {
+            Any::Postgres(s) => Pool::Postgres(s.pool().clone()),
+            Any::MySql(s) => Pool::MySql(s.pool().clone()),
+            Any::Sqlite(_) => Pool::Sqlite,
+        }
+    }
+
     /// The store behind the dyn-compatible trait, for a relay.
     pub(crate) fn dyn_store(&self) -> Arc<dyn DynStore> {
         match &self.store {
@@ -238,10 +269,10 @@ impl BenchStore {
         }
     }
 
-    /// Enqueues messages `0..n` of a backlog with `keys` keys, 1,000 per transaction, then
+    /// Enqueues messages `0..n` of a backlog with keys `keys`, 1,000 per transaction, then
     /// refreshes the planner's statistics (unless `OUTBOX_BENCH_NO_ANALYZE` is set: a backlog
     /// written faster than autovacuum analyzes it). Returns the time the enqueue took.
-    pub(crate) async fn fill(&self, destination: &str, n: u64, keys: u64) -> Res<Duration> {
+    pub(crate) async fn fill(&self, destination: &str, n: u64, keys: Keys) -> Res<Duration> {
         const CHUNK: u64 = 1000;
         let started = Instant::now();
         let mut seq = 0;

@@ -1,13 +1,14 @@
 //! A store wrapper that times claims and settles: how long the relay's serial claims take,
-//! and how busy they keep it, tells whether the database limits a figure.
+//! and how busy they keep it, tells whether the database limits a figure. An observer may
+//! follow each call too, to place every message's claim on its way from commit to ack.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use outbox_core::{
-    Claim, DeadLetter, DeadLetterFilter, DynStore, LeaseToken, RelayId, RelayMember, Settled,
-    Settlement, Stats, Store, StoreError, Wakeup,
+    Claim, DeadLetter, DeadLetterFilter, DynStore, LeaseToken, MessageId, RelayId, RelayMember,
+    Settled, Settlement, Stats, Store, StoreError, Wakeup,
 };
 use serde_json::json;
 
@@ -51,11 +52,20 @@ fn summary(h: &Histogram<u64>, over: Duration) -> serde_json::Value {
     })
 }
 
+/// Follows the claims and settles of a relay.
+pub(crate) trait Observer: Send + Sync + 'static {
+    /// A claim that returned messages `ids`: when the call started and when it returned.
+    fn claimed(&self, ids: &[MessageId], started: Instant, returned: Instant);
+    /// A settle call and how long it took.
+    fn settled(&self, took: Duration);
+}
+
 /// A store that times what the relay asks of it.
 #[derive(Clone)]
 pub(crate) struct TimedStore {
     inner: Arc<dyn DynStore>,
     timings: Arc<Mutex<Timings>>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl TimedStore {
@@ -63,7 +73,14 @@ impl TimedStore {
         Self {
             inner,
             timings: Arc::new(Mutex::new(Timings::new())),
+            observer: None,
         }
+    }
+
+    /// The same store, telling `observer` of every claim and settle.
+    pub(crate) fn observed(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Claim and settle durations over a run of `over`.
@@ -91,11 +108,16 @@ impl Store for TimedStore {
     ) -> Result<Claim, StoreError> {
         let started = Instant::now();
         let claim = self.inner.claim(relay, limit, lease).await?;
-        let took = started.elapsed();
+        let returned = Instant::now();
+        let took = returned.duration_since(started);
         if claim.is_empty() {
             self.record(|t| &mut t.empty_claims, took);
         } else {
             self.record(|t| &mut t.claims, took);
+            if let Some(observer) = &self.observer {
+                let ids: Vec<MessageId> = claim.messages.iter().map(|m| m.id).collect();
+                observer.claimed(&ids, started, returned);
+            }
         }
         Ok(claim)
     }
@@ -107,7 +129,11 @@ impl Store for TimedStore {
     ) -> Result<Settled, StoreError> {
         let started = Instant::now();
         let settled = self.inner.settle(token, settlement).await?;
-        self.record(|t| &mut t.settles, started.elapsed());
+        let took = started.elapsed();
+        self.record(|t| &mut t.settles, took);
+        if let Some(observer) = &self.observer {
+            observer.settled(took);
+        }
         Ok(settled)
     }
 
