@@ -3,14 +3,16 @@
 //! detected" while relays rebalanced, then every statement of every relay fail with "current
 //! transaction is aborted, commands ignored until end of transaction block" for good: 42,095
 //! committed messages were never published. Here the lock fails on cue: another transaction
-//! holds the partition rows and the claim's connection has a short `lock_timeout`.
+//! holds the partition rows and the claim's connection has a short `lock_timeout`. Claims by
+//! lease take that lock; claims held in a transaction take none (and would hold the pool's one
+//! connection until they settle).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use outbox_core::{NewMessage, PARTITIONS, RelayId, Store};
 use outbox_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use outbox_sqlx::{PostgresStore, StoreConfig};
+use outbox_sqlx::{ClaimMode, PostgresStore, StoreConfig};
 use outbox_testkit::env::{or_skip, unique_name};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +31,11 @@ async fn a_failed_claim_lock_leaves_the_connection_usable() {
         return;
     };
     let table = unique_name("poisoned");
-    let store = PostgresStore::new(pool.clone(), StoreConfig::new().table(&table)).expect("store");
+    let store = PostgresStore::new(
+        pool.clone(),
+        StoreConfig::new().table(&table).claims(ClaimMode::Lease),
+    )
+    .expect("store");
     store.migrate().await.expect("migrate");
     let relay = RelayId::new("relay-one");
     store
