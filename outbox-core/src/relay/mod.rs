@@ -645,6 +645,15 @@ impl<S: Store, P: Publisher> Inner<S, P> {
                             workers.spawn(async move {
                                 let report = process(&inner, claim, started, abandon).await;
                                 drop(permit);
+                                // A large batch, or one that handed messages back, settled:
+                                // the later messages of its keys, which claims passed over
+                                // while it was in flight, may go now. (Small batches do not
+                                // wake: at a low rate that would double the claims.)
+                                if report.claimed * 2 >= inner.config.batch_size
+                                    || report.released > 0
+                                {
+                                    inner.wakeup.wake();
+                                }
                                 report
                             });
                         }
