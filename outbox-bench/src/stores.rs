@@ -176,7 +176,7 @@ impl BenchStore {
         let config = StoreConfig::new()
             .table(table)
             .max_connections(connections)
-            .claims(claim_mode());
+            .claim_mode(claim_mode());
         let (store, dir) = match kind {
             StoreKind::Postgres => {
                 reachable("PostgreSQL", &services.postgres, 5432).await?;

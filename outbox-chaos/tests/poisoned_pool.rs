@@ -33,7 +33,9 @@ async fn a_failed_claim_lock_leaves_the_connection_usable() {
     let table = unique_name("poisoned");
     let store = PostgresStore::new(
         pool.clone(),
-        StoreConfig::new().table(&table).claims(ClaimMode::Lease),
+        StoreConfig::new()
+            .table(&table)
+            .claim_mode(ClaimMode::Lease),
     )
     .expect("store");
     store.migrate().await.expect("migrate");

@@ -78,11 +78,11 @@ pub struct StoreConfig {
     /// How a claim keeps its messages from other claims while they are published (default
     /// [`ClaimMode::Transaction`]). PostgreSQL takes both; MySQL and SQLite claim by lease
     /// whatever this says.
-    pub claims: ClaimMode,
+    pub claim_mode: ClaimMode,
 }
 
 /// How a claim keeps the messages it took from every other claim until their outcomes are
-/// recorded ([`StoreConfig::claims`]).
+/// recorded ([`StoreConfig::claim_mode`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
@@ -112,7 +112,7 @@ impl Default for StoreConfig {
             notify_channel: None,
             notify: true,
             max_connections: 10,
-            claims: ClaimMode::default(),
+            claim_mode: ClaimMode::default(),
         }
     }
 }
@@ -165,9 +165,9 @@ impl StoreConfig {
         self
     }
 
-    /// Sets [`StoreConfig::claims`].
-    pub fn claims(mut self, claims: ClaimMode) -> Self {
-        self.claims = claims;
+    /// Sets [`StoreConfig::claim_mode`].
+    pub fn claim_mode(mut self, mode: ClaimMode) -> Self {
+        self.claim_mode = mode;
         self
     }
 
@@ -223,7 +223,7 @@ impl fmt::Debug for StoreConfig {
             .field("notify_channel", &self.notify_channel)
             .field("notify", &self.notify)
             .field("max_connections", &self.max_connections)
-            .field("claims", &self.claims)
+            .field("claim_mode", &self.claim_mode)
             .finish()
     }
 }
@@ -517,6 +517,16 @@ mod tests {
         assert_eq!(config.table, "events");
         assert_eq!(config.limits.max_key_len, 64);
         assert_eq!(config.max_connections, 10);
+    }
+
+    #[test]
+    fn claim_modes_are_read_by_name() {
+        assert_eq!(
+            serde_json_like(r#"{"claim_mode": "lease"}"#).claim_mode,
+            ClaimMode::Lease
+        );
+        assert_eq!(serde_json_like("{}").claim_mode, ClaimMode::Transaction);
+        assert!(serde_json::from_str::<StoreConfig>(r#"{"claim_mode": "leases"}"#).is_err());
     }
 
     fn serde_json_like(text: &str) -> StoreConfig {

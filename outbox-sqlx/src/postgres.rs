@@ -263,7 +263,7 @@ impl Store for PostgresStore {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        match self.inner.config.claims {
+        match self.inner.config.claim_mode {
             ClaimMode::Lease => self.claim_leased(relay, limit, lease).await,
             _ => self.claim_held(relay, limit, lease).await,
         }
@@ -277,7 +277,7 @@ impl Store for PostgresStore {
         if settlement.is_empty() {
             return Ok(Settled::default());
         }
-        match self.inner.config.claims {
+        match self.inner.config.claim_mode {
             ClaimMode::Lease => self.settle_leased(token, settlement).await,
             _ => self.settle_held(token, settlement).await,
         }

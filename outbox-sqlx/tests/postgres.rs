@@ -321,7 +321,9 @@ async fn held_and_leased_claims_share_a_table_in_key_order() {
     let held = h.store();
     let leased = PostgresStore::new(
         held.pool().clone(),
-        held.config().clone().claims(outbox_sqlx::ClaimMode::Lease),
+        held.config()
+            .clone()
+            .claim_mode(outbox_sqlx::ClaimMode::Lease),
     )
     .expect("store");
     let relay = RelayId::random();
@@ -445,6 +447,17 @@ async fn schema_qualified_tables_work() {
     .await
     .expect("count");
     assert_eq!(in_schema, 4, "outbox, partitions, relays and schema tables");
+    let settled = store
+        .settle(
+            claim.token,
+            &outbox_core::Settlement {
+                published: vec![id],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("settle");
+    assert_eq!(settled.applied, 1);
     sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .execute(&pool)
         .await
@@ -634,7 +647,7 @@ async fn a_version_2_outbox_keeps_its_messages_through_the_upgrade() {
     let claimed: Vec<_> = claim.messages.iter().map(|m| m.id).collect();
     assert_eq!(claimed, ids);
     store.drop_tables().await.expect("drop");
-    for function in ["claim", "fill", "notify", "uuid7"] {
+    for function in ["claim", "take", "fill", "notify", "uuid7"] {
         let left: Option<String> = sqlx::query_scalar("SELECT to_regproc($1)::text")
             .bind(format!("\"{table}_{function}\""))
             .fetch_one(&pool)

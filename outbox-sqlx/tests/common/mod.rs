@@ -387,7 +387,7 @@ pub mod pg {
 
     /// The conformance factory with claims by lease instead of held transactions.
     pub async fn harness_leased() -> Option<PgHarness> {
-        PgHarness::with_config(fresh_config().claims(outbox_sqlx::ClaimMode::Lease)).await
+        PgHarness::with_config(fresh_config().claim_mode(outbox_sqlx::ClaimMode::Lease)).await
     }
 
     /// The conformance factory on tables created by running `schema_script` as another
