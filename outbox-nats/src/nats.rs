@@ -22,6 +22,59 @@ use crate::config::valid_subject;
 use crate::error::{Failure, classify};
 use crate::{NatsConfig, NatsError, StreamSpec};
 
+/// What one publish call has come to so far.
+struct CallState<'a> {
+    batch: &'a [Message],
+    /// One outcome per message, once known.
+    outcomes: Vec<Option<PublishOutcome>>,
+    /// Messages no stream answered for: their subject is looked up once the call is over.
+    no_stream: Vec<usize>,
+    /// Why the connection was lost, if it was: the rest of the call is not sent.
+    lost: Option<String>,
+    /// Keys with a failed message in this call (pipelined keys only): their later messages
+    /// are not sent.
+    failed_keys: HashSet<String>,
+}
+
+impl<'a> CallState<'a> {
+    fn new(batch: &'a [Message]) -> Self {
+        Self {
+            batch,
+            outcomes: batch.iter().map(|_| None).collect(),
+            no_stream: Vec::new(),
+            lost: None,
+            failed_keys: HashSet::new(),
+        }
+    }
+
+    /// Records the stream's answer for message `index`.
+    fn settle(
+        &mut self,
+        index: usize,
+        result: Result<PublishAck, jetstream::context::PublishError>,
+    ) {
+        // A duplicate ack means the stream already holds this id: published.
+        let outcome = match result {
+            Ok(_ack) => PublishOutcome::Published,
+            Err(err) => {
+                self.failed_keys.extend(self.batch[index].key.clone());
+                match classify(err) {
+                    Failure::NoStream => {
+                        self.no_stream.push(index);
+                        return;
+                    }
+                    Failure::Lost(err) => {
+                        self.lost.get_or_insert_with(|| err.to_chain_string());
+                        PublishOutcome::Failed(err)
+                    }
+                    Failure::Message(err) => PublishOutcome::Failed(err),
+                }
+            }
+        };
+        self.outcomes[index] = Some(outcome);
+    }
+}
+
 /// The header JetStream deduplicates on.
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
@@ -303,58 +356,26 @@ impl Inner {
         self.connected().await?;
         self.ensure_configured_stream().await?;
 
-        let mut outcomes: Vec<Option<PublishOutcome>> = batch.iter().map(|_| None).collect();
-        let mut no_stream: Vec<usize> = Vec::new();
-        let mut lost: Option<String> = None;
+        let mut call = CallState::new(batch);
         let mut in_flight = FuturesOrdered::new();
         let window = self.config.max_acks_in_flight;
 
-        // Keys with a failed message in this call (pipelined keys only): their later messages
-        // are not sent.
-        let mut failed_keys: HashSet<String> = HashSet::new();
-        let settle = |index: usize,
-                      result: Result<PublishAck, jetstream::context::PublishError>,
-                      outcomes: &mut [Option<PublishOutcome>],
-                      no_stream: &mut Vec<usize>,
-                      lost: &mut Option<String>,
-                      failed_keys: &mut HashSet<String>| {
-            // A duplicate ack means the stream already holds this id: published.
-            let outcome = match result {
-                Ok(_ack) => PublishOutcome::Published,
-                Err(err) => {
-                    failed_keys.extend(batch[index].key.clone());
-                    match classify(err) {
-                        Failure::NoStream => {
-                            no_stream.push(index);
-                            return;
-                        }
-                        Failure::Lost(err) => {
-                            lost.get_or_insert_with(|| err.to_chain_string());
-                            PublishOutcome::Failed(err)
-                        }
-                        Failure::Message(err) => PublishOutcome::Failed(err),
-                    }
-                }
-            };
-            outcomes[index] = Some(outcome);
-        };
-
         for (index, msg) in batch.iter().enumerate() {
-            if lost.is_none() && self.client.connection_state() != State::Connected {
-                lost = Some(self.not_connected().to_string());
+            if call.lost.is_none() && self.client.connection_state() != State::Connected {
+                call.lost = Some(self.not_connected().to_string());
             }
-            if let Some(reason) = &lost {
-                outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(format!(
-                    "not sent: an earlier message of the call got no ack ({reason})"
-                ))));
+            if let Some(reason) = &call.lost {
+                call.outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(
+                    format!("not sent: an earlier message of the call got no ack ({reason})"),
+                )));
                 continue;
             }
             if msg
                 .key
                 .as_deref()
-                .is_some_and(|key| failed_keys.contains(key))
+                .is_some_and(|key| call.failed_keys.contains(key))
             {
-                outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(
+                call.outcomes[index] = Some(PublishOutcome::Failed(PublishError::transient(
                     "not sent: an earlier message of its key failed in this call",
                 )));
                 continue;
@@ -362,21 +383,14 @@ impl Inner {
             let (subject, headers) = match self.prepare(msg) {
                 Ok(prepared) => prepared,
                 Err(err) => {
-                    failed_keys.extend(msg.key.clone());
-                    outcomes[index] = Some(PublishOutcome::Failed(err));
+                    call.failed_keys.extend(msg.key.clone());
+                    call.outcomes[index] = Some(PublishOutcome::Failed(err));
                     continue;
                 }
             };
             while in_flight.len() >= window {
                 if let Some((done, result)) = in_flight.next().await {
-                    settle(
-                        done,
-                        result,
-                        &mut outcomes,
-                        &mut no_stream,
-                        &mut lost,
-                        &mut failed_keys,
-                    );
+                    call.settle(done, result);
                 }
             }
             // Sending waits for room in the client's buffer and in the context's in-flight
@@ -393,26 +407,17 @@ impl Inner {
                 });
             match sent {
                 Ok(ack) => in_flight.push_back(async move { (index, ack.await) }),
-                Err(err) => settle(
-                    index,
-                    Err(err),
-                    &mut outcomes,
-                    &mut no_stream,
-                    &mut lost,
-                    &mut failed_keys,
-                ),
+                Err(err) => call.settle(index, Err(err)),
             }
         }
         while let Some((done, result)) = in_flight.next().await {
-            settle(
-                done,
-                result,
-                &mut outcomes,
-                &mut no_stream,
-                &mut lost,
-                &mut failed_keys,
-            );
+            call.settle(done, result);
         }
+        let CallState {
+            mut outcomes,
+            no_stream,
+            ..
+        } = call;
 
         let mut lookups: HashMap<String, (bool, String)> = HashMap::new();
         for index in no_stream {
