@@ -396,7 +396,9 @@ impl PostgresStore {
             return Ok(sql::settled(settlement, 0));
         };
         if claim.until <= Instant::now() {
-            let _ = claim.tx.rollback().await;
+            if let Err(err) = claim.tx.rollback().await {
+                tracing::debug!(error = %err, "rolling back a claim past its lease failed");
+            }
             return Ok(sql::settled(settlement, 0));
         }
         let applied = claim.rows.holds(settlement);

@@ -48,6 +48,18 @@ fn ids(claim: &outbox_core::Claim) -> Vec<MessageId> {
 
 const LEASE: Duration = Duration::from_secs(30);
 
+/// Settles every message of `claim` as published.
+async fn publish_all<S: Store>(store: &S, claim: &outbox_core::Claim) {
+    let settlement = Settlement {
+        published: ids(claim),
+        ..Settlement::default()
+    };
+    store
+        .settle(claim.token, &settlement)
+        .await
+        .expect("settle");
+}
+
 /// A committed enqueue is claimable; a rolled-back one never is.
 pub async fn committed_messages_are_claimed_rolled_back_never<H: StoreHarness>(h: H) {
     let store = h.store();
@@ -199,14 +211,7 @@ pub async fn concurrent_claims_never_share_a_message<H: StoreHarness>(h: H) {
                 // Settled, as the relay settles every claim: a store may hold resources (a
                 // connection, a transaction) for each claim until then.
                 tokio::task::yield_now().await;
-                let settlement = Settlement {
-                    published: ids(&claim),
-                    ..Settlement::default()
-                };
-                store
-                    .settle(claim.token, &settlement)
-                    .await
-                    .expect("settle");
+                publish_all(&store, &claim).await;
                 got.extend(claim.messages.into_iter().map(|m| m.id));
             }
         }));
@@ -287,14 +292,7 @@ pub async fn concurrent_claims_keep_key_order<H: StoreHarness>(h: H) {
                     }
                 }
                 got += claim.messages.len();
-                let settlement = Settlement {
-                    published: ids(&claim),
-                    ..Settlement::default()
-                };
-                store
-                    .settle(claim.token, &settlement)
-                    .await
-                    .expect("settle");
+                publish_all(&store, &claim).await;
             }
             got
         }));
