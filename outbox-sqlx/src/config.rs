@@ -76,8 +76,9 @@ pub struct StoreConfig {
     /// the readiness probe of `outbox-relay`.
     pub max_connections: u32,
     /// How a claim keeps its messages from other claims while they are published (default
-    /// [`ClaimMode::Transaction`]). PostgreSQL takes both; MySQL and SQLite claim by lease
-    /// whatever this says.
+    /// [`ClaimMode::Transaction`]). PostgreSQL and MySQL take both; SQLite, with one writer,
+    /// claims by lease whatever this says (a write transaction held while a batch is
+    /// published would block the service's own writes).
     pub claim_mode: ClaimMode,
 }
 

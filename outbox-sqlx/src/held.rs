@@ -14,12 +14,16 @@ use std::time::Instant;
 use outbox_core::{LeaseToken, MessageId, Settlement};
 use sqlx::{Database, Transaction};
 
-use crate::sql::RowParts;
+use crate::sql::{RowParts, run_script};
 
-/// The rows one claim holds: how the database addresses each message's row within the
-/// transaction, and what later claims must pass over while it is held.
+/// The rows one claim holds, how the database addresses each within the transaction, and
+/// what later claims must pass over while it is held.
 #[derive(Debug, Default)]
 pub(crate) struct HeldRows {
+    /// Sequence numbers by message: a settle finds its rows by primary key, never by a scan
+    /// that would wait for the rows other claims hold.
+    seqs: HashMap<MessageId, i64>,
+    /// Row addresses by message (PostgreSQL's `ctid`); empty where rows are found by id.
     rows: HashMap<MessageId, String>,
     /// Keys of the claimed messages: their later messages wait for these.
     keys: Vec<String>,
@@ -28,15 +32,18 @@ pub(crate) struct HeldRows {
 }
 
 impl HeldRows {
-    /// The rows of claimed messages, each with its row address.
-    pub(crate) fn new<'a>(parts: impl IntoIterator<Item = (&'a RowParts, String)>) -> Self {
+    /// The rows of claimed messages, each with its row address if it has one.
+    pub(crate) fn new<'a>(parts: impl IntoIterator<Item = (&'a RowParts, Option<String>)>) -> Self {
         let mut held = Self::default();
         for (part, row) in parts {
             match part.key.as_ref().ok().and_then(Option::as_ref) {
                 Some(key) => held.keys.push(key.clone()),
                 None => held.keyless.push(part.seq),
             }
-            held.rows.insert(part.id, row);
+            held.seqs.insert(part.id, part.seq);
+            if let Some(row) = row {
+                held.rows.insert(part.id, row);
+            }
         }
         held.keys.sort_unstable();
         held.keys.dedup();
@@ -48,6 +55,16 @@ impl HeldRows {
         self.rows.get(id).cloned()
     }
 
+    /// Whether this claim holds message `id`.
+    pub(crate) fn contains(&self, id: &MessageId) -> bool {
+        self.seqs.contains_key(id)
+    }
+
+    /// The sequence number of message `id`, when this claim holds it.
+    pub(crate) fn seq(&self, id: &MessageId) -> Option<i64> {
+        self.seqs.get(id).copied()
+    }
+
     /// How many of the settlement's messages this claim holds.
     pub(crate) fn holds(&self, settlement: &Settlement) -> u64 {
         let ids = settlement
@@ -56,7 +73,7 @@ impl HeldRows {
             .chain(settlement.retry.iter().map(|r| &r.id))
             .chain(settlement.dead.iter().map(|d| &d.id))
             .chain(&settlement.release);
-        ids.filter(|id| self.rows.contains_key(id)).count() as u64
+        ids.filter(|id| self.contains(id)).count() as u64
     }
 }
 
@@ -72,14 +89,10 @@ pub(crate) struct HeldClaim<DB: Database> {
 /// The claims a store holds open, by token.
 pub(crate) struct Held<DB: Database> {
     claims: Mutex<HashMap<LeaseToken, HeldClaim<DB>>>,
-}
-
-impl<DB: Database> Default for Held<DB> {
-    fn default() -> Self {
-        Self {
-            claims: Mutex::new(HashMap::new()),
-        }
-    }
+    /// Run in a claim's transaction before it ends ([`Dialect::end_held`]).
+    ///
+    /// [`Dialect::end_held`]: crate::sql::Dialect::end_held
+    end: Option<&'static str>,
 }
 
 impl<DB: Database> std::fmt::Debug for Held<DB> {
@@ -91,6 +104,19 @@ impl<DB: Database> std::fmt::Debug for Held<DB> {
 }
 
 impl<DB: Database> Held<DB> {
+    /// No claim held yet; `end` is run in each claim's transaction before it ends.
+    pub(crate) fn new(end: Option<&'static str>) -> Self {
+        Self {
+            claims: Mutex::new(HashMap::new()),
+            end,
+        }
+    }
+
+    /// What is run in each claim's transaction before it ends.
+    pub(crate) fn end(&self) -> Option<&'static str> {
+        self.end
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseToken, HeldClaim<DB>>> {
         // A panic while the map was locked cannot leave it half-changed: every use is one
         // insert, remove or read.
@@ -139,13 +165,41 @@ impl<DB: Database> Held<DB> {
     }
 
     /// Rolls back the claims whose lease ended (or all of them), so that their rows are free
-    /// before the caller's next statement. A failed rollback leaves the connection to sqlx,
-    /// which closes it; the database then rolls back on its own.
-    pub(crate) async fn roll_back_expired(&self, all: bool) {
+    /// before the caller's next statement.
+    pub(crate) async fn roll_back_expired(&self, all: bool)
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    {
         for claim in self.expired(all) {
-            if let Err(err) = claim.tx.rollback().await {
-                tracing::debug!(error = %err, "rolling back an expired claim failed");
-            }
+            self.roll_back(claim.tx).await;
         }
+    }
+
+    /// Ends `tx`, a claim's transaction, without applying anything: its rows are left as they
+    /// were. A failed rollback leaves the connection to sqlx, which closes it; the database
+    /// then rolls back on its own.
+    pub(crate) async fn roll_back(&self, mut tx: Transaction<'static, DB>)
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    {
+        if let Some(end) = self.end {
+            // The connection goes back to the pool: undo what the claim set on it, if it
+            // is still open.
+            let _ = run_script(&mut *tx, end).await;
+        }
+        if let Err(err) = tx.rollback().await {
+            tracing::debug!(error = %err, "ending a claim without applying it failed");
+        }
+    }
+
+    /// Ends `tx`, a claim's transaction, with a commit of what it wrote.
+    pub(crate) async fn commit(&self, mut tx: Transaction<'static, DB>) -> Result<(), sqlx::Error>
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    {
+        if let Some(end) = self.end {
+            run_script(&mut *tx, end).await?;
+        }
+        tx.commit().await
     }
 }

@@ -1,36 +1,50 @@
 //! [`MySqlStore`]: the outbox on MySQL 8 and MariaDB 10.6+.
 //!
-//! - Claims run in one `READ COMMITTED` transaction: lock the relay's partition rows
-//!   (`FOR UPDATE`), select the next rows with `ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED`,
-//!   lease them with `UPDATE ... WHERE seq IN (...)`, commit. Never the single-statement
-//!   `UPDATE ... WHERE seq IN (SELECT * FROM (SELECT ... SKIP LOCKED) x)`: MariaDB accepts it
-//!   but does not skip locked rows there, and hands the same rows to two relays.
-//!   `READ COMMITTED` also spares enqueues the gap locks a locking range scan takes under
-//!   `REPEATABLE READ`.
+//! - **Claims held in a transaction** ([`ClaimMode::Transaction`], the default): a
+//!   `READ COMMITTED` transaction selects the next rows of the relay's partitions with
+//!   `ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED` and stays open, under the claim's token,
+//!   while the batch is published; the settle deletes the published rows (or marks them, with
+//!   a retention), writes the failed ones back, and commits. A relay that dies has its
+//!   transaction rolled back; one that stays quiet past its lease has its connection closed
+//!   by the server (the session's `wait_timeout`, set to the lease for the claim and reset
+//!   before the connection goes back to the pool: MySQL 8 has no idle-transaction timeout).
+//! - **Claims by lease** ([`ClaimMode::Lease`]): one `READ COMMITTED` transaction locks the
+//!   relay's partition rows (`FOR UPDATE`), selects the next rows as above, leases them with
+//!   `UPDATE ... WHERE seq IN (...)` and commits; the settle is a second transaction, fenced
+//!   by the token.
+//! - Never the single-statement `UPDATE ... WHERE seq IN (SELECT * FROM (SELECT ... SKIP
+//!   LOCKED) x)`: MariaDB accepts it but does not skip locked rows there, and hands the same
+//!   rows to two relays. `READ COMMITTED` also spares enqueues the gap locks a locking range
+//!   scan takes under `REPEATABLE READ`.
 //! - The per-key subquery of the claim is a consistent read even inside the locking `SELECT`
 //!   (checked on MariaDB 10.11; documented for MySQL 8): a row another transaction holds
-//!   still blocks the later messages of its key.
-//! - Settles are one transaction of set-based statements (`IN (...)`, `CASE id WHEN ...`).
+//!   still blocks the later messages of its key, and a consistent read after the scan drops
+//!   the candidates behind a row the scan skipped.
+//! - Settles are set-based statements (`IN (...)`, `CASE id WHEN ...`).
 //! - Times are `DATETIME(6)` in UTC from `UTC_TIMESTAMP(6)`, whatever the session time zone.
 //! - No notifications: the relay polls (adaptively) and is woken in-process.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use outbox_core::{Claim, LeaseToken, RelayId, Store, StoreError, StoreErrorKind};
+use outbox_core::{
+    Claim, LeaseToken, MessageId, RelayId, Settled, Settlement, Store, StoreError, StoreErrorKind,
+};
 use sqlx::Connection as _;
 use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlRow};
 use sqlx::query::QueryAs;
 use uuid::Uuid;
 
-use crate::config::Quoting;
+use crate::config::{ClaimMode, Quoting};
 use crate::error::Context as _;
+use crate::held::{HeldClaim, HeldRows};
 use crate::inbox::InboxSql;
 use crate::migrations::Schema;
 use crate::shared::Base;
 use crate::sql::{
-    self, Arg, Decoding, Dialect, HeldIndex, Limited, PENDING, RowParts, Sql, column,
+    self, Arg, DEAD, Decoding, Dialect, HeldIndex, Limited, Owned, PENDING, PUBLISHED, RowParts,
+    Sql, column,
 };
 
 /// The outbox schema; its last migration's version is [`MySqlStore::SCHEMA_VERSION`].
@@ -85,6 +99,7 @@ const MY: Dialect = Dialect {
     locks_rows: true,
     begin_write: None,
     heartbeat_in_transaction: false,
+    end_held: Some(END_HELD),
 };
 
 /// Columns as MySQL stores them: ids as `BINARY(16)`, times as UTC `DATETIME(6)`, text in
@@ -104,6 +119,15 @@ crate::shared::binding!(
     |uuid: Uuid| uuid.as_bytes().to_vec(),
     |time: DateTime<Utc>| time.naive_utc()
 );
+
+/// Undoes the `wait_timeout` of a held claim before its connection goes back to the pool.
+const END_HELD: &str = "SET SESSION wait_timeout = DEFAULT";
+
+/// The longest `wait_timeout` MySQL takes (a year, in seconds).
+const MAX_WAIT_TIMEOUT: u64 = 31_536_000;
+
+/// At most this many keys and rows of claims in flight are passed over by name in a claim.
+const MAX_PASSED_OVER: usize = 4096;
 
 /// Starts the claim transaction. One text-protocol round trip, so the isolation level can
 /// never be left behind for the next transaction on this pooled connection.
@@ -236,6 +260,17 @@ impl MySqlStore {
 crate::shared::accessors!(MySqlStore, MySql, SCHEMA);
 crate::enqueue::enqueue_methods!(MySqlStore, MySql, MySqlConnection, MY);
 
+/// [`bound`] for `query_scalar`.
+fn bound_scalar<O>(
+    text: &str,
+    args: Vec<Arg>,
+) -> Result<sqlx::query::QueryScalar<'_, MySql, O, MySqlArguments>, StoreError>
+where
+    (O,): for<'r> sqlx::FromRow<'r, MySqlRow>,
+{
+    Ok(sqlx::query_scalar_with(text, arguments(args)?))
+}
+
 /// [`bound`] for `query_as`.
 fn bound_as<O>(
     text: &str,
@@ -288,13 +323,245 @@ impl Store for crate::detached::Direct<MySqlStore> {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        match self.inner.config.claim_mode {
+            ClaimMode::Lease => self.claim_leased(relay, limit, lease).await,
+            _ => self.claim_held(relay, limit, lease).await,
+        }
+    }
+
+    async fn settle(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        match self.inner.config.claim_mode {
+            ClaimMode::Lease => self.settle_leased(token, settlement).await,
+            _ => self.settle_held(token, settlement).await,
+        }
+    }
+}
+
+/// Claims held in a transaction ([`ClaimMode::Transaction`]).
+impl crate::detached::Direct<MySqlStore> {
+    /// Begins a `READ COMMITTED` transaction, locks the next claimable rows and keeps the
+    /// transaction open under the claim's token until [`Self::settle_held`].
+    async fn claim_held(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         const DOING: &str = "claiming outbox messages";
-        let Inner {
-            pool,
-            names,
-            columns,
-            ..
-        } = &*self.inner;
+        let inner = &*self.inner;
+        let token = LeaseToken::new();
+        if limit == 0 {
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        inner.held.roll_back_expired(false).await;
+        let until = Instant::now() + lease;
+        let mut tx = sql::begin(&inner.pool, Some(BEGIN_READ_COMMITTED), DOING).await?;
+        let candidates = self.candidates(relay, limit);
+        let candidates: Vec<i64> = bound_scalar(&candidates.text, candidates.args)?
+            .fetch_all(&mut *tx)
+            .await
+            .doing(DOING)?;
+        if candidates.is_empty() {
+            tx.commit().await.doing(DOING)?;
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        // The candidates are locked by primary key, skipping those another claim took
+        // meanwhile; the locking read sees their latest version, checked again.
+        let columns = sql::qualified_columns(&inner.columns, "o");
+        let mut lock = Sql::new(&MY);
+        lock.push(&format!(
+            "SELECT {columns} FROM {} o WHERE o.seq IN ",
+            inner.names.table
+        ))
+        .bind_list(sql::padded(&candidates).map(Arg::Int))
+        .push(&format!(
+            " AND o.state = {PENDING} AND o.available_at <= UTC_TIMESTAMP(6) \
+             AND (o.lease_until IS NULL OR o.lease_until <= UTC_TIMESTAMP(6)) \
+             ORDER BY o.seq FOR UPDATE SKIP LOCKED"
+        ));
+        let rows = bound(&lock.text, lock.args)?
+            .fetch_all(&mut *tx)
+            .await
+            .doing(DOING)?;
+        let (mut parts, unreadable) = DECODING.claimed(&rows);
+        // Candidates behind a row that another transaction took first are dropped; they stay
+        // locked by this claim until it ends, and the commit hands them back as they were.
+        self.keep_key_order(&mut tx, &mut parts).await?;
+        for (seq, error) in &unreadable {
+            tracing::error!(seq, %error, "dead-lettering an outbox row whose id cannot be read");
+            let statement = sql::bury(&MY, &inner.names, *seq, error);
+            bound(&statement.text, statement.args)?
+                .execute(&mut *tx)
+                .await
+                .doing(DOING)?;
+        }
+        if parts.is_empty() {
+            tx.commit().await.doing(DOING)?;
+            return Ok(sql::assemble_claim(token, parts));
+        }
+        // The server closes the connection of a claim whose relay stays quiet past its lease,
+        // which rolls the claim back.
+        let timeout = lease
+            .as_secs_f64()
+            .ceil()
+            .clamp(1.0, MAX_WAIT_TIMEOUT as f64) as u64;
+        sqlx::query(&format!("SET SESSION wait_timeout = {timeout}"))
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?;
+        let rows = HeldRows::new(parts.iter().map(|part| (part, None)));
+        inner.held.insert(token, HeldClaim { until, tx, rows });
+        Ok(sql::assemble_claim(token, parts))
+    }
+
+    /// Applies a settlement in the transaction of its claim, and commits. Outcomes of
+    /// messages the claim does not hold, of a claim not held (any more), or of a claim past
+    /// its lease are fenced.
+    async fn settle_held(
+        &self,
+        token: LeaseToken,
+        settlement: &Settlement,
+    ) -> Result<Settled, StoreError> {
+        const DOING: &str = "recording publish outcomes";
+        let inner = &*self.inner;
+        if settlement.is_empty() {
+            return Ok(Settled::default());
+        }
+        let Some(claim) = inner.held.take(&token) else {
+            return Ok(sql::settled(settlement, 0));
+        };
+        if claim.until <= Instant::now() {
+            inner.held.roll_back(claim.tx).await;
+            return Ok(sql::settled(settlement, 0));
+        }
+        let applied = claim.rows.holds(settlement);
+        let HeldClaim { mut tx, rows, .. } = claim;
+        if let Err(err) = self.apply_held(&mut tx, &rows, settlement).await {
+            inner.held.roll_back(tx).await;
+            return Err(err);
+        }
+        inner.held.commit(tx).await.doing(DOING)?;
+        Ok(sql::settled(settlement, applied))
+    }
+
+    /// Writes a settlement's outcomes to the rows `rows` holds, in their claim's transaction,
+    /// in the order the in-memory store applies them (a message listed twice is applied
+    /// once).
+    ///
+    /// One statement per row, each by primary key: an `IN (...)` list is read with a scan of
+    /// the table when the table is small, and a `DELETE`'s scan waits for the rows other
+    /// claims hold, which can wait for this one: a deadlock. (An `UPDATE` reads past rows
+    /// other transactions lock; a `DELETE` does not.) The published rows, the many, go in one
+    /// round trip of the text protocol; failures, the few, one by one.
+    async fn apply_held(
+        &self,
+        conn: &mut MySqlConnection,
+        rows: &HeldRows,
+        settlement: &Settlement,
+    ) -> Result<(), StoreError> {
+        const DOING: &str = "recording publish outcomes";
+        let t = &self.inner.names.table;
+        let mut done = HashSet::new();
+        let mut fresh = |id: &MessageId| rows.seq(id).filter(|seq| done.insert(*seq));
+        let mut script = String::new();
+        for seq in settlement.published.iter().filter_map(&mut fresh) {
+            if self.inner.config.retention.is_some() {
+                script.push_str(&format!(
+                    "UPDATE {t} SET state = {PUBLISHED}, published_at = UTC_TIMESTAMP(6), \
+                     lease_token = NULL, lease_until = NULL WHERE seq = {seq};"
+                ));
+            } else {
+                script.push_str(&format!("DELETE FROM {t} WHERE seq = {seq};"));
+            }
+        }
+        if !script.is_empty() {
+            sql::run_script(&mut *conn, &script).await.doing(DOING)?;
+        }
+        for retry in &settlement.retry {
+            let Some(seq) = fresh(&retry.id) else {
+                continue;
+            };
+            sqlx::query(&format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, \
+                 available_at = DATE_ADD(UTC_TIMESTAMP(6), INTERVAL ? MICROSECOND), \
+                 lease_token = NULL, lease_until = NULL WHERE seq = ?"
+            ))
+            .bind(&retry.error)
+            .bind(sql::micros(retry.delay))
+            .bind(seq)
+            .execute(&mut *conn)
+            .await
+            .doing(DOING)?;
+        }
+        for dead in &settlement.dead {
+            let Some(seq) = fresh(&dead.id) else {
+                continue;
+            };
+            sqlx::query(&format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, state = {DEAD}, \
+                 dead_at = UTC_TIMESTAMP(6), lease_token = NULL, lease_until = NULL \
+                 WHERE seq = ?"
+            ))
+            .bind(&dead.error)
+            .bind(seq)
+            .execute(&mut *conn)
+            .await
+            .doing(DOING)?;
+        }
+        // Released messages need nothing: the commit unlocks them as they were.
+        Ok(())
+    }
+
+    /// The first `limit` claimable rows of the relay's partitions, by sequence number, in a
+    /// consistent read: it locks nothing. (A locking scan of a secondary index keeps the
+    /// locks of the rows it reads and does not take, whether `SKIP LOCKED` skipped them or
+    /// a condition left them out, until the transaction ends: held for a whole publish,
+    /// they would keep other claims from rows this one does not want.)
+    ///
+    /// What this store's claims hold is passed over, with the later messages of their keys,
+    /// up to a bound on the statement's size; past it, the check after the lock keeps the
+    /// order, and holds the rows it drops until this claim ends.
+    fn candidates(&self, relay: &RelayId, limit: usize) -> Sql {
+        let inner = &*self.inner;
+        let mut select = Sql::new(&MY);
+        select.push(&format!("SELECT o.seq FROM {} o WHERE ", inner.names.table));
+        sql::push_claimable(&mut select, &MY, &inner.names, &HELD, Owned::By(relay));
+        let (keys, seqs) = inner.held.in_flight();
+        if keys.len() + seqs.len() <= MAX_PASSED_OVER {
+            if !keys.is_empty() {
+                select
+                    .push(" AND (o.`key` IS NULL OR o.`key` NOT IN ")
+                    .bind_list(sql::padded(&keys).map(Arg::Text))
+                    .push(")");
+            }
+            if !seqs.is_empty() {
+                select
+                    .push(" AND (o.`key` IS NOT NULL OR o.seq NOT IN ")
+                    .bind_list(sql::padded(&seqs).map(Arg::Int))
+                    .push(")");
+            }
+        }
+        select
+            .push(" ORDER BY o.seq LIMIT ")
+            .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
+        select
+    }
+}
+
+/// Claims by lease ([`ClaimMode::Lease`]).
+impl crate::detached::Direct<MySqlStore> {
+    async fn claim_leased(
+        &self,
+        relay: &RelayId,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        const DOING: &str = "claiming outbox messages";
+        let Inner { pool, names, .. } = &*self.inner;
         let token = LeaseToken::new();
         let mut tx = sql::begin(pool, Some(BEGIN_READ_COMMITTED), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
@@ -315,10 +582,10 @@ impl Store for crate::detached::Direct<MySqlStore> {
         let mut select = Sql::new(&MY);
         select.push(&format!(
             "SELECT {} FROM {} o WHERE ",
-            sql::qualified_columns(columns, "o"),
+            sql::qualified_columns(&self.inner.columns, "o"),
             names.table
         ));
-        sql::push_claimable(&mut select, &MY, names, &HELD, relay);
+        sql::push_claimable(&mut select, &MY, names, &HELD, Owned::Listed(&owned));
         select
             .push(" ORDER BY o.seq LIMIT ")
             .bind(Arg::Int(i64::try_from(limit).unwrap_or(i64::MAX)))
@@ -353,7 +620,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
         self.assemble(token, (parts, unreadable)).await
     }
 
-    crate::shared::settle_by_statements!(MY);
+    crate::shared::settle_by_statements!(settle_leased, MY);
 }
 
 /// The inbox's SQL on MySQL or MariaDB.

@@ -112,6 +112,7 @@ const PG: Dialect = Dialect {
     locks_rows: true,
     begin_write: None,
     heartbeat_in_transaction: true,
+    end_held: None,
 };
 
 /// Columns as PostgreSQL stores them: ids as `uuid`, times as `timestamptz`.
@@ -363,7 +364,7 @@ impl PostgresStore {
         let held = HeldRows::new(
             parts
                 .iter()
-                .filter_map(|part| Some((part, row_ids.get(&part.seq)?.clone()))),
+                .filter_map(|part| Some((part, Some(row_ids.get(&part.seq)?.clone())))),
         );
         let claim = sql::assemble_claim(token, parts);
         if claim.is_empty() {
@@ -396,9 +397,7 @@ impl PostgresStore {
             return Ok(sql::settled(settlement, 0));
         };
         if claim.until <= Instant::now() {
-            if let Err(err) = claim.tx.rollback().await {
-                tracing::debug!(error = %err, "rolling back a claim past its lease failed");
-            }
+            inner.held.roll_back(claim.tx).await;
             return Ok(sql::settled(settlement, 0));
         }
         let applied = claim.rows.holds(settlement);
@@ -461,7 +460,7 @@ impl PostgresStore {
             .doing(DOING)?;
         }
         // Released messages need nothing: the commit unlocks them as they were.
-        tx.commit().await.doing(DOING)?;
+        inner.held.commit(tx).await.doing(DOING)?;
         Ok(sql::settled(settlement, applied))
     }
 }

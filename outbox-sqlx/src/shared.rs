@@ -43,7 +43,7 @@ impl<DB: Database> Base<DB> {
             columns: message_columns(dialect),
             pool,
             config,
-            held: Held::default(),
+            held: Held::new(dialect.end_held),
         })
     }
 
@@ -56,7 +56,7 @@ impl<DB: Database> Base<DB> {
             config,
             names: self.names.clone(),
             columns: self.columns.clone(),
-            held: Held::default(),
+            held: Held::new(self.held.end()),
         }
     }
 }
@@ -548,13 +548,13 @@ macro_rules! claim_by_statement {
     };
 }
 
-/// `Store::settle` as one transaction of the set-based statements of
-/// [`settle_statements`](crate::sql::settle_statements), for the dialect `$d`: an item of an
-/// `impl Store` block. (PostgreSQL settles over arrays instead.)
+/// `Store::settle` of a claim by lease as one transaction of the set-based statements of
+/// [`settle_statements`](crate::sql::settle_statements), for the dialect `$d`: a method
+/// `$name` of an `impl` block. (PostgreSQL settles over arrays instead.)
 #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(unused_macros))]
 macro_rules! settle_by_statements {
-    ($d:expr) => {
-        async fn settle(
+    ($name:ident, $d:expr) => {
+        async fn $name(
             &self,
             token: ::outbox_core::LeaseToken,
             settlement: &::outbox_core::Settlement,

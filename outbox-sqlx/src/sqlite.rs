@@ -84,6 +84,7 @@ const LITE: Dialect = Dialect {
     locks_rows: false,
     begin_write: Some("BEGIN IMMEDIATE"),
     heartbeat_in_transaction: true,
+    end_held: None,
 };
 
 /// Columns as SQLite stores them: ids as 16-byte blobs, times as microseconds since the epoch.
@@ -191,7 +192,13 @@ impl SqliteStore {
             " WHERE seq IN (SELECT o.seq FROM {} o WHERE ",
             names.table
         ));
-        sql::push_claimable(&mut statement, &LITE, names, &HELD, claim.relay);
+        sql::push_claimable(
+            &mut statement,
+            &LITE,
+            names,
+            &HELD,
+            sql::Owned::By(claim.relay),
+        );
         statement
             .push(" ORDER BY o.seq LIMIT ")
             .bind(Arg::Int(claim.limit))
@@ -205,7 +212,7 @@ impl Store for SqliteStore {
 
     crate::shared::claim_by_statement!(claim);
 
-    crate::shared::settle_by_statements!(LITE);
+    crate::shared::settle_by_statements!(settle, LITE);
 }
 
 /// The inbox's SQL on SQLite.

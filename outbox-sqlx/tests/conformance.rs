@@ -34,10 +34,18 @@ mod sqlite {
 
 /// The store and relay suites with claims by lease (`ClaimMode::Lease`), where the store also
 /// claims in held transactions by default.
-#[cfg(feature = "postgres")]
 mod leased {
+    #[cfg(feature = "postgres")]
     mod postgres {
         use super::super::common::pg::harness_leased as harness;
+
+        outbox_testkit::store_suite!(harness);
+        outbox_testkit::relay_suite!(harness);
+    }
+
+    #[cfg(feature = "mysql")]
+    mod mysql {
+        use super::super::common::my::harness_leased as harness;
 
         outbox_testkit::store_suite!(harness);
         outbox_testkit::relay_suite!(harness);

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::my::{MyHarness, pool, url};
 use common::scenarios;
-use outbox_core::{MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Store, StoreErrorKind};
+use outbox_core::{
+    MemoryPublisher, NewMessage, Relay, RelayError, RelayId, Settlement, Store, StoreErrorKind,
+};
 use outbox_sqlx::{MySqlStore, StoreConfig};
 use outbox_testkit::StoreHarness;
 use sqlx::Executor as _;
@@ -226,6 +228,13 @@ async fn a_row_locked_elsewhere_still_holds_back_its_key() {
         vec![ids[1]],
         "a1 is skipped while locked, and a2 waits for it"
     );
+    // The claim may hold a2 until it settles (a claim held in a transaction keeps the row
+    // locks it took), as the relay settles every claim.
+    let published = Settlement {
+        published: vec![ids[1]],
+        ..Settlement::default()
+    };
+    store.settle(claim.token, &published).await.expect("settle");
     locker.rollback().await.expect("unlock");
     let claim = store
         .claim(&relay, 10, Duration::from_secs(30))
@@ -235,6 +244,87 @@ async fn a_row_locked_elsewhere_still_holds_back_its_key() {
         claim.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![ids[0], ids[2]]
     );
+    h.teardown().await;
+}
+
+/// A held claim whose relay goes quiet is ended by the server: its connection's
+/// `wait_timeout`, set to the lease while the claim is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_claim_past_its_lease_is_ended_by_the_database() {
+    let Some(h) = MyHarness::new().await else {
+        return;
+    };
+    let Some(other_pool) = pool().await else {
+        return;
+    };
+    let other = MySqlStore::new(other_pool, h.store().config().clone()).expect("store");
+    scenarios::a_quiet_held_claim_is_ended_by_the_database(&h, other).await;
+    h.teardown().await;
+}
+
+/// The `wait_timeout` of a held claim is the claim's own: the connection goes back to the pool
+/// with the server's, whether the claim was settled or outlived its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_claims_leave_the_session_timeout_as_they_found_it() {
+    let Some(pool) = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect(&url())
+        .await
+        .ok()
+    else {
+        return;
+    };
+    let h = MyHarness::on(pool, common::fresh_config()).await;
+    // One connection: every statement below runs on the one the claims used.
+    let store = h.store();
+    let relay = RelayId::random();
+    own_everything(&store, &relay).await;
+    let timeouts = || async {
+        sqlx::query_as::<_, (u64, u64)>("SELECT @@SESSION.wait_timeout, @@GLOBAL.wait_timeout")
+            .fetch_one(store.pool())
+            .await
+            .expect("timeouts")
+    };
+    let ids = h
+        .enqueue(vec![
+            NewMessage::new("orders", "a1"),
+            NewMessage::new("orders", "a2"),
+        ])
+        .await
+        .expect("enqueue");
+    let claim = store
+        .claim(&relay, 1, Duration::from_secs(5))
+        .await
+        .expect("claim");
+    let published = Settlement {
+        published: vec![ids[0]],
+        ..Settlement::default()
+    };
+    store.settle(claim.token, &published).await.expect("settle");
+    let (session, global) = timeouts().await;
+    assert_eq!(session, global, "after a settle");
+    let claim = store
+        .claim(&relay, 1, Duration::from_millis(200))
+        .await
+        .expect("claim");
+    assert_eq!(claim.messages.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next claim rolls back the expired one first.
+    let again = store
+        .claim(&relay, 10, Duration::from_secs(5))
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
+    let published = Settlement {
+        published: vec![ids[1]],
+        ..Settlement::default()
+    };
+    store.settle(again.token, &published).await.expect("settle");
+    let (session, global) = timeouts().await;
+    assert_eq!(session, global, "after an expired claim and a settle");
     h.teardown().await;
 }
 

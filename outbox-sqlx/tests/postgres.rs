@@ -242,71 +242,8 @@ async fn a_held_claim_past_its_lease_is_ended_by_the_database() {
     let Some(other_pool) = pool().await else {
         return;
     };
-    let quiet = h.store();
-    let other = PostgresStore::new(other_pool, quiet.config().clone()).expect("store");
-    let relay = RelayId::random();
-    own_everything(&quiet, &relay).await;
-    let ids = h
-        .enqueue(vec![
-            NewMessage::new("orders", "a1").key("a"),
-            NewMessage::new("orders", "a2").key("a"),
-        ])
-        .await
-        .expect("enqueue");
-    let held = quiet
-        .claim(&relay, 1, Duration::from_millis(1200))
-        .await
-        .expect("claim");
-    assert_eq!(
-        held.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![ids[0]]
-    );
-    let meanwhile = other
-        .claim(&relay, 10, Duration::from_secs(30))
-        .await
-        .expect("claim");
-    assert!(
-        meanwhile.is_empty(),
-        "a1 is held, and a2 waits for it: {meanwhile:?}"
-    );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let after = other
-        .claim(&relay, 10, Duration::from_secs(30))
-        .await
-        .expect("claim");
-    assert_eq!(
-        after.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
-        ids,
-        "the database ended the quiet claim: both messages, in order, unchanged"
-    );
-    assert_eq!(after.messages[0].attempts, 0);
-    let late = quiet
-        .settle(
-            held.token,
-            &outbox_core::Settlement {
-                published: vec![ids[0]],
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("settle");
-    assert_eq!(
-        (late.applied, late.fenced),
-        (0, 1),
-        "the late settle is fenced"
-    );
-    let settled = other
-        .settle(
-            after.token,
-            &outbox_core::Settlement {
-                published: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("settle");
-    assert_eq!((settled.applied, settled.fenced), (2, 0));
-    drop(other);
+    let other = PostgresStore::new(other_pool, h.store().config().clone()).expect("store");
+    scenarios::a_quiet_held_claim_is_ended_by_the_database(&h, other).await;
     h.teardown().await;
 }
 

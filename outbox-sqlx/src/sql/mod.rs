@@ -100,6 +100,13 @@ pub(crate) struct Dialect {
     /// `REPEATABLE READ` the expiry `DELETE`s of concurrent heartbeats would lock each other's
     /// rows).
     pub(crate) heartbeat_in_transaction: bool,
+    /// Run in the transaction of a claim held open ([`ClaimMode::Transaction`]) before it
+    /// ends: undoes the session setting that lets the database end the claim of a relay gone
+    /// quiet, before the connection goes back to the pool (MySQL's `wait_timeout`; PostgreSQL
+    /// sets its timeout for the transaction only).
+    ///
+    /// [`ClaimMode::Transaction`]: crate::ClaimMode::Transaction
+    pub(crate) end_held: Option<&'static str>,
 }
 
 /// How an `UPDATE` or `DELETE` takes at most `n` rows in some order.
@@ -220,6 +227,7 @@ mod tests {
         locks_rows: true,
         begin_write: None,
         heartbeat_in_transaction: true,
+        end_held: None,
     };
 
     const QUOTING: Quoting = Quoting {

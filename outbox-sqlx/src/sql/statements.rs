@@ -357,7 +357,7 @@ pub(crate) fn push_claimable(
     d: &Dialect,
     names: &Names,
     check: &HeldIndex,
-    relay: &RelayId,
+    partitions: Owned<'_>,
 ) {
     let (now, partition, key) = (d.now, d.col("partition"), d.col("key"));
     let table = &names.table;
@@ -372,17 +372,35 @@ pub(crate) fn push_claimable(
          WHERE e.{key} = o.{key} AND e.state = {PENDING} AND {held} AND e.seq < o.seq \
          AND (e.available_at > {now} OR e.lease_until > {now}))"
     );
+    sql.push(&format!("o.state = {PENDING} AND o.{partition} IN "));
+    match partitions {
+        Owned::By(relay) => {
+            sql.push(&format!(
+                "(SELECT {partition} FROM {parts} WHERE owner = ",
+                parts = names.partitions
+            ))
+            .bind(Arg::Text(relay.as_str().to_owned()))
+            .push(&format!(" AND expires_at > {now})"));
+        }
+        Owned::Listed(partitions) => {
+            sql.bind_list(padded(partitions).map(|p| Arg::Int(i64::from(p))));
+        }
+    }
     sql.push(&format!(
-        "o.state = {PENDING} AND o.{partition} IN (SELECT {partition} FROM {parts} WHERE owner = ",
-        parts = names.partitions
-    ))
-    .bind(Arg::Text(relay.as_str().to_owned()))
-    .push(&format!(
-        " AND expires_at > {now}) \
-         AND o.available_at <= {now} \
+        " AND o.available_at <= {now} \
          AND (o.lease_until IS NULL OR o.lease_until <= {now}) \
          AND (o.{key} IS NULL OR {key_check})"
     ));
+}
+
+/// The partitions a claim takes rows from.
+#[derive(Clone, Copy)]
+pub(crate) enum Owned<'a> {
+    /// Those the relay owns under an unexpired lease, read in the claim's statement.
+    By(&'a RelayId),
+    /// These, read before: a locking `SELECT` locks the rows of every table it joins, and
+    /// MySQL turns the subquery of [`Owned::By`] into a join.
+    Listed(&'a [i16]),
 }
 
 /// Pending and dead counts, the oldest pending message and the retained ones, each through

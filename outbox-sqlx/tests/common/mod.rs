@@ -516,6 +516,11 @@ pub mod my {
         MyHarness::new().await
     }
 
+    /// The conformance factory with claims by lease instead of held transactions.
+    pub async fn harness_leased() -> Option<MyHarness> {
+        MyHarness::with_config(fresh_config().claim_mode(outbox_sqlx::ClaimMode::Lease)).await
+    }
+
     /// The conformance factory on tables created by running `schema_script` as another
     /// migration tool would (one multi-statement query), instead of `migrate`.
     pub async fn harness_from_script() -> Option<MyHarness> {
@@ -1015,6 +1020,83 @@ pub mod scenarios {
                 }
             }
         }
+    }
+
+    /// A claim held in a transaction whose relay goes quiet (alive, but never settling) is
+    /// ended by the database once its lease is over (MySQL counts whole seconds: this one's
+    /// 1.2 s lease is ended after 2): `other`, a store on a pool of its own, then claims the
+    /// messages, and the late settle changes nothing.
+    pub async fn a_quiet_held_claim_is_ended_by_the_database<H: StoreHarness>(
+        h: &H,
+        other: H::Store,
+    ) {
+        let quiet = h.store();
+        let relay = RelayId::random();
+        let all: Vec<u16> = (0..outbox_core::PARTITIONS).collect();
+        quiet
+            .acquire(&relay, &all, Duration::from_secs(60))
+            .await
+            .expect("acquire");
+        let ids = h
+            .enqueue(vec![
+                NewMessage::new("orders", "a1").key("a"),
+                NewMessage::new("orders", "a2").key("a"),
+            ])
+            .await
+            .expect("enqueue");
+        let held = quiet
+            .claim(&relay, 1, Duration::from_millis(1200))
+            .await
+            .expect("claim");
+        assert_eq!(
+            held.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![ids[0]]
+        );
+        let meanwhile = other
+            .claim(&relay, 10, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        assert!(
+            meanwhile.is_empty(),
+            "a1 is held, and a2 waits for it: {meanwhile:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let after = other
+            .claim(&relay, 10, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        assert_eq!(
+            after.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+            ids,
+            "the database ended the quiet claim: both messages, in order, unchanged"
+        );
+        assert_eq!(after.messages[0].attempts, 0);
+        let late = quiet
+            .settle(
+                held.token,
+                &Settlement {
+                    published: vec![ids[0]],
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("settle");
+        assert_eq!(
+            (late.applied, late.fenced),
+            (0, 1),
+            "the late settle is fenced"
+        );
+        let settled = other
+            .settle(
+                after.token,
+                &Settlement {
+                    published: ids.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("settle");
+        assert_eq!((settled.applied, settled.fenced), (2, 0));
     }
 
     /// A batch larger than one statement may carry (by rows, and by bytes) is written whole
