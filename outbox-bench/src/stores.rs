@@ -155,12 +155,13 @@ where
     sqlx::query(insert).bind(customer).bind(amount)
 }
 
-/// How the relay's store claims (`OUTBOX_BENCH_CLAIMS=lease`, or `transaction`, the
-/// default), so that runs of both can be compared.
-fn claim_mode() -> ClaimMode {
+/// How the relay's store claims (`OUTBOX_BENCH_CLAIMS=lease` or `transaction`; by default,
+/// the store's own choice), so that runs of both can be compared.
+fn claim_mode() -> Option<ClaimMode> {
     match std::env::var("OUTBOX_BENCH_CLAIMS").as_deref() {
-        Ok("lease") => ClaimMode::Lease,
-        _ => ClaimMode::Transaction,
+        Ok("lease") => Some(ClaimMode::Lease),
+        Ok("transaction") => Some(ClaimMode::Transaction),
+        _ => None,
     }
 }
 
@@ -173,10 +174,10 @@ impl BenchStore {
         table: &str,
         connections: u32,
     ) -> Res<Self> {
-        let config = StoreConfig::new()
-            .table(table)
-            .max_connections(connections)
-            .claim_mode(claim_mode());
+        let mut config = StoreConfig::new().table(table).max_connections(connections);
+        if let Some(mode) = claim_mode() {
+            config = config.claim_mode(mode);
+        }
         let (store, dir) = match kind {
             StoreKind::Postgres => {
                 reachable("PostgreSQL", &services.postgres, 5432).await?;

@@ -75,16 +75,17 @@ pub struct StoreConfig {
     /// refuses to start on a smaller pool; the rest serves the service's own transactions, or
     /// the readiness probe of `outbox-relay`.
     pub max_connections: u32,
-    /// How a claim keeps its messages from other claims while they are published (default
-    /// [`ClaimMode::Transaction`]). PostgreSQL and MySQL take both; SQLite, with one writer,
-    /// claims by lease whatever this says (a write transaction held while a batch is
-    /// published would block the service's own writes).
-    pub claim_mode: ClaimMode,
+    /// How a claim keeps its messages from other claims while they are published; `None`
+    /// (the default) lets the store pick what measured fastest on it: PostgreSQL
+    /// [`ClaimMode::Transaction`], MySQL [`ClaimMode::Lease`]. PostgreSQL and MySQL take both;
+    /// SQLite, with one writer, claims by lease whatever this says (a write transaction held
+    /// while a batch is published would block the service's own writes).
+    pub claim_mode: Option<ClaimMode>,
 }
 
 /// How a claim keeps the messages it took from every other claim until their outcomes are
 /// recorded ([`StoreConfig::claim_mode`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum ClaimMode {
@@ -95,7 +96,6 @@ pub enum ClaimMode {
     /// goes quiet for longer than its lease, has its transaction rolled back by the database
     /// and its messages claimed again. Each batch in flight holds a pooled connection from its
     /// claim to its settle.
-    #[default]
     Transaction,
     /// The claim writes a lease (token and expiry) on its rows and commits; the settle is a
     /// second transaction, fenced by the token. Each message is written one more time, and no
@@ -113,7 +113,7 @@ impl Default for StoreConfig {
             notify_channel: None,
             notify: true,
             max_connections: 10,
-            claim_mode: ClaimMode::default(),
+            claim_mode: None,
         }
     }
 }
@@ -168,7 +168,7 @@ impl StoreConfig {
 
     /// Sets [`StoreConfig::claim_mode`].
     pub fn claim_mode(mut self, mode: ClaimMode) -> Self {
-        self.claim_mode = mode;
+        self.claim_mode = Some(mode);
         self
     }
 
@@ -524,9 +524,9 @@ mod tests {
     fn claim_modes_are_read_by_name() {
         assert_eq!(
             serde_json_like(r#"{"claim_mode": "lease"}"#).claim_mode,
-            ClaimMode::Lease
+            Some(ClaimMode::Lease)
         );
-        assert_eq!(serde_json_like("{}").claim_mode, ClaimMode::Transaction);
+        assert_eq!(serde_json_like("{}").claim_mode, None);
         assert!(serde_json::from_str::<StoreConfig>(r#"{"claim_mode": "leases"}"#).is_err());
     }
 

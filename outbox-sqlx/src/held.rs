@@ -51,6 +51,7 @@ impl HeldRows {
     }
 
     /// The row of message `id`, when this claim holds it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn row(&self, id: &MessageId) -> Option<String> {
         self.rows.get(id).cloned()
     }
@@ -61,6 +62,7 @@ impl HeldRows {
     }
 
     /// The sequence number of message `id`, when this claim holds it.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     pub(crate) fn seq(&self, id: &MessageId) -> Option<i64> {
         self.seqs.get(id).copied()
     }

@@ -10,6 +10,8 @@ mod config;
 mod detached;
 mod enqueue;
 mod error;
+// SQLite claims by lease only.
+#[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
 mod held;
 mod inbox;
 mod migrations;

@@ -1,26 +1,27 @@
 //! [`MySqlStore`]: the outbox on MySQL 8 and MariaDB 10.6+.
 //!
-//! - **Claims held in a transaction** ([`ClaimMode::Transaction`], the default): a
-//!   `READ COMMITTED` transaction selects the next rows of the relay's partitions with
-//!   `ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED` and stays open, under the claim's token,
-//!   while the batch is published; the settle deletes the published rows (or marks them, with
-//!   a retention), writes the failed ones back, and commits. A relay that dies has its
-//!   transaction rolled back; one that stays quiet past its lease has its connection closed
-//!   by the server (the session's `wait_timeout`, set to the lease for the claim and reset
-//!   before the connection goes back to the pool: MySQL 8 has no idle-transaction timeout).
-//! - **Claims by lease** ([`ClaimMode::Lease`]): one `READ COMMITTED` transaction locks the
-//!   relay's partition rows (`FOR UPDATE`), selects the next rows as above, leases them with
-//!   `UPDATE ... WHERE seq IN (...)` and commits; the settle is a second transaction, fenced
-//!   by the token.
+//! - **Claims by lease** ([`ClaimMode::Lease`], the default here): one `READ COMMITTED`
+//!   transaction locks the relay's partition rows (`FOR UPDATE`), selects the next rows with
+//!   `ORDER BY seq LIMIT n FOR UPDATE SKIP LOCKED`, leases them with `UPDATE ... WHERE seq IN
+//!   (...)` and commits; the settle is a second transaction of set-based statements
+//!   (`IN (...)`, `CASE id WHEN ...`), fenced by the token.
+//! - **Claims held in a transaction** ([`ClaimMode::Transaction`]): a `READ COMMITTED`
+//!   transaction finds its candidates in a consistent read, locks them by primary key
+//!   (`SKIP LOCKED`) and stays open, under the claim's token, while the batch is published;
+//!   the settle writes the outcomes row by row in it and commits. A relay that dies has its
+//!   transaction rolled back; one that stays quiet past its lease has its connection closed by
+//!   the server (the session's `wait_timeout`, set to the lease for the claim and reset before
+//!   the connection goes back to the pool: MySQL 8 has no idle-transaction timeout). Not the
+//!   default: on MariaDB 10.11 it drained at about 0.8 times the leased claims' rate (see
+//!   docs/benchmarks.md), its row-by-row settle being the only deadlock-free one found.
 //! - Never the single-statement `UPDATE ... WHERE seq IN (SELECT * FROM (SELECT ... SKIP
 //!   LOCKED) x)`: MariaDB accepts it but does not skip locked rows there, and hands the same
 //!   rows to two relays. `READ COMMITTED` also spares enqueues the gap locks a locking range
 //!   scan takes under `REPEATABLE READ`.
 //! - The per-key subquery of the claim is a consistent read even inside the locking `SELECT`
 //!   (checked on MariaDB 10.11; documented for MySQL 8): a row another transaction holds
-//!   still blocks the later messages of its key, and a consistent read after the scan drops
-//!   the candidates behind a row the scan skipped.
-//! - Settles are set-based statements (`IN (...)`, `CASE id WHEN ...`).
+//!   still blocks the later messages of its key, and a consistent read after the lock drops
+//!   the candidates behind a row it skipped.
 //! - Times are `DATETIME(6)` in UTC from `UTC_TIMESTAMP(6)`, whatever the session time zone.
 //! - No notifications: the relay polls (adaptively) and is woken in-process.
 
@@ -323,7 +324,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        match self.inner.config.claim_mode {
+        match self.inner.config.claim_mode.unwrap_or(ClaimMode::Lease) {
             ClaimMode::Lease => self.claim_leased(relay, limit, lease).await,
             _ => self.claim_held(relay, limit, lease).await,
         }
@@ -334,7 +335,7 @@ impl Store for crate::detached::Direct<MySqlStore> {
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        match self.inner.config.claim_mode {
+        match self.inner.config.claim_mode.unwrap_or(ClaimMode::Lease) {
             ClaimMode::Lease => self.settle_leased(token, settlement).await,
             _ => self.settle_held(token, settlement).await,
         }
@@ -360,7 +361,22 @@ impl crate::detached::Direct<MySqlStore> {
         inner.held.roll_back_expired(false).await;
         let until = Instant::now() + lease;
         let mut tx = sql::begin(&inner.pool, Some(BEGIN_READ_COMMITTED), DOING).await?;
-        let candidates = self.candidates(relay, limit);
+        // The partitions are read, not locked: a relay taking one over meanwhile skips the
+        // rows this claim holds, and drops the later messages of their keys. Read first, so
+        // that a relay owning none (yet) does not scan the backlog to find so.
+        let owned: Vec<i16> = sqlx::query_scalar(&format!(
+            "SELECT `partition` FROM {} WHERE owner = ? AND expires_at > UTC_TIMESTAMP(6)",
+            inner.names.partitions
+        ))
+        .bind(relay.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .doing(DOING)?;
+        if owned.is_empty() {
+            tx.commit().await.doing(DOING)?;
+            return Ok(sql::assemble_claim(token, Vec::new()));
+        }
+        let candidates = self.candidates(&owned, limit);
         let candidates: Vec<i64> = bound_scalar(&candidates.text, candidates.args)?
             .fetch_all(&mut *tx)
             .await
@@ -370,11 +386,13 @@ impl crate::detached::Direct<MySqlStore> {
             return Ok(sql::assemble_claim(token, Vec::new()));
         }
         // The candidates are locked by primary key, skipping those another claim took
-        // meanwhile; the locking read sees their latest version, checked again.
+        // meanwhile; the locking read sees their latest version, checked again. Through the
+        // primary key only: a scan of a secondary index (the optimizer's pick for `state = 0`
+        // beside a long list) would keep the locks of every pending row it read.
         let columns = sql::qualified_columns(&inner.columns, "o");
         let mut lock = Sql::new(&MY);
         lock.push(&format!(
-            "SELECT {columns} FROM {} o WHERE o.seq IN ",
+            "SELECT {columns} FROM {} o FORCE INDEX (PRIMARY) WHERE o.seq IN ",
             inner.names.table
         ))
         .bind_list(sql::padded(&candidates).map(Arg::Int))
@@ -452,11 +470,11 @@ impl crate::detached::Direct<MySqlStore> {
     /// in the order the in-memory store applies them (a message listed twice is applied
     /// once).
     ///
-    /// One statement per row, each by primary key: an `IN (...)` list is read with a scan of
-    /// the table when the table is small, and a `DELETE`'s scan waits for the rows other
-    /// claims hold, which can wait for this one: a deadlock. (An `UPDATE` reads past rows
-    /// other transactions lock; a `DELETE` does not.) The published rows, the many, go in one
-    /// round trip of the text protocol; failures, the few, one by one.
+    /// One statement per row, each by primary key (a constant lookup, which reads no other
+    /// row): MySQL reads an `IN (...)` list with a scan of the table when the table is small,
+    /// and the scan waits for the rows other claims hold, which may be waiting for this one's
+    /// rows: a deadlock, seen with claims of a few rows each. The published rows, the many, go
+    /// in one round trip of the text protocol; failures, the few, one by one.
     async fn apply_held(
         &self,
         conn: &mut MySqlConnection,
@@ -516,7 +534,7 @@ impl crate::detached::Direct<MySqlStore> {
         Ok(())
     }
 
-    /// The first `limit` claimable rows of the relay's partitions, by sequence number, in a
+    /// The first `limit` claimable rows of the `owned` partitions, by sequence number, in a
     /// consistent read: it locks nothing. (A locking scan of a secondary index keeps the
     /// locks of the rows it reads and does not take, whether `SKIP LOCKED` skipped them or
     /// a condition left them out, until the transaction ends: held for a whole publish,
@@ -525,11 +543,17 @@ impl crate::detached::Direct<MySqlStore> {
     /// What this store's claims hold is passed over, with the later messages of their keys,
     /// up to a bound on the statement's size; past it, the check after the lock keeps the
     /// order, and holds the rows it drops until this claim ends.
-    fn candidates(&self, relay: &RelayId, limit: usize) -> Sql {
+    fn candidates(&self, owned: &[i16], limit: usize) -> Sql {
         let inner = &*self.inner;
         let mut select = Sql::new(&MY);
-        select.push(&format!("SELECT o.seq FROM {} o WHERE ", inner.names.table));
-        sql::push_claimable(&mut select, &MY, &inner.names, &HELD, Owned::By(relay));
+        // Through the index of pending rows, in order: the optimizer sometimes picks a scan of
+        // the primary key, which reads every dead and retained row before the pending ones.
+        select.push(&format!(
+            "SELECT o.seq FROM {} o FORCE INDEX ({}) WHERE ",
+            inner.names.table,
+            inner.names.index("pend")
+        ));
+        sql::push_claimable(&mut select, &MY, &inner.names, &HELD, Owned::Listed(owned));
         let (keys, seqs) = inner.held.in_flight();
         if keys.len() + seqs.len() <= MAX_PASSED_OVER {
             if !keys.is_empty() {

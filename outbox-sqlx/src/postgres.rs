@@ -264,7 +264,12 @@ impl Store for PostgresStore {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        match self.inner.config.claim_mode {
+        match self
+            .inner
+            .config
+            .claim_mode
+            .unwrap_or(ClaimMode::Transaction)
+        {
             ClaimMode::Lease => self.claim_leased(relay, limit, lease).await,
             _ => self.claim_held(relay, limit, lease).await,
         }
@@ -278,7 +283,12 @@ impl Store for PostgresStore {
         if settlement.is_empty() {
             return Ok(Settled::default());
         }
-        match self.inner.config.claim_mode {
+        match self
+            .inner
+            .config
+            .claim_mode
+            .unwrap_or(ClaimMode::Transaction)
+        {
             ClaimMode::Lease => self.settle_leased(token, settlement).await,
             _ => self.settle_held(token, settlement).await,
         }

@@ -32,9 +32,10 @@ mod sqlite {
     outbox_testkit::inbox_suite!(inbox);
 }
 
-/// The store and relay suites with claims by lease (`ClaimMode::Lease`), where the store also
-/// claims in held transactions by default.
-mod leased {
+/// The store and relay suites with each store's other claim mode: claims by lease on
+/// PostgreSQL (which holds its claims in a transaction by default), claims held in a
+/// transaction on MySQL (which claims by lease by default).
+mod other_claim_mode {
     #[cfg(feature = "postgres")]
     mod postgres {
         use super::super::common::pg::harness_leased as harness;
@@ -45,7 +46,7 @@ mod leased {
 
     #[cfg(feature = "mysql")]
     mod mysql {
-        use super::super::common::my::harness_leased as harness;
+        use super::super::common::my::harness_held as harness;
 
         outbox_testkit::store_suite!(harness);
         outbox_testkit::relay_suite!(harness);

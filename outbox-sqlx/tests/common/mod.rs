@@ -516,9 +516,15 @@ pub mod my {
         MyHarness::new().await
     }
 
-    /// The conformance factory with claims by lease instead of held transactions.
-    pub async fn harness_leased() -> Option<MyHarness> {
-        MyHarness::with_config(fresh_config().claim_mode(outbox_sqlx::ClaimMode::Lease)).await
+    /// The conformance factory with claims held in a transaction instead of leases.
+    pub async fn harness_held() -> Option<MyHarness> {
+        MyHarness::with_config(held_config()).await
+    }
+
+    /// A fresh configuration whose claims are held in a transaction (MySQL claims by lease by
+    /// default).
+    pub fn held_config() -> StoreConfig {
+        fresh_config().claim_mode(outbox_sqlx::ClaimMode::Transaction)
     }
 
     /// The conformance factory on tables created by running `schema_script` as another
