@@ -230,6 +230,38 @@ impl PrivatePostgres {
     /// Creates and starts a cluster in `dir` (which is made traversable by other users, for
     /// the `postgres` user to reach its directory), in about a second.
     pub async fn start(dir: &Path) -> Result<Self, ServerError> {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// [`PrivatePostgres::start`] with server settings written into the cluster's
+    /// `postgresql.conf`, so that they hold across restarts too:
+    ///
+    /// ```no_run
+    /// # async fn example(dir: &std::path::Path) -> Result<(), outbox_testkit::servers::ServerError> {
+    /// use outbox_testkit::servers::PrivatePostgres;
+    ///
+    /// let postgres = PrivatePostgres::start_with(dir, &[("wal_level", "logical")]).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A name that is not a plain identifier (letters, digits, `_` and `.`) is
+    /// [`ServerError::Failed`]; values are quoted.
+    pub async fn start_with(dir: &Path, settings: &[(&str, &str)]) -> Result<Self, ServerError> {
+        let mut conf = String::new();
+        for (name, value) in settings {
+            let plain = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+            if !plain || value.contains(['\n', '\r']) {
+                return Err(ServerError::Failed(format!(
+                    "server setting {name:?} = {value:?}: not a plain name and one-line value"
+                )));
+            }
+            // A quoted value of postgresql.conf: backslashes escape, quotes are doubled.
+            let quoted = value.replace('\\', "\\\\").replace('\'', "''");
+            conf.push_str(&format!("{name} = '{quoted}'\n"));
+        }
         let bin = postgres_bin()?;
         let user = if is_root() {
             system_user("postgres").await?;
@@ -264,6 +296,16 @@ impl PrivatePostgres {
             ],
         )
         .await?;
+        if !conf.is_empty() {
+            // Appended by this process (root, or the cluster's owner): the file keeps its owner.
+            use std::io::Write as _;
+            let path = server.data().join("postgresql.conf");
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .and_then(|mut file| file.write_all(format!("\n{conf}").as_bytes()))
+                .map_err(|e| failed(path.display(), e))?;
+        }
         // A port found free can be taken before the server binds it: try another.
         let mut last = None;
         for _ in 0..3 {
@@ -635,6 +677,22 @@ mod tests {
         assert!(!accepts(addr).await);
         assert!(!data.exists());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn settings_that_could_break_the_configuration_file_are_refused() {
+        let dir = std::env::temp_dir();
+        for setting in [
+            ("bad name", "1"),
+            ("", "1"),
+            ("a=b", "1"),
+            ("x", "1\nfsync = on"),
+        ] {
+            let err = PrivatePostgres::start_with(&dir, &[setting])
+                .await
+                .expect_err("refused");
+            assert!(matches!(err, ServerError::Failed(_)), "{setting:?}: {err}");
+        }
     }
 
     #[tokio::test]

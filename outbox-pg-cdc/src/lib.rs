@@ -1,0 +1,14 @@
+#![doc = include_str!("../README.md")]
+
+mod admin;
+mod config;
+mod error;
+mod lsn;
+mod pgoutput;
+mod source;
+
+pub use admin::{CdcAdmin, SlotStatus};
+pub use config::CdcConfig;
+pub use error::CdcError;
+pub use lsn::Lsn;
+pub use source::{LogBatch, PgLogSource};
