@@ -145,9 +145,18 @@ impl<DB: Database> Held<DB> {
         self.lock().insert(token, claim);
     }
 
-    /// The claim held under `token`, if any, whether its lease ended or not.
-    pub(crate) fn take(&self, token: &LeaseToken) -> Option<HeldClaim<DB>> {
-        self.lock().remove(token)
+    /// The claim held under `token`, for its settle, if there is one and its lease has not
+    /// ended; a claim past its lease is rolled back here, and its outcomes are fenced.
+    pub(crate) async fn take_live(&self, token: &LeaseToken) -> Option<HeldClaim<DB>>
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    {
+        let claim = self.lock().remove(token)?;
+        if claim.until <= Instant::now() {
+            self.roll_back(claim.tx).await;
+            return None;
+        }
+        Some(claim)
     }
 
     /// Removes the claims whose lease ended (or every claim, with `all`), for the caller to

@@ -342,6 +342,27 @@ impl Store for crate::detached::Direct<MySqlStore> {
     }
 }
 
+impl crate::detached::Direct<MySqlStore> {
+    /// The partitions `relay` owns under an unexpired lease, in order, read with `lock` (`""`
+    /// or `" FOR UPDATE"`).
+    async fn owned(
+        &self,
+        conn: &mut MySqlConnection,
+        relay: &RelayId,
+        lock: &str,
+    ) -> Result<Vec<i16>, StoreError> {
+        sqlx::query_scalar(&format!(
+            "SELECT `partition` FROM {} WHERE owner = ? AND expires_at > UTC_TIMESTAMP(6) \
+             ORDER BY `partition`{lock}",
+            self.inner.names.partitions
+        ))
+        .bind(relay.as_str())
+        .fetch_all(conn)
+        .await
+        .doing("claiming outbox messages")
+    }
+}
+
 /// Claims held in a transaction ([`ClaimMode::Transaction`]).
 impl crate::detached::Direct<MySqlStore> {
     /// Begins a `READ COMMITTED` transaction, locks the next claimable rows and keeps the
@@ -364,14 +385,7 @@ impl crate::detached::Direct<MySqlStore> {
         // The partitions are read, not locked: a relay taking one over meanwhile skips the
         // rows this claim holds, and drops the later messages of their keys. Read first, so
         // that a relay owning none (yet) does not scan the backlog to find so.
-        let owned: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT `partition` FROM {} WHERE owner = ? AND expires_at > UTC_TIMESTAMP(6)",
-            inner.names.partitions
-        ))
-        .bind(relay.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .doing(DOING)?;
+        let owned = self.owned(&mut tx, relay, "").await?;
         if owned.is_empty() {
             tx.commit().await.doing(DOING)?;
             return Ok(sql::assemble_claim(token, Vec::new()));
@@ -449,13 +463,9 @@ impl crate::detached::Direct<MySqlStore> {
         if settlement.is_empty() {
             return Ok(Settled::default());
         }
-        let Some(claim) = inner.held.take(&token) else {
+        let Some(claim) = inner.held.take_live(&token).await else {
             return Ok(sql::settled(settlement, 0));
         };
-        if claim.until <= Instant::now() {
-            inner.held.roll_back(claim.tx).await;
-            return Ok(sql::settled(settlement, 0));
-        }
         let applied = claim.rows.holds(settlement);
         let HeldClaim { mut tx, rows, .. } = claim;
         if let Err(err) = self.apply_held(&mut tx, &rows, settlement).await {
@@ -590,15 +600,7 @@ impl crate::detached::Direct<MySqlStore> {
         let mut tx = sql::begin(pool, Some(BEGIN_READ_COMMITTED), DOING).await?;
         // Claims of one relay run one at a time, and a relay taking one of these partitions
         // over waits until this claim committed.
-        let owned: Vec<i16> = sqlx::query_scalar(&format!(
-            "SELECT `partition` FROM {} WHERE owner = ? AND expires_at > UTC_TIMESTAMP(6) \
-             ORDER BY `partition` FOR UPDATE",
-            names.partitions
-        ))
-        .bind(relay.as_str())
-        .fetch_all(&mut *tx)
-        .await
-        .doing(DOING)?;
+        let owned = self.owned(&mut tx, relay, " FOR UPDATE").await?;
         if owned.is_empty() || limit == 0 {
             tx.rollback().await.doing(DOING)?;
             return Ok(sql::assemble_claim(token, Vec::new()));

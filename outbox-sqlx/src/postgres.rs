@@ -403,13 +403,9 @@ impl PostgresStore {
     ) -> Result<Settled, StoreError> {
         const DOING: &str = "recording publish outcomes";
         let inner = &*self.inner;
-        let Some(claim) = inner.held.take(&token) else {
+        let Some(claim) = inner.held.take_live(&token).await else {
             return Ok(sql::settled(settlement, 0));
         };
-        if claim.until <= Instant::now() {
-            inner.held.roll_back(claim.tx).await;
-            return Ok(sql::settled(settlement, 0));
-        }
         let applied = claim.rows.holds(settlement);
         let HeldClaim { mut tx, rows, .. } = claim;
         let row = |id: &MessageId| rows.row(id);
