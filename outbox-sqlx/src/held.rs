@@ -23,7 +23,8 @@ pub(crate) struct HeldRows {
     /// Sequence numbers by message: a settle finds its rows by primary key, never by a scan
     /// that would wait for the rows other claims hold.
     seqs: HashMap<MessageId, i64>,
-    /// Row addresses by message (PostgreSQL's `ctid`); empty where rows are found by id.
+    /// Row addresses by message (PostgreSQL's `ctid`); empty where a settle finds rows by
+    /// sequence number (MySQL).
     rows: HashMap<MessageId, String>,
     /// Keys of the claimed messages: their later messages wait for these.
     keys: Vec<String>,
