@@ -7,6 +7,7 @@ mod error_text;
 mod inbox;
 mod incoming;
 mod jsonl;
+mod log;
 mod memory;
 mod message;
 pub mod metrics;
@@ -23,13 +24,16 @@ pub use error_text::{MAX_ERROR_TEXT, sanitize as sanitize_error_text};
 pub use inbox::{Inbox, MAX_CONSUMER_NAME, Processed, check_consumer};
 pub use incoming::{Incoming, IncomingError};
 pub use jsonl::JsonLinesPublisher;
+pub use log::{LogBatch, LogPosition, LogSource, Waiting};
 pub use memory::{MemoryPublisher, MemoryStore, MemoryTransaction};
 pub use message::{
     Headers, InvalidMessage, Limits, MESSAGE_ID_HEADER, Message, MessageId, NewMessage, PARTITIONS,
     decode_headers, encode_headers, partition_of,
 };
 pub use publisher::{Capabilities, PublishOutcome, Publisher};
-pub use relay::{BatchReport, Pause, PauseCause, Relay, RelayBuilder, RelayHandle};
+pub use relay::{
+    BatchReport, LogRelay, LogRelayBuilder, Pause, PauseCause, Relay, RelayBuilder, RelayHandle,
+};
 pub use retry::{Decision, RetryPolicy};
 pub use store::{
     Claim, DeadLetter, DeadLetterFilter, DeadLetterTo, Enqueue, LeaseToken, Malformed, RelayId,

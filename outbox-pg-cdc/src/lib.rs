@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod error;
 mod lsn;
+mod outbox_log;
 mod pgoutput;
 mod source;
 
@@ -11,4 +12,5 @@ pub use admin::{CdcAdmin, SlotStatus};
 pub use config::CdcConfig;
 pub use error::CdcError;
 pub use lsn::Lsn;
+pub use outbox_log::PgOutboxLog;
 pub use source::{LogBatch, PgLogSource};

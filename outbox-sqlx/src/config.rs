@@ -81,6 +81,14 @@ pub struct StoreConfig {
     /// SQLite, with one writer, claims by lease whatever this says (a write transaction held
     /// while a batch is published would block the service's own writes).
     pub claim_mode: Option<ClaimMode>,
+    /// PostgreSQL only, with [`ClaimMode::Transaction`]: claim only the messages handed to
+    /// the table (default false). Set it on the store of the polling relay that runs beside a
+    /// log relay (change data capture, `outbox-pg-cdc`): the log relay publishes new messages
+    /// itself and hands the table those it could not publish (with their attempt and retry
+    /// delay), the later messages of their keys, messages written to become available later,
+    /// and replayed dead letters; this store claims those only, so that no message is
+    /// published by both.
+    pub handed_only: bool,
 }
 
 /// How a claim keeps the messages it took from every other claim until their outcomes are
@@ -114,6 +122,7 @@ impl Default for StoreConfig {
             notify: true,
             max_connections: 10,
             claim_mode: None,
+            handed_only: false,
         }
     }
 }
@@ -166,6 +175,12 @@ impl StoreConfig {
         self
     }
 
+    /// Sets [`StoreConfig::handed_only`].
+    pub fn handed_only(mut self, handed_only: bool) -> Self {
+        self.handed_only = handed_only;
+        self
+    }
+
     /// Sets [`StoreConfig::claim_mode`].
     pub fn claim_mode(mut self, mode: ClaimMode) -> Self {
         self.claim_mode = Some(mode);
@@ -214,6 +229,19 @@ impl StoreConfig {
     }
 }
 
+/// The check of the stores that cannot claim only handed messages (every store but
+/// PostgreSQL's).
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) fn refuse_handed_only(config: &StoreConfig) -> Result<(), StoreError> {
+    if config.handed_only {
+        return Err(config_error(
+            "handed_only: only the PostgreSQL store claims only handed messages (a log relay \
+             reads PostgreSQL's log)",
+        ));
+    }
+    Ok(())
+}
+
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreConfig")
@@ -225,6 +253,7 @@ impl fmt::Debug for StoreConfig {
             .field("notify", &self.notify)
             .field("max_connections", &self.max_connections)
             .field("claim_mode", &self.claim_mode)
+            .field("handed_only", &self.handed_only)
             .finish()
     }
 }

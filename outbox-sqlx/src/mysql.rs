@@ -162,14 +162,14 @@ crate::shared::store! {
     /// name is not a plain identifier (`database.table` is accepted).
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
-    new(|_| Ok(())),
+    new(crate::config::refuse_handed_only),
     /// Opens a pool of [`StoreConfig::max_connections`](crate::StoreConfig::max_connections)
     /// to [`StoreConfig::url`](crate::StoreConfig::url) and builds the store on it.
     connect("MySQL", |options| options),
 }
 
 impl MySqlStore {
-    /// Creates or upgrades the outbox tables    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
+    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`]. MySQL commits DDL
     /// statement by statement, so every statement is idempotent, and a named lock
     /// (`GET_LOCK`) keeps relays starting together from migrating at the same time.
     pub async fn migrate(&self) -> Result<(), StoreError> {

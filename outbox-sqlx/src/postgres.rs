@@ -67,6 +67,10 @@ const SCHEMA: Schema = Schema {
             5,
             include_str!("../migrations/postgres/0005_held_claims.sql"),
         ),
+        (
+            6,
+            include_str!("../migrations/postgres/0006_handed_claims.sql"),
+        ),
     ],
     dialect: &PG,
     versions_table: "CREATE TABLE IF NOT EXISTS {schema} (version INTEGER PRIMARY KEY, \
@@ -83,6 +87,7 @@ const SCHEMA: Schema = Schema {
     drop: "DROP TABLE IF EXISTS {table}, {partitions}, {relays}, {schema}; \
            DROP FUNCTION IF EXISTS {claim}(TEXT, BIGINT, UUID, BIGINT); \
            DROP FUNCTION IF EXISTS {fn_take}(TEXT, BIGINT, BIGINT, TEXT[], BIGINT[]); \
+           DROP FUNCTION IF EXISTS {fn_take}(TEXT, BIGINT, BIGINT, TEXT[], BIGINT[], BOOLEAN); \
            DROP FUNCTION IF EXISTS {fn_fill}(); DROP FUNCTION IF EXISTS {fn_notify}(); \
            DROP FUNCTION IF EXISTS {fn_uuid7}()",
     without_notify: "DROP TRIGGER IF EXISTS {trg_notify} ON {table}",
@@ -151,14 +156,21 @@ crate::shared::store! {
     /// name or the notify channel is not a plain identifier.
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
-    new(check_channel),
+    new(check_config),
     /// Opens a pool of [`StoreConfig::max_connections`](crate::StoreConfig::max_connections)
     /// to [`StoreConfig::url`](crate::StoreConfig::url) and builds the store on it.
     connect("PostgreSQL", |options| options),
 }
 
-/// Refuses a notify channel that is not a plain identifier PostgreSQL takes.
-fn check_channel(config: &StoreConfig) -> Result<(), StoreError> {
+/// Refuses a notify channel that is not a plain identifier PostgreSQL takes, and claims of
+/// handed messages only by lease (only the take function of a held claim filters them).
+fn check_config(config: &StoreConfig) -> Result<(), StoreError> {
+    if config.handed_only && config.claim_mode == Some(ClaimMode::Lease) {
+        return Err(config_error(
+            "handed_only: claims of handed messages only are held in a transaction; \
+             set claim_mode to \"transaction\" (or leave it out)",
+        ));
+    }
     let channel = config.channel();
     if crate::config::split_table(channel, true).is_err() || channel.len() > 63 {
         return Err(config_error(format!(
@@ -170,7 +182,7 @@ fn check_channel(config: &StoreConfig) -> Result<(), StoreError> {
 }
 
 impl PostgresStore {
-    /// Creates or upgrades the outbox tables    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
+    /// Creates or upgrades the outbox tables to [`Self::SCHEMA_VERSION`], in one transaction
     /// under an advisory lock, so that relays starting together migrate once. Idempotent.
     ///
     /// The schema of a `schema.table` name must exist.
@@ -347,7 +359,7 @@ impl PostgresStore {
         let mut tx = sql::begin(&inner.pool, None, DOING).await?;
         let columns = sql::qualified_columns(&inner.columns, "c");
         let rows = sqlx::query(&format!(
-            "SELECT c.row_id, {columns} FROM {}($1, $2, $3, $4, $5) c",
+            "SELECT c.row_id, {columns} FROM {}($1, $2, $3, $4, $5, $6) c",
             inner.names.function("take")
         ))
         .bind(relay.as_str())
@@ -355,6 +367,7 @@ impl PostgresStore {
         .bind(sql::micros(lease))
         .bind(keys)
         .bind(seqs)
+        .bind(inner.config.handed_only)
         .fetch_all(&mut *tx)
         .await
         .doing(DOING)?;
@@ -482,6 +495,13 @@ impl PostgresStore {
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
+        let applied = self.settle_where(settlement, Fence::Lease(token)).await?;
+        Ok(sql::settled(settlement, applied))
+    }
+
+    /// Applies a settlement in one transaction to the rows `fence` selects; returns how many
+    /// rows it changed.
+    async fn settle_where(&self, settlement: &Settlement, fence: Fence) -> Result<u64, StoreError> {
         const DOING: &str = "recording publish outcomes";
         let Inner {
             pool,
@@ -490,17 +510,37 @@ impl PostgresStore {
             ..
         } = &*self.inner;
         let t = &names.table;
-        let fenced =
-            format!("o.state = {PENDING} AND o.lease_token = $2 AND o.lease_until > now()");
-        let token = *token.as_uuid();
+        // $2 is bound in every statement: the token, or NULL for the log relay's rows.
+        let (fenced, token, available, handed, done) = match fence {
+            Fence::Lease(token) => (
+                format!("o.state = {PENDING} AND o.lease_token = $2 AND o.lease_until > now()"),
+                Some(*token.as_uuid()),
+                "now() + v.delay * interval '1 microsecond'",
+                "lease_token = NULL, lease_until = NULL",
+                ", lease_token = NULL, lease_until = NULL",
+            ),
+            // Never leased, never handed over: enqueue writes available_at = created_at, and
+            // handing over moves it past created_at (schema version 6).
+            Fence::LogRelayed => (
+                format!(
+                    "o.state = {PENDING} AND o.lease_token IS NOT DISTINCT FROM $2 \
+                     AND o.available_at = o.created_at"
+                ),
+                None,
+                "GREATEST(now() + v.delay * interval '1 microsecond', \
+                 o.created_at + interval '1 microsecond')",
+                "available_at = GREATEST(now(), o.created_at + interval '1 microsecond')",
+                "",
+            ),
+        };
         let mut applied = 0;
         let mut tx = sql::begin(pool, Some(BEGIN_SETTLE), DOING).await?;
         if !settlement.published.is_empty() {
             let ids = uuids(&settlement.published);
             let text = if config.retention.is_some() {
                 format!(
-                    "UPDATE {t} AS o SET state = {PUBLISHED}, published_at = now(), lease_token = NULL, \
-                     lease_until = NULL WHERE o.id = ANY($1) AND {fenced}"
+                    "UPDATE {t} AS o SET state = {PUBLISHED}, published_at = now(){done} \
+                     WHERE o.id = ANY($1) AND {fenced}"
                 )
             } else {
                 format!("DELETE FROM {t} AS o WHERE o.id = ANY($1) AND {fenced}")
@@ -523,8 +563,7 @@ impl PostgresStore {
                 .collect();
             applied += sqlx::query(&format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
-                 available_at = now() + v.delay * interval '1 microsecond', \
-                 lease_token = NULL, lease_until = NULL \
+                 available_at = {available}{done} \
                  FROM unnest($1::uuid[], $3::text[], $4::int8[]) AS v(id, error, delay) \
                  WHERE o.id = v.id AND {fenced}"
             ))
@@ -542,7 +581,7 @@ impl PostgresStore {
             let errors: Vec<&str> = settlement.dead.iter().map(|d| d.error.as_str()).collect();
             applied += sqlx::query(&format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
-                 state = {DEAD}, dead_at = now(), lease_token = NULL, lease_until = NULL \
+                 state = {DEAD}, dead_at = now(){done} \
                  FROM unnest($1::uuid[], $3::text[]) AS v(id, error) \
                  WHERE o.id = v.id AND {fenced}"
             ))
@@ -556,7 +595,7 @@ impl PostgresStore {
         }
         if !settlement.release.is_empty() {
             applied += sqlx::query(&format!(
-                "UPDATE {t} AS o SET lease_token = NULL, lease_until = NULL WHERE o.id = ANY($1) AND {fenced}"
+                "UPDATE {t} AS o SET {handed} WHERE o.id = ANY($1) AND {fenced}"
             ))
             .bind(uuids(&settlement.release))
             .bind(token)
@@ -566,7 +605,70 @@ impl PostgresStore {
             .rows_affected();
         }
         tx.commit().await.doing(DOING)?;
-        Ok(sql::settled(settlement, applied))
+        Ok(applied)
+    }
+}
+
+/// Which rows a set-based settle changes.
+#[derive(Clone, Copy)]
+enum Fence {
+    /// The rows still leased under this token, with an unexpired lease.
+    Lease(LeaseToken),
+    /// The rows a log relay reads: pending, never leased nor handed over.
+    LogRelayed,
+}
+
+/// The table's side of a log relay (change data capture, `outbox-pg-cdc`): what it holds as
+/// its own, and the outcomes of messages read from the log. The store beside it, which
+/// publishes what the log relay hands over, claims with [`StoreConfig::handed_only`].
+impl PostgresStore {
+    /// Which of `ids` and `keys` the table holds as its own: pending rows handed over (or
+    /// written to become available later, or replayed), whose `available_at` is past their
+    /// `created_at`. One query, through the primary key and the index of waiting rows.
+    pub async fn waiting(
+        &self,
+        ids: &[MessageId],
+        keys: &[String],
+    ) -> Result<outbox_core::Waiting, StoreError> {
+        const DOING: &str = "reading the messages the outbox table holds";
+        let mut waiting = outbox_core::Waiting::default();
+        if ids.is_empty() && keys.is_empty() {
+            return Ok(waiting);
+        }
+        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT id, \"key\" FROM {} WHERE state = {PENDING} AND available_at > created_at \
+             AND (id = ANY($1) OR \"key\" = ANY($2))",
+            self.inner.names.table
+        ))
+        .bind(uuids(ids))
+        .bind(keys)
+        .fetch_all(&self.inner.pool)
+        .await
+        .doing(DOING)?;
+        let asked: std::collections::HashSet<&MessageId> = ids.iter().collect();
+        for (id, key) in rows {
+            let id = MessageId::from_uuid(id);
+            if asked.contains(&id) {
+                waiting.ids.insert(id);
+            }
+            if let Some(key) = key {
+                waiting.keys.insert(key);
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Records the outcomes of messages a log relay read, in one transaction, on the rows
+    /// that are still the log relay's (pending, never leased nor handed over), so that
+    /// recording them twice changes nothing more: `published` rows are deleted (or kept for
+    /// the retention), `retry` rows get their attempt and are handed to the table, available
+    /// after their delay, `dead` rows are dead-lettered, and `release` rows are handed to
+    /// the table as they are, available at once. Returns how many rows changed.
+    pub async fn settle_log(&self, settlement: &Settlement) -> Result<u64, StoreError> {
+        if settlement.is_empty() {
+            return Ok(0);
+        }
+        self.settle_where(settlement, Fence::LogRelayed).await
     }
 }
 

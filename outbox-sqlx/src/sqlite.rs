@@ -139,7 +139,7 @@ crate::shared::store! {
     /// database should be in WAL mode (which [`SqliteStore::migrate`] sets).
     ///
     /// [`StoreErrorKind::Config`]: outbox_core::StoreErrorKind::Config
-    new(|_| Ok(())),
+    new(crate::config::refuse_handed_only),
     /// Opens [`StoreConfig::url`](crate::StoreConfig::url) (for example
     /// `sqlite://outbox.db`), creating the file if missing, in WAL mode with a 10 s busy
     /// timeout, with a pool of

@@ -2,20 +2,24 @@
 //! message, or an outage of the broker), and the whole recorded in one settle.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::pause::PauseCause;
+use chrono::{DateTime, Utc};
+
+use super::pause::{PauseCause, Pauses};
 use super::{BatchReport, Inner};
 use crate::error::chain;
 use crate::error_text;
 use crate::metrics as m;
 use crate::retry::Decision;
 use crate::{
-    Claim, DeadLetterTo, LeaseToken, Message, PublishOutcome, Publisher, Retry, Settlement, Store,
+    Claim, DeadLetterTo, LeaseToken, Malformed, Message, PublishOutcome, Publisher, RelayConfig,
+    Retry, Settlement, Store,
 };
 
 /// What became of one publish call.
@@ -30,11 +34,14 @@ enum Call {
 }
 
 /// A batch being published: what is decided so far, and the keys that may not go further.
-struct Progress {
-    settlement: Settlement,
+#[derive(Default)]
+pub(super) struct Progress {
+    pub(super) settlement: Settlement,
     /// Keys with a message that failed or was handed back in this batch: their later
     /// messages are handed back too, so that they never overtake it.
     blocked: HashSet<String>,
+    /// The messages of [`Settlement::release`], for a relay that publishes them again itself.
+    pub(super) released: Vec<Message>,
 }
 
 impl Progress {
@@ -51,10 +58,11 @@ impl Progress {
     }
 
     /// Hands `messages` back untouched: available again at once, attempts unchanged.
-    fn release<'a>(&mut self, messages: impl IntoIterator<Item = &'a Message>) {
+    fn release(&mut self, messages: impl IntoIterator<Item = Message>) {
         for msg in messages {
-            self.block(msg);
+            self.block(&msg);
             self.settlement.release.push(msg.id);
+            self.released.push(msg);
         }
     }
 
@@ -66,105 +74,52 @@ impl Progress {
     }
 }
 
+/// What publishing a batch needs of a relay: the broker, the policy, the pause state and the
+/// store's clock. The polling relay and the log relay share it.
+pub(super) struct Publishing<'a, P> {
+    pub(super) publisher: &'a P,
+    pub(super) config: &'a RelayConfig,
+    pub(super) pauses: &'a Pauses,
+    /// The store's clock minus the relay's, in microseconds, when the relay knows it.
+    pub(super) clock_offset_us: Option<&'a AtomicI64>,
+}
+
+impl<P> Publishing<'_, P> {
+    /// Now on the store's clock, as far as the relay knows it.
+    fn store_now(&self) -> DateTime<Utc> {
+        let offset = self
+            .clock_offset_us
+            .map_or(0, |offset| offset.load(Ordering::Relaxed));
+        Utc::now() + chrono::Duration::microseconds(offset)
+    }
+}
+
 /// Publishes one claimed batch and records the outcomes.
 pub(super) async fn process<S: Store, P: Publisher>(
     inner: &Inner<S, P>,
     claim: Claim,
     claimed_at: Instant,
-    mut abandon: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
 ) -> BatchReport {
     let span = info_span!("outbox.batch", relay = %inner.id, size = claim.len(), token = %claim.token.as_uuid());
     async move {
-        let config = &inner.config;
-        let lease_end = claimed_at + config.lease;
+        let lease_end = claimed_at + inner.config.lease;
         let token = claim.token;
         let claimed = claim.len();
-        let mut progress = Progress {
-            settlement: Settlement::default(),
-            blocked: HashSet::new(),
-        };
-
-        for bad in claim.malformed {
-            warn!(id = %bad.id, error = %bad.error, "dead-lettering a message that cannot be decoded");
-            if let Some(key) = bad.key {
-                progress.blocked.insert(key);
-            }
-            progress.settlement.dead.push(DeadLetterTo {
-                id: bad.id,
-                error: error_text::sanitize(&format!("cannot be decoded: {}", bad.error)),
-            });
-        }
-
-        let ordered = inner.publisher.capabilities().ordered_per_key;
-        let mut remaining = claim.messages;
-        while !remaining.is_empty() {
-            let (held_back, ready): (Vec<Message>, Vec<Message>) =
-                remaining.into_iter().partition(|msg| progress.is_blocked(msg));
-            progress.release(&held_back);
-            let (call, rest) = next_call(ready, ordered);
-            remaining = rest;
-            if call.is_empty() {
-                break;
-            }
-            // Publishing past the lease could race the relay that takes the messages over;
-            // publishing while paused would only find the outage again (or, with the store
-            // down, publish what cannot be recorded).
-            let margin = config.publish_timeout + config.lease / 10;
-            if Instant::now() + margin > lease_end || *abandon.borrow() || inner.pauses.any() {
-                progress.release(call.iter().chain(remaining.iter()));
-                remaining.clear();
-                break;
-            }
-            match publish_call(inner, &call, &mut abandon).await {
-                Call::Answered(outcomes) => {
-                    if let Some(reason) = outage_in(&outcomes) {
-                        // No message was confirmed and some failed transiently: the broker
-                        // as a whole is failing. Permanent failures are the messages' own.
-                        for (msg, outcome) in call.iter().zip(outcomes) {
-                            match outcome {
-                                PublishOutcome::Failed(err)
-                                    if !err.is_transient() && !progress.is_blocked(msg) =>
-                                {
-                                    progress.dead_letter(msg, error_text::stored(&err));
-                                }
-                                _ => progress.release([msg]),
-                            }
-                        }
-                        pause_for(inner, &call, &remaining, reason, &mut progress);
-                        remaining.clear();
-                        break;
-                    }
-                    record(inner, call, outcomes, &mut progress);
-                }
-                Call::Outage(reason) => {
-                    progress.release(&call);
-                    pause_for(inner, &call, &remaining, reason, &mut progress);
-                    remaining.clear();
-                    break;
-                }
-                Call::Abandoned => {
-                    progress.release(call.iter().chain(remaining.iter()));
-                    remaining.clear();
-                    break;
-                }
-            }
-        }
-
+        let mut progress = Progress::default();
+        dead_letter_malformed(&mut progress, claim.malformed);
+        publish(
+            &inner.publishing(),
+            claim.messages,
+            Some(lease_end),
+            abandon,
+            &mut progress,
+        )
+        .await;
         let settlement = progress.settlement;
-        let mut report = BatchReport {
-            claimed,
-            published: settlement.published.len(),
-            retried: settlement.retry.len(),
-            dead_lettered: settlement.dead.len(),
-            released: settlement.release.len(),
-            fenced: 0,
-        };
+        let mut report = BatchReport::of(claimed, &settlement);
         report.fenced = settle(inner, token, &settlement, lease_end).await;
-        metrics::counter!(m::PUBLISHED).increment(report.published as u64);
-        metrics::counter!(m::RETRIED).increment(report.retried as u64);
-        metrics::counter!(m::DEAD_LETTERED).increment(report.dead_lettered as u64);
-        metrics::counter!(m::RELEASED).increment(report.released as u64);
-        metrics::counter!(m::FENCED).increment(report.fenced);
+        report.count();
         debug!(?report, "batch settled");
         report
     }
@@ -172,26 +127,103 @@ pub(super) async fn process<S: Store, P: Publisher>(
     .await
 }
 
-/// Hands back what is left of the batch and pauses the relay for a broker outage.
-fn pause_for<S: Store, P: Publisher>(
-    inner: &Inner<S, P>,
-    call: &[Message],
-    remaining: &[Message],
-    reason: String,
+/// Dead-letters rows that cannot be decoded; the later messages of their keys wait.
+pub(super) fn dead_letter_malformed(progress: &mut Progress, malformed: Vec<Malformed>) {
+    for bad in malformed {
+        warn!(id = %bad.id, error = %bad.error, "dead-lettering a message that cannot be decoded");
+        if let Some(key) = bad.key {
+            progress.blocked.insert(key);
+        }
+        progress.settlement.dead.push(DeadLetterTo {
+            id: bad.id,
+            error: error_text::sanitize(&format!("cannot be decoded: {}", bad.error)),
+        });
+    }
+}
+
+/// Publishes `messages` in calls (one message per key per call unless the publisher keeps
+/// per-key order) and records each outcome in `progress`: confirmed, retried, dead-lettered,
+/// or handed back (a key blocked by an earlier failure, an outage, a shutdown, or a lease
+/// that would end before the call could). Without a lease (`lease_end` `None`) only the
+/// others apply.
+pub(super) async fn publish<P: Publisher>(
+    ctx: &Publishing<'_, P>,
+    messages: Vec<Message>,
+    lease_end: Option<Instant>,
+    mut abandon: watch::Receiver<bool>,
     progress: &mut Progress,
 ) {
-    progress.release(remaining);
+    let config = ctx.config;
+    let ordered = ctx.publisher.capabilities().ordered_per_key;
+    let mut remaining = messages;
+    while !remaining.is_empty() {
+        let (held_back, ready): (Vec<Message>, Vec<Message>) = remaining
+            .into_iter()
+            .partition(|msg| progress.is_blocked(msg));
+        progress.release(held_back);
+        let (call, rest) = next_call(ready, ordered);
+        remaining = rest;
+        if call.is_empty() {
+            break;
+        }
+        // Publishing past the lease could race the relay that takes the messages over;
+        // publishing while paused would only find the outage again (or, with the store
+        // down, publish what cannot be recorded).
+        let margin = config.publish_timeout + config.lease / 10;
+        let past_lease = lease_end.is_some_and(|end| Instant::now() + margin > end);
+        if past_lease || *abandon.borrow() || ctx.pauses.any() {
+            progress.release(call.into_iter().chain(remaining.drain(..)));
+            break;
+        }
+        match publish_call(ctx, &call, &mut abandon).await {
+            Call::Answered(outcomes) => {
+                if let Some(reason) = outage_in(&outcomes) {
+                    // No message was confirmed and some failed transiently: the broker
+                    // as a whole is failing. Permanent failures are the messages' own.
+                    let messages = call.len() + remaining.len();
+                    for (msg, outcome) in call.into_iter().zip(outcomes) {
+                        match outcome {
+                            PublishOutcome::Failed(err)
+                                if !err.is_transient() && !progress.is_blocked(&msg) =>
+                            {
+                                progress.dead_letter(&msg, error_text::stored(&err));
+                            }
+                            _ => progress.release([msg]),
+                        }
+                    }
+                    progress.release(remaining.drain(..));
+                    pause_for(ctx, messages, reason);
+                    break;
+                }
+                record(ctx, call, outcomes, progress);
+            }
+            Call::Outage(reason) => {
+                let messages = call.len() + remaining.len();
+                progress.release(call.into_iter().chain(remaining.drain(..)));
+                pause_for(ctx, messages, reason);
+                break;
+            }
+            Call::Abandoned => {
+                progress.release(call.into_iter().chain(remaining.drain(..)));
+                break;
+            }
+        }
+    }
+}
+
+/// Pauses the relay for a broker outage; the messages were handed back.
+fn pause_for<P: Publisher>(ctx: &Publishing<'_, P>, messages: usize, reason: String) {
     warn!(
-        messages = call.len() + remaining.len(),
+        messages,
         %reason,
         "the broker failed the whole call: handing the messages back without counting an attempt"
     );
-    inner.pauses.pause(PauseCause::Broker, reason);
+    ctx.pauses.pause(PauseCause::Broker, reason);
 }
 
 /// Publishes one call, bounded by the publish timeout and by the relay giving up on shutdown.
-async fn publish_call<S: Store, P: Publisher>(
-    inner: &Inner<S, P>,
+async fn publish_call<P: Publisher>(
+    inner: &Publishing<'_, P>,
     call: &[Message],
     abandon: &mut watch::Receiver<bool>,
 ) -> Call {
@@ -235,8 +267,8 @@ fn outage_in(outcomes: &[PublishOutcome]) -> Option<String> {
 
 /// Records the outcomes of a call in which the broker answered: confirmed messages are done,
 /// failed ones are the messages' own failures, counted as attempts.
-fn record<S: Store, P: Publisher>(
-    inner: &Inner<S, P>,
+fn record<P: Publisher>(
+    inner: &Publishing<'_, P>,
     call: Vec<Message>,
     outcomes: Vec<PublishOutcome>,
     progress: &mut Progress,
@@ -254,7 +286,7 @@ fn record<S: Store, P: Publisher>(
             }
             // An earlier message of this key failed in this batch, and an ordered publisher
             // failed this one for that reason: not an attempt of its own.
-            PublishOutcome::Failed(_) if progress.is_blocked(&msg) => progress.release([&msg]),
+            PublishOutcome::Failed(_) if progress.is_blocked(&msg) => progress.release([msg]),
             PublishOutcome::Failed(err) => {
                 let error = error_text::stored(&err);
                 let attempts = msg.attempts.saturating_add(1);

@@ -1,6 +1,7 @@
 //! The relay: claims committed messages, publishes them and records the outcomes.
 
 mod batch;
+mod log;
 mod partitions;
 mod pause;
 mod shutdown;
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub use log::{LogRelay, LogRelayBuilder};
 pub use pause::{Pause, PauseCause};
 
 use crate::error::chain;
@@ -51,6 +53,27 @@ pub struct BatchReport {
 }
 
 impl BatchReport {
+    /// The report of `claimed` rows whose outcomes are `settlement` (nothing fenced yet).
+    fn of(claimed: usize, settlement: &crate::Settlement) -> Self {
+        Self {
+            claimed,
+            published: settlement.published.len(),
+            retried: settlement.retry.len(),
+            dead_lettered: settlement.dead.len(),
+            released: settlement.release.len(),
+            fenced: 0,
+        }
+    }
+
+    /// Adds the outcomes to the relay's counters.
+    fn count(&self) {
+        metrics::counter!(m::PUBLISHED).increment(self.published as u64);
+        metrics::counter!(m::RETRIED).increment(self.retried as u64);
+        metrics::counter!(m::DEAD_LETTERED).increment(self.dead_lettered as u64);
+        metrics::counter!(m::RELEASED).increment(self.released as u64);
+        metrics::counter!(m::FENCED).increment(self.fenced);
+    }
+
     fn add(&mut self, other: &BatchReport) {
         self.claimed += other.claimed;
         self.published += other.published;
@@ -321,7 +344,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     res = inner.coordinate_loop() => res,
                     res = inner.listen_loop() => res,
                     () = inner.maintenance_loop() => Ok(()),
-                    () = inner.probe_loop() => Ok(()),
+                    () = pause::probe_broker(&inner.pauses, &inner.publisher, &inner.config, &inner.wakeup) => Ok(()),
                 }
             };
             tokio::pin!(claim_loop, background, shutdown);
@@ -410,6 +433,16 @@ impl<S: Store, P: Publisher> Inner<S, P> {
     fn store_now(&self) -> DateTime<Utc> {
         let offset = self.clock_offset_us.load(Ordering::Relaxed);
         Utc::now() + chrono::Duration::microseconds(offset)
+    }
+
+    /// What publishing a batch needs of this relay.
+    fn publishing(&self) -> batch::Publishing<'_, P> {
+        batch::Publishing {
+            publisher: &self.publisher,
+            config: &self.config,
+            pauses: &self.pauses,
+            clock_offset_us: Some(&self.clock_offset_us),
+        }
     }
 
     async fn rebalance(&self) -> Result<Vec<u16>, StoreError> {
@@ -548,42 +581,6 @@ impl<S: Store, P: Publisher> Inner<S, P> {
             metrics::histogram!(m::BATCH_SIZE).record(claim.len() as f64);
         }
         Ok(claim)
-    }
-
-    /// While the broker is paused, probes it with [`Publisher::check`] until it answers, each
-    /// probe bounded by the publish timeout, the waits doubling up to
-    /// [`RelayConfig::probe_max`]; then resumes the relay.
-    async fn probe_loop(&self) {
-        let mut pauses = self.pauses.subscribe();
-        loop {
-            if pauses.wait_for(|state| state.broker()).await.is_err() {
-                return std::future::pending().await;
-            }
-            let max = self.config.probe_max;
-            let mut wait = self.pauses.first_probe(max);
-            loop {
-                tokio::time::sleep(wait).await;
-                let limit = self.config.publish_timeout;
-                let failure = match tokio::time::timeout(limit, self.publisher.check()).await {
-                    Ok(Ok(())) => None,
-                    Ok(Err(err)) => Some(format!("the broker check failed: {}", chain(&err))),
-                    Err(_) => Some(format!("the broker check gave no answer within {limit:?}")),
-                };
-                match failure {
-                    None => {
-                        self.pauses.resume(PauseCause::Broker);
-                        self.wakeup.wake();
-                        break;
-                    }
-                    Some(reason) => {
-                        debug!(%reason, retry_in = ?wait, "broker still down");
-                        self.pauses
-                            .pause(PauseCause::Broker, error_text::sanitize(&reason));
-                        wait = (wait * 2).min(max);
-                    }
-                }
-            }
-        }
     }
 
     /// Claims batches and hands them to workers until `stop` is set. While claims come back

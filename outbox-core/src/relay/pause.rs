@@ -7,10 +7,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::PROBE_MIN;
+use crate::error::chain;
 use crate::metrics as m;
+use crate::{Publisher, RelayConfig, Wakeup, error_text};
 
 /// The side of the relay an outage is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -192,6 +194,46 @@ impl Pauses {
     pub(super) fn first_probe(&self, max: Duration) -> Duration {
         let streak = self.streak.load(std::sync::atomic::Ordering::Relaxed);
         probe_wait(streak.saturating_sub(1), max)
+    }
+}
+
+/// While the broker is paused, probes it with [`Publisher::check`] until it answers, each
+/// probe bounded by the publish timeout, the waits doubling up to
+/// [`RelayConfig::probe_max`]; then resumes the relay and wakes it. Runs for ever.
+pub(super) async fn probe_broker<P: Publisher>(
+    pauses: &Pauses,
+    publisher: &P,
+    config: &RelayConfig,
+    wakeup: &Wakeup,
+) {
+    let mut state = pauses.subscribe();
+    loop {
+        if state.wait_for(|state| state.broker()).await.is_err() {
+            return std::future::pending().await;
+        }
+        let max = config.probe_max;
+        let mut wait = pauses.first_probe(max);
+        loop {
+            tokio::time::sleep(wait).await;
+            let limit = config.publish_timeout;
+            let failure = match tokio::time::timeout(limit, publisher.check()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(format!("the broker check failed: {}", chain(&err))),
+                Err(_) => Some(format!("the broker check gave no answer within {limit:?}")),
+            };
+            match failure {
+                None => {
+                    pauses.resume(PauseCause::Broker);
+                    wakeup.wake();
+                    break;
+                }
+                Some(reason) => {
+                    debug!(%reason, retry_in = ?wait, "broker still down");
+                    pauses.pause(PauseCause::Broker, error_text::sanitize(&reason));
+                    wait = (wait * 2).min(max);
+                }
+            }
+        }
     }
 }
 
