@@ -100,6 +100,16 @@ impl AnyStore {
         }
     }
 
+    /// The PostgreSQL store, when it is one.
+    #[cfg(feature = "cdc-postgres")]
+    pub(crate) fn postgres(&self) -> Option<outbox_sqlx::PostgresStore> {
+        match self {
+            AnyStore::Postgres(store) => Some(store.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// The store behind the dyn-compatible trait.
     pub(crate) fn into_dyn(self) -> Arc<dyn DynStore> {
         match self {

@@ -12,7 +12,7 @@ use outbox_core::RelayConfig;
 use serde::Deserialize;
 
 /// Sections the environment may set; other `OUTBOX_*` variables are left alone.
-const SECTIONS: [&str; 5] = ["store", "publisher", "relay", "http", "log"];
+const SECTIONS: [&str; 6] = ["store", "publisher", "relay", "http", "log", "cdc"];
 
 /// The whole configuration.
 #[derive(Debug)]
@@ -27,6 +27,10 @@ pub(crate) struct Config {
     pub(crate) http: HttpConfig,
     /// Logging.
     pub(crate) log: LogConfig,
+    /// The log relay (change data capture), when the section is present: new messages are
+    /// read from PostgreSQL's log, and the store claims only what the log relay hands over.
+    #[cfg(feature = "cdc-postgres")]
+    pub(crate) cdc: Option<outbox_pg_cdc::CdcConfig>,
 }
 
 /// The configuration as read, with the publisher section still untyped: it is typed by its
@@ -42,6 +46,7 @@ struct RawConfig {
     http: HttpConfig,
     #[serde(default)]
     log: LogConfig,
+    cdc: Option<Dict>,
 }
 
 /// The broker, chosen by `kind`.
@@ -190,12 +195,31 @@ impl Config {
         let raw: RawConfig = figment
             .extract()
             .map_err(|err| ConfigFileError(describe(err, "")))?;
+        #[cfg_attr(not(feature = "cdc-postgres"), allow(unused_mut))]
+        let mut store = raw.store;
+        #[cfg(feature = "cdc-postgres")]
+        let cdc = match raw.cdc {
+            Some(section) => {
+                // The log relay's store claims only what the log relay hands over.
+                store.handed_only = true;
+                Some(cdc_section(section, &store)?)
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "cdc-postgres"))]
+        if raw.cdc.is_some() {
+            return Err(ConfigFileError(
+                "cdc: this build has no log relay (cargo feature cdc-postgres)".into(),
+            ));
+        }
         let config = Config {
-            store: raw.store,
+            store,
             publisher: PublisherConfig::from_section(raw.publisher)?,
             relay: raw.relay,
             http: raw.http,
             log: raw.log,
+            #[cfg(feature = "cdc-postgres")]
+            cdc,
         };
         config.validate()?;
         Ok(config)
@@ -217,8 +241,8 @@ impl Config {
             .validate()
             .map_err(|err| ConfigFileError(format!("store.{}", err.message())))?;
         // The relay's store calls in flight (its batches and claims, a renewal, a stats or
-        // cleanup call) plus the readiness probe's.
-        let needed = self.relay.concurrency + 3;
+        // cleanup call) plus the readiness probe's, and the log relay's.
+        let needed = self.relay.concurrency + 3 + usize::from(self.log_relay());
         if (self.store.max_connections as usize) < needed {
             return Err(ConfigFileError(format!(
                 "store.max_connections: {} is too few for relay.concurrency {}: the relay and \
@@ -228,6 +252,48 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// True when the `[cdc]` section asks for the log relay.
+    pub(crate) fn log_relay(&self) -> bool {
+        #[cfg(feature = "cdc-postgres")]
+        return self.cdc.is_some();
+        #[cfg(not(feature = "cdc-postgres"))]
+        return false;
+    }
+}
+
+/// Types the `[cdc]` section: the replication slot and publication, and optionally a URL of
+/// its own (a role with `REPLICATION`); the database defaults to the store's, and the table
+/// is always the store's.
+#[cfg(feature = "cdc-postgres")]
+fn cdc_section(
+    mut section: Dict,
+    store: &outbox_sqlx::StoreConfig,
+) -> Result<outbox_pg_cdc::CdcConfig, ConfigFileError> {
+    if section.contains_key("table") {
+        return Err(ConfigFileError(
+            "cdc.table: the log relay reads the store's table; set store.table instead".into(),
+        ));
+    }
+    let url = store.url.as_deref().unwrap_or_default();
+    if StoreKind::from_url(url) != Ok(StoreKind::Postgres) {
+        return Err(ConfigFileError(
+            "cdc: the log relay reads PostgreSQL's log: store.url must be a postgres:// URL".into(),
+        ));
+    }
+    if !section.contains_key("url") {
+        section.insert("url".into(), Value::from(url.to_owned()));
+    }
+    section.insert("table".into(), Value::from(store.table.clone()));
+    let config: outbox_pg_cdc::CdcConfig = Figment::from(Serialized::defaults(section))
+        .extract()
+        .map_err(|err| ConfigFileError(describe(err, "cdc.")))?;
+    config
+        .validate()
+        .map_err(|err| ConfigFileError(format!("cdc: {err}")))?;
+    Ok(config)
 }
 
 /// Which database a store URL names.

@@ -22,9 +22,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub(crate) struct Phase(Arc<Mutex<Stage>>);
 
+/// What else may be paused by an outage: the log relay, when there is one.
+pub(crate) type OtherPauses = Arc<dyn Fn() -> Vec<outbox_core::Pause> + Send + Sync>;
+
 enum Stage {
     Starting(String),
-    Running(DynRelay),
+    Running(DynRelay, Option<OtherPauses>),
 }
 
 impl Phase {
@@ -38,15 +41,15 @@ impl Phase {
         *self.lock() = Stage::Starting(reason.to_owned());
     }
 
-    /// Running `relay`.
-    pub(crate) fn running(&self, relay: DynRelay) {
-        *self.lock() = Stage::Running(relay);
+    /// Running `relay`, and the log relay whose pauses `log` reports, if there is one.
+    pub(crate) fn running(&self, relay: DynRelay, log: Option<OtherPauses>) {
+        *self.lock() = Stage::Running(relay, log);
     }
 
-    fn relay(&self) -> Result<DynRelay, String> {
+    fn relay(&self) -> Result<(DynRelay, Option<OtherPauses>), String> {
         match &*self.lock() {
             Stage::Starting(reason) => Err(reason.clone()),
-            Stage::Running(relay) => Ok(relay.clone()),
+            Stage::Running(relay, log) => Ok((relay.clone(), log.clone())),
         }
     }
 
@@ -83,8 +86,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpLis
 }
 
 async fn ready(State(probes): State<Probes>) -> impl IntoResponse {
-    let relay = match probes.phase.relay() {
-        Ok(relay) => relay,
+    let (relay, log) = match probes.phase.relay() {
+        Ok(running) => running,
         Err(reason) => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -92,10 +95,12 @@ async fn ready(State(probes): State<Probes>) -> impl IntoResponse {
             );
         }
     };
+    let log_pauses = log.map(|pauses| pauses()).unwrap_or_default();
     let paused: Vec<String> = relay
         .pauses()
         .iter()
         .map(|pause| format!("relay {pause}"))
+        .chain(log_pauses.iter().map(|pause| format!("log relay {pause}")))
         .collect();
     let store = match tokio::time::timeout(PROBE_TIMEOUT, relay.store().stats_dyn()).await {
         Ok(Ok(_)) => Ok(()),

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 mod backends;
+#[cfg(feature = "cdc-postgres")]
+mod cdc;
 mod config;
 mod http;
 
@@ -235,6 +237,13 @@ async fn execute(command: Command, config: Config) -> Result<ExitCode, BoxError>
             let store = connect(&config).await?;
             store.migrate().await?;
             println!("migrated {}", describe_store(&config));
+            #[cfg(feature = "cdc-postgres")]
+            if let Some(cdc) = cdc::section(&config) {
+                cdc::migrate(cdc)
+                    .await
+                    .map_err(|err| format!("log source ({}): {err}", cdc::describe(cdc)))?;
+                println!("log source ready: {}", cdc::describe(cdc));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => status(&config, json).await,
@@ -380,6 +389,8 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
         // The relay's own calls report what is wrong with the store.
         Err(err) => warn!(error = %err, "could not read the outbox schema version"),
     }
+    #[cfg(feature = "cdc-postgres")]
+    let postgres = store.postgres();
     let store = store.into_dyn();
     let publisher = backends::publisher(&config.publisher).await?;
     info!(
@@ -391,7 +402,54 @@ async fn run(config: Config) -> Result<ExitCode, BoxError> {
         .config(config.relay.clone())
         .build()?;
     info!(relay = %relay.id(), "relay identity");
-    phase.running(relay.clone());
+
+    #[cfg(feature = "cdc-postgres")]
+    if let Some(cdc) = cdc::section(&config) {
+        let postgres = postgres.ok_or("cdc: the log relay needs a PostgreSQL store")?;
+        let Some(source) = cdc::connect(cdc, postgres, &phase, config.relay.probe_max, stopped())
+            .await
+            .map_err(|err| format!("log source ({}): {err}", cdc::describe(cdc)))?
+        else {
+            background.abort_all();
+            info!("outbox relay stopped before its log source started");
+            return Ok(ExitCode::SUCCESS);
+        };
+        let log_relay = outbox_core::LogRelay::builder(source, Arc::clone(&publisher))
+            .config(config.relay.clone())
+            .build()?;
+        let pauses = log_relay.clone();
+        phase.running(relay.clone(), Some(Arc::new(move || pauses.pauses())));
+        // Either relay failing for good stops the other.
+        let (halt_tx, halt) = tokio::sync::watch::channel(false);
+        let halted = || {
+            let mut halt = halt.clone();
+            let stopped = stopped();
+            async move {
+                tokio::select! {
+                    () = stopped => {}
+                    _ = halt.wait_for(|halted| *halted) => {}
+                }
+            }
+        };
+        let (polled, logged) = tokio::join!(
+            async {
+                let result = relay.run(halted()).await;
+                let _ = halt_tx.send(true);
+                result
+            },
+            async {
+                let result = cdc::run(log_relay, cdc, config.relay.stats_interval, halted()).await;
+                let _ = halt_tx.send(true);
+                result
+            },
+        );
+        logged.map_err(|err| format!("log relay ({}): {err}", cdc::describe(cdc)))?;
+        polled?;
+        background.abort_all();
+        info!("outbox relay stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
+    phase.running(relay.clone(), None);
 
     relay.run(stopped()).await?;
     background.abort_all();
@@ -458,6 +516,15 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
     let members = store.members().await?;
     // On the database's clock, whatever this host's says.
     let age = stats.oldest_pending_age().map(|age| age.as_secs_f64());
+    #[cfg(feature = "cdc-postgres")]
+    let slot = match cdc::section(config) {
+        Some(cdc) => Some(
+            cdc::status(cdc)
+                .await
+                .map_err(|err| format!("log source ({}): {err}", cdc::describe(cdc)))?,
+        ),
+        None => None,
+    };
     if json {
         let relays: Vec<serde_json::Value> = members
             .iter()
@@ -469,7 +536,8 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
                 })
             })
             .collect();
-        let value = serde_json::json!({
+        #[allow(unused_mut)]
+        let mut value = serde_json::json!({
             "store": describe_store(config),
             "pending": stats.pending,
             "oldest_pending": stats.oldest_pending,
@@ -478,6 +546,17 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
             "published_retained": stats.published_retained,
             "relays": relays,
         });
+        #[cfg(feature = "cdc-postgres")]
+        if let Some(slot) = &slot {
+            value["cdc"] = serde_json::json!({
+                "slot": slot.slot,
+                "confirmed_lsn": slot.confirmed_flush_lsn.to_string(),
+                "current_wal_lsn": slot.current_wal_lsn.to_string(),
+                "lag_bytes": slot.lag_bytes,
+                "wal_status": slot.wal_status,
+                "active": slot.active,
+            });
+        }
         println!("{value}");
     } else {
         println!("store       {}", describe_store(config));
@@ -495,6 +574,17 @@ async fn status(config: &Config, json: bool) -> Result<ExitCode, BoxError> {
                 member.id,
                 member.partitions.len(),
                 outbox_core::PARTITIONS
+            );
+        }
+        #[cfg(feature = "cdc-postgres")]
+        if let Some(slot) = &slot {
+            println!(
+                "slot        {}  confirmed {}  lag {} bytes  {}{}",
+                slot.slot,
+                slot.confirmed_flush_lsn,
+                slot.lag_bytes,
+                if slot.active { "streaming" } else { "idle" },
+                if slot.is_lost() { "  LOST" } else { "" }
             );
         }
     }
@@ -585,6 +675,28 @@ async fn check(config: &Config) -> Result<ExitCode, BoxError> {
         Err(err) => {
             healthy = false;
             println!("store       FAILED: {}: {err}", describe_store(config));
+        }
+    }
+    #[cfg(feature = "cdc-postgres")]
+    if let Some(cdc) = cdc::section(config) {
+        match cdc::check(cdc).await {
+            Ok(slot) if slot.is_lost() => {
+                healthy = false;
+                println!(
+                    "log source  FAILED: {}: the slot is lost ({})",
+                    cdc::describe(cdc),
+                    slot.wal_status
+                );
+            }
+            Ok(slot) => println!(
+                "log source  ok: {} (lag {} bytes)",
+                cdc::describe(cdc),
+                slot.lag_bytes
+            ),
+            Err(err) => {
+                healthy = false;
+                println!("log source  FAILED: {}: {err}", cdc::describe(cdc));
+            }
         }
     }
     let broker = backends::describe_publisher(&config.publisher);
