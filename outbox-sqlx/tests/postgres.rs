@@ -314,6 +314,123 @@ async fn held_and_leased_claims_share_a_table_in_key_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order() {
+    use outbox_core::{DeadLetterTo, Retry, Settlement};
+    let Some(h) = PgHarness::new().await else {
+        return;
+    };
+    let store = h.store();
+    let handed = PostgresStore::new(store.pool().clone(), store.config().clone().handed_only(true))
+        .expect("store");
+    let relay = RelayId::random();
+    own_everything(&handed, &relay).await;
+    let lease = Duration::from_secs(30);
+    let ids = h
+        .enqueue(vec![
+            NewMessage::new("orders", "a1").key("a"),
+            NewMessage::new("orders", "a2").key("a"),
+            NewMessage::new("orders", "b1").key("b"),
+            NewMessage::new("orders", "c1").key("c"),
+            NewMessage::new("orders", "d1"),
+        ])
+        .await
+        .expect("enqueue");
+    let of = |claim: &outbox_core::Claim| claim.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+    let claim = handed.claim(&relay, 10, lease).await.expect("claim");
+    assert!(claim.is_empty(), "nothing handed over yet: {claim:?}");
+    let waiting = store
+        .waiting(&ids, &["a".into(), "b".into()])
+        .await
+        .expect("waiting");
+    assert!(waiting.ids.is_empty() && waiting.keys.is_empty());
+
+    // The log relay published d1 and b1, a1 failed (retried after a delay), a2 went with
+    // its key, c1 failed for good.
+    let settlement = Settlement {
+        published: vec![ids[4], ids[2]],
+        retry: vec![Retry {
+            id: ids[0],
+            delay: Duration::from_millis(300),
+            error: "broker said no".into(),
+        }],
+        dead: vec![DeadLetterTo {
+            id: ids[3],
+            error: "too large".into(),
+        }],
+        release: vec![ids[1]],
+    };
+    assert_eq!(store.settle_log(&settlement).await.expect("settle"), 5);
+    assert_eq!(
+        store.settle_log(&settlement).await.expect("settle again"),
+        0,
+        "recording the outcomes twice changes nothing more"
+    );
+    let waiting = store
+        .waiting(&ids, &["a".into(), "b".into(), "c".into()])
+        .await
+        .expect("waiting");
+    assert_eq!(
+        waiting.ids,
+        [ids[0], ids[1]].into_iter().collect(),
+        "the table holds a1 and a2"
+    );
+    assert_eq!(waiting.keys, ["a".to_owned()].into_iter().collect());
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.pending, stats.dead), (2, 1));
+
+    // a1 waits for its retry delay, and a2 behind it.
+    let claim = handed.claim(&relay, 10, lease).await.expect("claim");
+    assert!(claim.is_empty(), "a1 is not due yet: {claim:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let claim = handed.claim(&relay, 10, lease).await.expect("claim");
+    assert_eq!(of(&claim), vec![ids[0], ids[1]], "a1 then a2");
+    assert_eq!(claim.messages[0].attempts, 1, "the log relay's attempt counts");
+    let done = handed
+        .settle(
+            claim.token,
+            &Settlement {
+                published: vec![ids[0], ids[1]],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("settle");
+    assert_eq!(done.applied, 2);
+    assert_eq!(store.stats().await.expect("stats").pending, 0);
+
+    // A row the log relay has not settled holds back a handed later row of its key.
+    let more = h
+        .enqueue(vec![
+            NewMessage::new("orders", "e1").key("e"),
+            NewMessage::new("orders", "e2").key("e"),
+        ])
+        .await
+        .expect("enqueue");
+    store
+        .settle_log(&Settlement {
+            release: vec![more[1]],
+            ..Default::default()
+        })
+        .await
+        .expect("hand e2 over");
+    let claim = handed.claim(&relay, 10, lease).await.expect("claim");
+    assert!(claim.is_empty(), "e2 waits for e1: {claim:?}");
+    assert!(
+        PostgresStore::new(
+            store.pool().clone(),
+            store
+                .config()
+                .clone()
+                .handed_only(true)
+                .claim_mode(outbox_sqlx::ClaimMode::Lease),
+        )
+        .is_err(),
+        "claims of handed messages are held in a transaction"
+    );
+    h.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_names_that_are_not_identifiers_are_refused() {
     let Some(pool) = pool().await else {
         return;
