@@ -65,6 +65,11 @@ pub struct CdcConfig {
     /// the slot's `confirmed_flush_lsn` trails the broker's confirmations by up to this much.
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
+    /// The prefix of the messages written without a row (default `outbox`):
+    /// `pg_logical_emit_message(true, '<prefix>', <JSON envelope>)` in the writer's
+    /// transaction. Logical decoding messages of other prefixes are left alone. 1 to 64
+    /// characters.
+    pub message_prefix: String,
 }
 
 impl Default for CdcConfig {
@@ -75,6 +80,7 @@ impl Default for CdcConfig {
             slot: String::from("outbox_cdc"),
             publication: String::from("outbox_cdc"),
             status_interval: Duration::from_secs(1),
+            message_prefix: String::from("outbox"),
         }
     }
 }
@@ -112,6 +118,12 @@ impl CdcConfig {
         self
     }
 
+    /// Sets [`CdcConfig::message_prefix`].
+    pub fn message_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.message_prefix = prefix.into();
+        self
+    }
+
     /// Sets [`CdcConfig::status_interval`].
     pub fn status_interval(mut self, interval: Duration) -> Self {
         self.status_interval = interval;
@@ -131,6 +143,12 @@ impl CdcConfig {
                 format!("{:?} is not between 1 ns and 1 h", self.status_interval),
             ));
         }
+        if self.message_prefix.is_empty() || self.message_prefix.len() > 64 {
+            return Err(CdcError::config(
+                "message_prefix",
+                format!("{:?} is not 1 to 64 characters", self.message_prefix),
+            ));
+        }
         Ok(())
     }
 }
@@ -148,6 +166,7 @@ impl fmt::Debug for CdcConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("status_interval", &self.status_interval)
+            .field("message_prefix", &self.message_prefix)
             .finish()
     }
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod config;
+mod emitted;
 mod error;
 mod lsn;
 mod outbox_log;

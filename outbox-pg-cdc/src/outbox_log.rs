@@ -1,10 +1,14 @@
 //! [`PgOutboxLog`]: the [`LogSource`] of a [`LogRelay`](outbox_core::LogRelay) on
 //! PostgreSQL: messages read from the replication slot, outcomes written to the outbox table.
 
-use outbox_core::{LogBatch, LogPosition, LogSource, MessageId, Settlement, StoreError, Waiting};
+use std::collections::HashMap;
+
+use outbox_core::{
+    LogBatch, LogPosition, LogSource, Message, MessageId, Settlement, StoreError, Waiting,
+};
 use outbox_sqlx::PostgresStore;
 
-use crate::{CdcConfig, CdcError, Lsn, PgLogSource};
+use crate::{CdcConfig, CdcError, Lsn, PgLogSource, emitted};
 
 /// The outbox of one PostgreSQL database as a log relay sees it: committed messages read
 /// from the replication slot by a [`PgLogSource`], and the outbox table, through a
@@ -14,6 +18,10 @@ use crate::{CdcConfig, CdcError, Lsn, PgLogSource};
 ///   slot's confirmed position: transactions delivered and not confirmed are delivered again.
 /// - [`LogSource::settle`] writes the outcomes ([`PostgresStore::settle_log`]) and, once
 ///   they are committed, confirms the transactions to the slot.
+/// - Messages written without a row (`pg_logical_emit_message`, see
+///   [`CdcConfig::message_prefix`]) get a row only when they are not published: a retry, a
+///   dead letter, or a message handed over with its key. An envelope that cannot be read is
+///   dead-lettered with destination `undecodable` and the envelope as its payload.
 ///
 /// The polling relay beside it claims what is handed over: give its store
 /// [`StoreConfig::handed_only`](outbox_sqlx::StoreConfig::handed_only).
@@ -21,6 +29,9 @@ pub struct PgOutboxLog {
     config: CdcConfig,
     store: PostgresStore,
     log: Option<PgLogSource>,
+    /// Messages read and not yet settled that were written without a row: a row is
+    /// inserted for those that are not published.
+    emitted: HashMap<MessageId, Message>,
 }
 
 impl std::fmt::Debug for PgOutboxLog {
@@ -54,6 +65,7 @@ impl PgOutboxLog {
             config,
             store,
             log: Some(log),
+            emitted: HashMap::new(),
         })
     }
 
@@ -76,11 +88,24 @@ impl LogSource for PgOutboxLog {
     async fn next(&mut self) -> Result<LogBatch, StoreError> {
         let log = self.log().await?;
         match log.next().await {
-            Ok(batch) => Ok(LogBatch::new(
-                LogPosition::new(batch.end_lsn.as_u64()),
-                batch.messages,
-                batch.malformed,
-            )),
+            Ok(batch) => {
+                for msg in &batch.messages {
+                    if batch.emitted.contains_key(&msg.id) {
+                        self.emitted.insert(msg.id, msg.clone());
+                    }
+                }
+                for bad in &batch.malformed {
+                    if let Some(Some(content)) = batch.emitted.get(&bad.id) {
+                        let dead = emitted::undecodable(bad, content, batch.committed_at);
+                        self.emitted.insert(bad.id, dead);
+                    }
+                }
+                Ok(LogBatch::new(
+                    LogPosition::new(batch.end_lsn.as_u64()),
+                    batch.messages,
+                    batch.malformed,
+                ))
+            }
             Err(err) => {
                 // The session is in an unknown state: the next call opens a new one, which
                 // resumes from the slot.
@@ -99,7 +124,17 @@ impl LogSource for PgOutboxLog {
         settlement: &Settlement,
         confirm: &[LogPosition],
     ) -> Result<(), StoreError> {
-        self.store.settle_log(settlement).await?;
+        let ids = settlement
+            .published
+            .iter()
+            .chain(settlement.retry.iter().map(|r| &r.id))
+            .chain(settlement.dead.iter().map(|d| &d.id))
+            .chain(&settlement.release);
+        let unrecorded: Vec<Message> = ids.filter_map(|id| self.emitted.get(id).cloned()).collect();
+        self.store.settle_log(settlement, &unrecorded).await?;
+        for msg in &unrecorded {
+            self.emitted.remove(&msg.id);
+        }
         let Some(log) = self.log.as_mut() else {
             // The session was lost after these were delivered: the next one delivers them
             // again, and settling them again changes nothing more.

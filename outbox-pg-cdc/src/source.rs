@@ -5,11 +5,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use outbox_core::{Malformed, Message};
+use outbox_core::{Malformed, Message, MessageId};
 use pgwire_replication::{QueryRow, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
 use crate::config::{Connection, TableName};
+use crate::emitted;
 use crate::pgoutput::{self, Change, OutboxLayout, Relation};
 use crate::{CdcConfig, CdcError, Lsn};
 
@@ -37,6 +39,10 @@ pub struct LogBatch {
     pub messages: Vec<Message>,
     /// Its outbox rows whose id is readable but another column is not, for the dead letters.
     pub malformed: Vec<Malformed>,
+    /// Which of the above were written without a row
+    /// ([`CdcConfig::message_prefix`](crate::CdcConfig::message_prefix)): `None` for a
+    /// message, the envelope as written for a malformed one.
+    pub emitted: HashMap<MessageId, Option<Bytes>>,
 }
 
 impl LogBatch {
@@ -56,8 +62,10 @@ impl LogBatch {
 struct Open {
     xid: u32,
     final_lsn: Lsn,
+    commit_time_micros: i64,
     messages: Vec<Message>,
     malformed: Vec<Malformed>,
+    emitted: HashMap<MessageId, Option<Bytes>>,
 }
 
 /// A transaction handed out (or passed over) and not yet acknowledged.
@@ -112,6 +120,8 @@ struct LogState {
     delivered: VecDeque<Delivered>,
     acknowledged: Lsn,
     failed: Option<String>,
+    /// The prefix of messages written without a row.
+    prefix: String,
 }
 
 impl std::fmt::Debug for PgLogSource {
@@ -242,7 +252,12 @@ impl PgLogSource {
             client,
             slot,
             status_interval: config.status_interval,
-            state: LogState::new(config.table.clone(), outbox, confirmed),
+            state: LogState::new(
+                config.table.clone(),
+                outbox,
+                confirmed,
+                config.message_prefix.clone(),
+            ),
             pushed: confirmed,
         })
     }
@@ -329,8 +344,9 @@ impl PgLogSource {
 }
 
 impl LogState {
-    fn new(table: String, outbox: u32, acknowledged: Lsn) -> Self {
+    fn new(table: String, outbox: u32, acknowledged: Lsn, prefix: String) -> Self {
         Self {
+            prefix,
             table,
             outbox,
             layout: None,
@@ -387,7 +403,11 @@ impl LogState {
                 }
                 Ok(None)
             }
-            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
                 if let Some(open) = &self.open {
                     return Err(CdcError::Decode(format!(
                         "transaction {xid} began before transaction {} committed",
@@ -397,8 +417,10 @@ impl LogState {
                 self.open = Some(Open {
                     xid,
                     final_lsn: Lsn::from_wire(final_lsn),
+                    commit_time_micros,
                     messages: Vec::new(),
                     malformed: Vec::new(),
+                    emitted: HashMap::new(),
                 });
                 Ok(None)
             }
@@ -406,9 +428,18 @@ impl LogState {
                 self.change(pgoutput::decode(&data)?)?;
                 Ok(None)
             }
-            // Logical decoding messages (pg_logical_emit_message) of any writer: not
-            // outbox rows.
-            ReplicationEvent::Message { .. } => Ok(None),
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                // Logical decoding messages of other writers are theirs.
+                if prefix == self.prefix {
+                    self.emitted(transactional, Lsn::from_wire(lsn), content)?;
+                }
+                Ok(None)
+            }
             ReplicationEvent::Commit {
                 lsn,
                 end_lsn,
@@ -498,6 +529,37 @@ impl LogState {
         }
     }
 
+    /// An outbox message written without a row, in the open transaction.
+    fn emitted(&mut self, transactional: bool, lsn: Lsn, content: Bytes) -> Result<(), CdcError> {
+        if !transactional {
+            // Written whatever became of the writer's transaction: publishing it could
+            // publish what was rolled back.
+            tracing::error!(%lsn, prefix = %self.prefix,
+                "an outbox message emitted outside a transaction is ignored: emit it with \
+                 pg_logical_emit_message(true, ...) so that it commits with the writer's changes");
+            return Ok(());
+        }
+        let Some(open) = self.open.as_mut() else {
+            return Err(CdcError::Decode(format!(
+                "a transactional message at {lsn} outside a transaction"
+            )));
+        };
+        let committed_at = timestamp(open.commit_time_micros).unwrap_or_else(Utc::now);
+        match emitted::decode(lsn, &content, committed_at) {
+            Ok(message) => {
+                open.emitted.insert(message.id, None);
+                open.messages.push(message);
+            }
+            Err(malformed) => {
+                tracing::warn!(id = %malformed.id, error = %malformed.error,
+                    "an outbox message emitted without a row cannot be decoded");
+                open.emitted.insert(malformed.id, Some(content));
+                open.malformed.push(malformed);
+            }
+        }
+        Ok(())
+    }
+
     fn commit(
         &mut self,
         lsn: Lsn,
@@ -524,15 +586,12 @@ impl LogState {
             self.acknowledge_confirmed();
             return Ok(None);
         }
-        let committed_at = commit_time_micros
-            .checked_add(PG_EPOCH_MICROS)
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(|| {
-                CdcError::Decode(format!(
-                    "transaction {} has commit time {commit_time_micros}, out of range",
-                    open.xid
-                ))
-            })?;
+        let committed_at = timestamp(commit_time_micros).ok_or_else(|| {
+            CdcError::Decode(format!(
+                "transaction {} has commit time {commit_time_micros}, out of range",
+                open.xid
+            ))
+        })?;
         self.delivered.push_back(Delivered {
             end_lsn,
             confirmed: false,
@@ -544,8 +603,16 @@ impl LogState {
             committed_at,
             messages: open.messages,
             malformed: open.malformed,
+            emitted: open.emitted,
         }))
     }
+}
+
+/// A time of the stream (microseconds since PostgreSQL's epoch), when it is in range.
+fn timestamp(micros: i64) -> Option<DateTime<Utc>> {
+    micros
+        .checked_add(PG_EPOCH_MICROS)
+        .and_then(DateTime::from_timestamp_micros)
 }
 
 #[cfg(test)]
@@ -565,7 +632,12 @@ mod tests {
     impl Script {
         fn new() -> Self {
             Self {
-                state: LogState::new("outbox".into(), OUTBOX, Lsn::from_u64(0x100)),
+                state: LogState::new(
+                    "outbox".into(),
+                    OUTBOX,
+                    Lsn::from_u64(0x100),
+                    "outbox".into(),
+                ),
                 xid: 700,
                 at: 0x1000,
             }

@@ -346,3 +346,89 @@ async fn rows_written_for_later_and_malformed_rows_are_left_to_the_table() {
     polling.await.expect("polling relay stops");
     f.finish().await;
 }
+
+#[tokio::test]
+async fn messages_emitted_without_a_row_are_relayed_and_only_failures_get_one() {
+    let Some(f) = Fixture::new().await else {
+        return;
+    };
+    let publisher = ScriptedPublisher::new();
+    let [x1, x2, rolled_back, y1, z1] = std::array::from_fn::<_, 5, _>(|_| uuid::Uuid::now_v7());
+    publisher.fail_transient(MessageId::from_uuid(x1), 1);
+    publisher.fail_permanent(MessageId::from_uuid(y1));
+    let polling = f.handed_relay(publisher.clone());
+    let relay = f.log_relay(publisher.clone()).await;
+    let emit = |id: uuid::Uuid, key: &str, payload: &str| {
+        format!(
+            "SELECT pg_logical_emit_message(true, 'outbox', json_build_object('id', '{id}', \
+             'destination', 'orders', 'key', '{key}', {payload})::text);"
+        )
+    };
+    f.pool
+        .execute(
+            format!(
+                "BEGIN; {} {} COMMIT; BEGIN; {} ROLLBACK; \
+                 BEGIN; {} SELECT pg_logical_emit_message(true, 'outbox', 'not json'); \
+                 SELECT pg_logical_emit_message(true, 'other', 'not ours'); {} COMMIT;",
+                emit(x1, "x", "'payload', 'first'"),
+                emit(
+                    x2,
+                    "x",
+                    "'payload_base64', encode('\\x00ff'::bytea, 'base64')"
+                ),
+                emit(rolled_back, "x", "'payload', 'never'"),
+                emit(y1, "y", "'payload', 'refused'"),
+                emit(z1, "z", "'payload', 'plain'"),
+            )
+            .as_str(),
+        )
+        .await
+        .expect("messages emitted");
+    // y1's dead letter and the undecodable envelope's stay.
+    f.drained(2).await;
+    let published = publisher.inner().published();
+    let firsts: Vec<MessageId> = first_deliveries(&published)
+        .into_values()
+        .flatten()
+        .collect();
+    for id in [x1, x2, z1] {
+        assert!(firsts.contains(&MessageId::from_uuid(id)), "{id} published");
+    }
+    assert!(!firsts.contains(&MessageId::from_uuid(rolled_back)));
+    assert!(!firsts.contains(&MessageId::from_uuid(y1)));
+    assert_delivered_in_order(
+        &published,
+        &[
+            (MessageId::from_uuid(x1), "x".to_owned()),
+            (MessageId::from_uuid(x2), "x".to_owned()),
+        ],
+    );
+    let x2_msg = published
+        .iter()
+        .find(|m| m.id == MessageId::from_uuid(x2))
+        .expect("x2");
+    assert_eq!(x2_msg.payload, vec![0x00, 0xff], "base64 payloads decode");
+    let dead = f
+        .store
+        .dead_letters(&DeadLetterFilter::all())
+        .await
+        .expect("dead letters");
+    let mut destinations: Vec<&str> = dead
+        .iter()
+        .map(|d| d.message.destination.as_str())
+        .collect();
+    destinations.sort_unstable();
+    assert_eq!(destinations, ["orders", "undecodable"]);
+    let undecodable = dead
+        .iter()
+        .find(|d| d.message.destination == "undecodable")
+        .expect("undecodable");
+    assert_eq!(
+        undecodable.message.payload, b"not json",
+        "the envelope as written"
+    );
+    relay.stop().await;
+    polling.shutdown();
+    polling.await.expect("polling relay stops");
+    f.finish().await;
+}

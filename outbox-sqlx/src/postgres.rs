@@ -495,13 +495,21 @@ impl PostgresStore {
         token: LeaseToken,
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
-        let applied = self.settle_where(settlement, Fence::Lease(token)).await?;
+        let applied = self
+            .settle_where(settlement, Fence::Lease(token), &[])
+            .await?;
         Ok(sql::settled(settlement, applied))
     }
 
-    /// Applies a settlement in one transaction to the rows `fence` selects; returns how many
-    /// rows it changed.
-    async fn settle_where(&self, settlement: &Settlement, fence: Fence) -> Result<u64, StoreError> {
+    /// Applies a settlement in one transaction to the rows `fence` selects, and inserts the
+    /// rows of the `unrecorded` messages that were not published; returns how many rows it
+    /// changed.
+    async fn settle_where(
+        &self,
+        settlement: &Settlement,
+        fence: Fence,
+        unrecorded: &[outbox_core::Message],
+    ) -> Result<u64, StoreError> {
         const DOING: &str = "recording publish outcomes";
         let Inner {
             pool,
@@ -604,6 +612,37 @@ impl PostgresStore {
             .doing(DOING)?
             .rows_affected();
         }
+        let rows = NewRows::new(settlement, unrecorded);
+        if !rows.ids.is_empty() {
+            applied += sqlx::query(&format!(
+                "INSERT INTO {t} (id, \"partition\", destination, \"key\", payload, headers, \
+                 created_at, available_at, attempts, last_error, state, dead_at) \
+                 SELECT v.id, v.part, v.destination, v.key, v.payload, v.headers, v.created_at, \
+                 GREATEST(now() + v.delay * interval '1 microsecond', \
+                 v.created_at + interval '1 microsecond'), v.attempts, v.error, v.state, \
+                 CASE WHEN v.state = {DEAD} THEN now() END \
+                 FROM unnest($1::uuid[], $2::int2[], $3::text[], $4::text[], $5::bytea[], \
+                 $6::text[], $7::timestamptz[], $8::int8[], $9::int4[], $10::text[], $11::int2[]) \
+                 AS v(id, part, destination, key, payload, headers, created_at, delay, attempts, \
+                 error, state) \
+                 ON CONFLICT (id) DO NOTHING"
+            ))
+            .bind(rows.ids)
+            .bind(rows.partitions)
+            .bind(rows.destinations)
+            .bind(rows.keys)
+            .bind(rows.payloads)
+            .bind(rows.headers)
+            .bind(rows.created)
+            .bind(rows.delays)
+            .bind(rows.attempts)
+            .bind(rows.errors)
+            .bind(rows.states)
+            .execute(&mut *tx)
+            .await
+            .doing(DOING)?
+            .rows_affected();
+        }
         tx.commit().await.doing(DOING)?;
         Ok(applied)
     }
@@ -663,12 +702,88 @@ impl PostgresStore {
     /// recording them twice changes nothing more: `published` rows are deleted (or kept for
     /// the retention), `retry` rows get their attempt and are handed to the table, available
     /// after their delay, `dead` rows are dead-lettered, and `release` rows are handed to
-    /// the table as they are, available at once. Returns how many rows changed.
-    pub async fn settle_log(&self, settlement: &Settlement) -> Result<u64, StoreError> {
+    /// the table as they are, available at once.
+    ///
+    /// `unrecorded` are messages of the settlement that have no row (written with
+    /// `pg_logical_emit_message`): those that were not published are inserted, with the same
+    /// outcome, unless a row of their id exists already. Returns how many rows changed.
+    pub async fn settle_log(
+        &self,
+        settlement: &Settlement,
+        unrecorded: &[outbox_core::Message],
+    ) -> Result<u64, StoreError> {
         if settlement.is_empty() {
             return Ok(0);
         }
-        self.settle_where(settlement, Fence::LogRelayed).await
+        self.settle_where(settlement, Fence::LogRelayed, unrecorded)
+            .await
+    }
+}
+
+/// The rows of messages that have none yet, with the outcome `settlement` gives each: what a
+/// log relay hands to the table of the messages written without a row.
+struct NewRows<'a> {
+    ids: Vec<Uuid>,
+    partitions: Vec<i16>,
+    destinations: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<String>,
+    created: Vec<DateTime<Utc>>,
+    delays: Vec<i64>,
+    attempts: Vec<i32>,
+    errors: Vec<Option<&'a str>>,
+    states: Vec<i16>,
+}
+
+impl<'a> NewRows<'a> {
+    fn new(settlement: &'a Settlement, unrecorded: &'a [outbox_core::Message]) -> Self {
+        let mut outcome: HashMap<MessageId, (i64, bool, Option<&'a str>, i16)> = HashMap::new();
+        for retry in &settlement.retry {
+            outcome.insert(
+                retry.id,
+                (sql::micros(retry.delay), true, Some(&retry.error), PENDING),
+            );
+        }
+        for dead in &settlement.dead {
+            outcome.insert(dead.id, (0, true, Some(&dead.error), DEAD));
+        }
+        for id in &settlement.release {
+            outcome.insert(*id, (0, false, None, PENDING));
+        }
+        let mut rows = Self {
+            ids: Vec::new(),
+            partitions: Vec::new(),
+            destinations: Vec::new(),
+            keys: Vec::new(),
+            payloads: Vec::new(),
+            headers: Vec::new(),
+            created: Vec::new(),
+            delays: Vec::new(),
+            attempts: Vec::new(),
+            errors: Vec::new(),
+            states: Vec::new(),
+        };
+        for msg in unrecorded {
+            let Some((delay, attempt, error, state)) = outcome.get(&msg.id) else {
+                continue;
+            };
+            let attempts = msg.attempts.saturating_add(u32::from(*attempt));
+            rows.ids.push(*msg.id.as_uuid());
+            let partition = outbox_core::partition_of(msg.key.as_deref(), &msg.id);
+            rows.partitions.push(i16::try_from(partition).unwrap_or(0));
+            rows.destinations.push(&msg.destination);
+            rows.keys.push(msg.key.as_deref());
+            rows.payloads.push(&msg.payload);
+            rows.headers.push(outbox_core::encode_headers(&msg.headers));
+            rows.created.push(msg.created_at);
+            rows.delays.push(*delay);
+            rows.attempts
+                .push(i32::try_from(attempts).unwrap_or(i32::MAX));
+            rows.errors.push(error.or(msg.last_error.as_deref()));
+            rows.states.push(*state);
+        }
+        rows
     }
 }
 

@@ -320,8 +320,11 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
         return;
     };
     let store = h.store();
-    let handed = PostgresStore::new(store.pool().clone(), store.config().clone().handed_only(true))
-        .expect("store");
+    let handed = PostgresStore::new(
+        store.pool().clone(),
+        store.config().clone().handed_only(true),
+    )
+    .expect("store");
     let relay = RelayId::random();
     own_everything(&handed, &relay).await;
     let lease = Duration::from_secs(30);
@@ -359,9 +362,12 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
         }],
         release: vec![ids[1]],
     };
-    assert_eq!(store.settle_log(&settlement).await.expect("settle"), 5);
+    assert_eq!(store.settle_log(&settlement, &[]).await.expect("settle"), 5);
     assert_eq!(
-        store.settle_log(&settlement).await.expect("settle again"),
+        store
+            .settle_log(&settlement, &[])
+            .await
+            .expect("settle again"),
         0,
         "recording the outcomes twice changes nothing more"
     );
@@ -384,7 +390,10 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
     tokio::time::sleep(Duration::from_millis(400)).await;
     let claim = handed.claim(&relay, 10, lease).await.expect("claim");
     assert_eq!(of(&claim), vec![ids[0], ids[1]], "a1 then a2");
-    assert_eq!(claim.messages[0].attempts, 1, "the log relay's attempt counts");
+    assert_eq!(
+        claim.messages[0].attempts, 1,
+        "the log relay's attempt counts"
+    );
     let done = handed
         .settle(
             claim.token,
@@ -407,10 +416,13 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
         .await
         .expect("enqueue");
     store
-        .settle_log(&Settlement {
-            release: vec![more[1]],
-            ..Default::default()
-        })
+        .settle_log(
+            &Settlement {
+                release: vec![more[1]],
+                ..Default::default()
+            },
+            &[],
+        )
         .await
         .expect("hand e2 over");
     let claim = handed.claim(&relay, 10, lease).await.expect("claim");
