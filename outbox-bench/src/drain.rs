@@ -96,27 +96,8 @@ pub(crate) async fn relay_until(
         .build()?;
     let before = probe::Reading::now();
     let cpu_before = cpu::sample(&[]);
-    let started = Instant::now();
     let (stop, running) = spawn_relay(relay);
-    let (mut progress, mut progressed) = (0, Instant::now());
-    let result = loop {
-        let published = probe::published() - before.published;
-        if published >= n {
-            break Ok(started.elapsed());
-        }
-        if published > progress {
-            (progress, progressed) = (published, Instant::now());
-        }
-        if progressed.elapsed() > stall {
-            break Err(format!(
-                "the relay published {published} of {n} messages, none in the last {stall:?}"
-            ));
-        }
-        if running.is_finished() {
-            break Err("the relay stopped".to_owned());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    let result = until_published(&before, &running, n, stall).await;
     let cpu_after = cpu::sample(&[]);
     let delta = probe::Reading::now().since(&before);
     let _ = stop.send(());
@@ -133,6 +114,38 @@ pub(crate) async fn relay_until(
         cpu_after,
         store_timings: store.report(took),
     })
+}
+
+/// Waits until the relays of this process published `n` messages since `before`; returns
+/// how long that took. Fails when nothing was published for `stall`, or when `running`
+/// ended first.
+pub(crate) async fn until_published<T>(
+    before: &probe::Reading,
+    running: &tokio::task::JoinHandle<T>,
+    n: u64,
+    stall: Duration,
+) -> Res<Duration> {
+    let started = Instant::now();
+    let (mut progress, mut progressed) = (0, Instant::now());
+    loop {
+        let published = probe::published() - before.published;
+        if published >= n {
+            return Ok(started.elapsed());
+        }
+        if published > progress {
+            (progress, progressed) = (published, Instant::now());
+        }
+        if progressed.elapsed() > stall {
+            return Err(format!(
+                "the relay published {published} of {n} messages, none in the last {stall:?}"
+            )
+            .into());
+        }
+        if running.is_finished() {
+            return Err("the relay stopped".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Starts `relay.run` in a task; sending on the channel stops it gracefully.
@@ -170,7 +183,7 @@ pub(crate) async fn warm_up(
     }
 }
 
-fn rate(n: u64, took: Duration) -> f64 {
+pub(crate) fn rate(n: u64, took: Duration) -> f64 {
     (n as f64 / took.as_secs_f64().max(1e-9)).round()
 }
 
@@ -268,13 +281,13 @@ fn per_msg(
 }
 
 /// `relay / other` to three decimals.
-fn ratio(relay: f64, other: f64) -> f64 {
+pub(crate) fn ratio(relay: f64, other: f64) -> f64 {
     ((relay / other.max(1.0)) * 1000.0).round() / 1000.0
 }
 
 /// Checks that the destination holds `n` messages, where it can tell (the `noop` sink: that
 /// it confirmed `n` more than `sink_before`).
-async fn check_delivered(broker: &Broker, n: u64, sink_before: Option<u64>, who: &str) -> Res<()> {
+pub(crate) async fn check_delivered(broker: &Broker, n: u64, sink_before: Option<u64>, who: &str) -> Res<()> {
     let stored = broker.stored().await?;
     if stored.is_some_and(|stored| stored != n) {
         return Err(

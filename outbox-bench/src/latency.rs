@@ -49,6 +49,9 @@ enum Contender {
     Relay,
     /// The hand relay, on one worker.
     Hand,
+    /// The log relay, reading the table's inserts from a replication slot (the server must
+    /// have `wal_level = logical`).
+    Log,
 }
 
 #[derive(Default)]
@@ -245,6 +248,48 @@ async fn measure(
     Ok(value)
 }
 
+/// The log relay against the polling relay at the same steady rate, in the same run, each on
+/// a table of its own, on the PostgreSQL of `services` (with `wal_level = logical`).
+pub(crate) async fn log_vs_polling(
+    options: &Options,
+    services: &Services,
+    broker_kind: BrokerKind,
+) -> Res<serde_json::Value> {
+    let name = unique_name("bench_loglat");
+    let broker = Broker::setup(broker_kind, services, &name).await?;
+    let result = async {
+        let log = contender_run(options, services, &broker, &name, Contender::Log).await?;
+        let polling = contender_run(
+            options,
+            services,
+            &broker,
+            &format!("{name}_poll"),
+            Contender::Relay,
+        )
+        .await?;
+        Ok::<_, crate::BoxError>((log, polling))
+    }
+    .await;
+    broker.teardown().await;
+    let (log, polling) = result?;
+    let met = log["p50_ms"].as_f64().unwrap_or(f64::MAX)
+        < polling["p50_ms"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "pair": format!("postgres-{}", broker_kind.name()),
+        "rate_msgs_per_s": log["rate_msgs_per_s"],
+        "log_p50_ms": log["p50_ms"],
+        "log_p99_ms": log["p99_ms"],
+        "polling_p50_ms": polling["p50_ms"],
+        "polling_p99_ms": polling["p99_ms"],
+        "p50_log_vs_polling": ratio(&log["p50_ms"], &polling["p50_ms"]),
+        "p99_log_vs_polling": ratio(&log["p99_ms"], &polling["p99_ms"]),
+        "target": "log p50 below the polling relay's",
+        "met": met,
+        "log": log,
+        "polling": polling,
+    }))
+}
+
 /// One contender's run on table `table` of its own.
 async fn contender_run(
     options: &Options,
@@ -270,11 +315,17 @@ enum Running {
         stop: tokio::sync::oneshot::Sender<()>,
         running: tokio::task::JoinHandle<Res<()>>,
     },
+    Log {
+        stop: tokio::sync::oneshot::Sender<()>,
+        running: tokio::task::JoinHandle<Result<(), outbox_core::RelayError>>,
+        admin: outbox_pg_cdc::CdcAdmin,
+    },
 }
 
 impl Running {
     async fn start(
         contender: Contender,
+        services: &Services,
         store: &BenchStore,
         publisher: Timed,
         stamps: &Arc<Stamps>,
@@ -302,6 +353,16 @@ impl Running {
                 let running = tokio::spawn(Arc::new(hand).follow(store.table.clone(), stopped));
                 Running::Hand { stop, running }
             }
+            Contender::Log => {
+                let (relay, admin) =
+                    crate::logrelay::log_relay(services, store, publisher, config).await?;
+                let (stop, running) = crate::logrelay::spawn_log(relay);
+                Running::Log {
+                    stop,
+                    running,
+                    admin,
+                }
+            }
         })
     }
 
@@ -321,6 +382,17 @@ impl Running {
             Running::Hand { stop, running } => {
                 let _ = stop.send(());
                 running.await??;
+                Ok(None)
+            }
+            Running::Log {
+                stop,
+                running,
+                admin,
+            } => {
+                let _ = stop.send(());
+                let ran = running.await;
+                crate::logrelay::drop_slot(&admin).await;
+                ran??;
                 Ok(None)
             }
         }
@@ -353,7 +425,7 @@ async fn run_steady(
         inner: broker.publisher(0, options.pipeline_keys).await?,
         stamps: Arc::clone(&stamps),
     };
-    let running = Running::start(contender, store, publisher, &stamps).await?;
+    let running = Running::start(contender, services, store, publisher, &stamps).await?;
     // Let the contender start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -413,6 +485,7 @@ async fn run_steady(
     value["contender"] = json!(match contender {
         Contender::Relay => "relay",
         Contender::Hand => "hand relay, 1 worker",
+        Contender::Log => "log relay",
     });
     value["measured"] = json!(total_h.len());
     value["rate_msgs_per_s"] = json!(rate);

@@ -9,7 +9,9 @@
 //! - `latency`: commit-to-broker-ack at a steady rate, through LISTEN/NOTIFY, of the relay
 //!   and of a hand relay;
 //! - `scaling`: 1, 2 and 4 relay processes on one PostgreSQL table, per-key order checked;
-//! - `memory`: peak RSS of a relay process draining a large backlog.
+//! - `memory`: peak RSS of a relay process draining a large backlog;
+//! - `log-drain` and `log-latency`: the log relay (change data capture) next to the polling
+//!   relay, on a PostgreSQL cluster of the run's own with `wal_level = logical`.
 //!
 //! `outbox-bench --quick` runs them all on small numbers (the CI test does); see
 //! `docs/benchmarks.md` for the figures and the command that produced them.
@@ -22,6 +24,7 @@ mod enqueue;
 mod hand;
 mod inbox;
 mod latency;
+mod logrelay;
 mod plot;
 mod probe;
 mod report;
@@ -78,6 +81,10 @@ pub(crate) enum Scenario {
     Scaling,
     /// Peak RSS of a relay process draining a large backlog.
     Memory,
+    /// A backlog relayed by the log relay (change data capture), next to the polling relay.
+    LogDrain,
+    /// Commit-to-ack latency of the log relay, next to the polling relay.
+    LogLatency,
 }
 
 impl Scenario {
@@ -89,6 +96,8 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Scaling => "scaling",
             Scenario::Memory => "memory",
+            Scenario::LogDrain => "log-drain",
+            Scenario::LogLatency => "log-latency",
         }
     }
 }
@@ -191,6 +200,8 @@ impl Options {
                 Scenario::Latency,
                 Scenario::Scaling,
                 Scenario::Memory,
+                Scenario::LogDrain,
+                Scenario::LogLatency,
             ]
         } else {
             self.scenarios.clone()
@@ -248,6 +259,9 @@ async fn bench(options: Options) -> bool {
             Scenario::Latency => latency::run(&options, &services, &mut report).await,
             Scenario::Scaling => scaling::run_scaling(&options, &services, &mut report).await,
             Scenario::Memory => scaling::run_memory(&options, &services, &mut report).await,
+            Scenario::LogDrain | Scenario::LogLatency => {
+                logrelay::run(&options, &services, &mut report, scenario).await;
+            }
         }
         eprintln!(
             "== {} done in {:.1}s ==",

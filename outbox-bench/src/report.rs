@@ -102,6 +102,27 @@ const MEMORY: &[Column] = &[
     ("cores", "cpu_cores"),
 ];
 
+const LOG_DRAIN: &[Column] = &[
+    ("pair", "label"),
+    ("log msg/s", "log_msgs_per_s"),
+    ("polling msg/s", "polling_msgs_per_s"),
+    ("raw drain msg/s", "raw_drain_msgs_per_s"),
+    ("log/polling", "log_vs_polling"),
+    ("log/raw", "log_vs_raw_drain"),
+    ("met", "met"),
+];
+
+const LOG_LATENCY: &[Column] = &[
+    ("pair", "label"),
+    ("msg/s", "rate_msgs_per_s"),
+    ("log p50 ms", "log_p50_ms"),
+    ("log p99 ms", "log_p99_ms"),
+    ("polling p50 ms", "polling_p50_ms"),
+    ("polling p99 ms", "polling_p99_ms"),
+    ("p50 log/polling", "p50_log_vs_polling"),
+    ("met", "met"),
+];
+
 fn columns(scenario: Scenario) -> &'static [Column] {
     match scenario {
         Scenario::Enqueue => ENQUEUE,
@@ -110,6 +131,8 @@ fn columns(scenario: Scenario) -> &'static [Column] {
         Scenario::Latency => LATENCY,
         Scenario::Scaling => SCALING,
         Scenario::Memory => MEMORY,
+        Scenario::LogDrain => LOG_DRAIN,
+        Scenario::LogLatency => LOG_LATENCY,
     }
 }
 
