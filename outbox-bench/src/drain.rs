@@ -287,7 +287,12 @@ pub(crate) fn ratio(relay: f64, other: f64) -> f64 {
 
 /// Checks that the destination holds `n` messages, where it can tell (the `noop` sink: that
 /// it confirmed `n` more than `sink_before`).
-pub(crate) async fn check_delivered(broker: &Broker, n: u64, sink_before: Option<u64>, who: &str) -> Res<()> {
+pub(crate) async fn check_delivered(
+    broker: &Broker,
+    n: u64,
+    sink_before: Option<u64>,
+    who: &str,
+) -> Res<()> {
     let stored = broker.stored().await?;
     if stored.is_some_and(|stored| stored != n) {
         return Err(

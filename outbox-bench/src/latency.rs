@@ -272,8 +272,8 @@ pub(crate) async fn log_vs_polling(
     .await;
     broker.teardown().await;
     let (log, polling) = result?;
-    let met = log["p50_ms"].as_f64().unwrap_or(f64::MAX)
-        < polling["p50_ms"].as_f64().unwrap_or(0.0);
+    let met =
+        log["p50_ms"].as_f64().unwrap_or(f64::MAX) < polling["p50_ms"].as_f64().unwrap_or(0.0);
     Ok(json!({
         "pair": format!("postgres-{}", broker_kind.name()),
         "rate_msgs_per_s": log["rate_msgs_per_s"],

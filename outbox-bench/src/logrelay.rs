@@ -19,7 +19,9 @@ use outbox_testkit::servers::{PrivatePostgres, ServerError};
 use serde_json::json;
 
 use crate::brokers::{Broker, BrokerKind};
-use crate::drain::{check_delivered, rate, ratio, relay_config, relay_until, until_published, warm_up};
+use crate::drain::{
+    check_delivered, rate, ratio, relay_config, relay_until, until_published, warm_up,
+};
 use crate::report::Report;
 use crate::services::{Services, Unavailable};
 use crate::stores::{BenchStore, StoreKind};
@@ -80,11 +82,9 @@ async fn start(dir: &std::path::Path) -> Res<PrivatePostgres> {
     ];
     match PrivatePostgres::start_with(dir, &settings).await {
         Ok(server) => Ok(server),
-        Err(ServerError::Unavailable(why)) if !outbox_testkit::env::required() => {
-            Err(Box::new(Unavailable::Skip(format!(
-                "no private PostgreSQL cluster: {why}"
-            ))))
-        }
+        Err(ServerError::Unavailable(why)) if !outbox_testkit::env::required() => Err(Box::new(
+            Unavailable::Skip(format!("no private PostgreSQL cluster: {why}")),
+        )),
         Err(err) => Err(format!("the private PostgreSQL cluster does not start: {err}").into()),
     }
 }
@@ -128,7 +128,9 @@ pub(crate) async fn log_relay<P: Publisher>(
     )
     .await?;
     let source = PgOutboxLog::connect(cdc, table).await?;
-    let relay = LogRelay::builder(source, publisher).config(config).build()?;
+    let relay = LogRelay::builder(source, publisher)
+        .config(config)
+        .build()?;
     Ok((relay, admin))
 }
 
@@ -167,13 +169,24 @@ pub(crate) async fn drop_slot(admin: &CdcAdmin) {
     }
 }
 
-async fn drain(options: &Options, services: &Services, broker_kind: BrokerKind) -> Res<serde_json::Value> {
+async fn drain(
+    options: &Options,
+    services: &Services,
+    broker_kind: BrokerKind,
+) -> Res<serde_json::Value> {
     let n = options.messages();
     let keys = options.keys_for(n);
     let name = unique_name("bench_logdrain");
     let mut stores = Vec::new();
     for suffix in ["_raw", "_poll", "_log"] {
-        match BenchStore::create(StoreKind::Postgres, services, &format!("{name}{suffix}"), 16).await {
+        match BenchStore::create(
+            StoreKind::Postgres,
+            services,
+            &format!("{name}{suffix}"),
+            16,
+        )
+        .await
+        {
             Ok(store) => stores.push(store),
             Err(err) => {
                 for store in &stores {
@@ -246,7 +259,8 @@ async fn measure(
 
     // The log relay: the slot first, then the backlog, which is in its log.
     broker.purge().await?;
-    let (relay, admin) = log_relay(services, log, Arc::clone(&publisher), relay_config(options)).await?;
+    let (relay, admin) =
+        log_relay(services, log, Arc::clone(&publisher), relay_config(options)).await?;
     let result = async {
         let fill = log.fill(&destination, n, keys).await?;
         let sink_before = broker.sink_confirmed();

@@ -24,7 +24,7 @@ pub use error_text::{MAX_ERROR_TEXT, sanitize as sanitize_error_text};
 pub use inbox::{Inbox, MAX_CONSUMER_NAME, Processed, check_consumer};
 pub use incoming::{Incoming, IncomingError};
 pub use jsonl::JsonLinesPublisher;
-pub use log::{LogBatch, LogPosition, LogSource, Waiting};
+pub use log::{Deferred, LogBatch, LogPosition, LogSource, LogTable};
 pub use memory::{MemoryPublisher, MemoryStore, MemoryTransaction};
 pub use message::{
     Headers, InvalidMessage, Limits, MESSAGE_ID_HEADER, Message, MessageId, NewMessage, PARTITIONS,

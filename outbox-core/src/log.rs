@@ -28,31 +28,69 @@ impl LogPosition {
     }
 }
 
+/// A row written to become available later (its `available_at` past its `created_at`): the
+/// table's to publish when it is due, and the later messages of its key follow it there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Deferred {
+    /// The row's message id.
+    pub id: MessageId,
+    /// Its ordering key.
+    pub key: Option<String>,
+}
+
+impl Deferred {
+    /// A deferred row; for sources.
+    pub fn new(id: MessageId, key: Option<String>) -> Self {
+        Self { id, key }
+    }
+}
+
 /// One committed transaction's outbox messages, read from the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LogBatch {
-    /// Where the transaction ends: what [`LogSource::settle`] confirms.
+    /// Where the transaction ends: what [`LogSource::confirm`] confirms.
     pub position: LogPosition,
     /// Its messages, in the order it wrote them.
     pub messages: Vec<Message>,
     /// Its rows whose id reads but another column does not: dead-lettered by id.
     pub malformed: Vec<Malformed>,
+    /// Its rows written to become available later, left to the table.
+    pub deferred: Vec<Deferred>,
+    /// The rows to insert for its messages (and malformed ones) that were written without a
+    /// row (a table-less writer), should they not be published: a retry, a dead letter, a
+    /// message handed over with its key. Empty for messages that have a row.
+    pub rowless: Vec<Message>,
 }
 
 impl LogBatch {
-    /// A transaction's messages; for sources.
+    /// A transaction's messages and malformed rows; for sources.
     pub fn new(position: LogPosition, messages: Vec<Message>, malformed: Vec<Malformed>) -> Self {
         Self {
             position,
             messages,
             malformed,
+            deferred: Vec::new(),
+            rowless: Vec::new(),
         }
     }
 
-    /// Number of rows: messages and malformed ones.
+    /// Sets [`LogBatch::deferred`].
+    pub fn deferred(mut self, deferred: Vec<Deferred>) -> Self {
+        self.deferred = deferred;
+        self
+    }
+
+    /// Sets [`LogBatch::rowless`].
+    pub fn rowless(mut self, rowless: Vec<Message>) -> Self {
+        self.rowless = rowless;
+        self
+    }
+
+    /// Number of rows: messages, malformed and deferred ones.
     pub fn len(&self) -> usize {
-        self.messages.len() + self.malformed.len()
+        self.messages.len() + self.malformed.len() + self.deferred.len()
     }
 
     /// True for a transaction without rows.
@@ -61,22 +99,42 @@ impl LogBatch {
     }
 }
 
-/// What the outbox table holds of some messages read from the log: those it publishes itself
-/// (the polling relay), so that the log relay must not, and the keys whose later messages
-/// must follow them there.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Waiting {
-    /// Messages asked about that the table already holds as its own: handed over earlier
-    /// (a retry, a message delivered again after a restart), or written to become available
-    /// later.
-    pub ids: HashSet<MessageId>,
-    /// Keys asked about with a message the table holds as its own and has not published.
-    pub keys: HashSet<String>,
+/// The outbox table beside a log: what the log relay hands over to it, and which keys it holds
+/// messages of. Cheap to clone: the log relay records each batch's outcomes in a task of its
+/// own while it reads and publishes the next.
+///
+/// # Contract
+///
+/// - [`waiting`](LogTable::waiting) says which keys have a message the table holds as its
+///   own: pending rows handed over (or written to become available later, or replayed),
+///   which the polling relay publishes. The later messages of those keys follow them there.
+/// - [`record`](LogTable::record) applies a settlement in one transaction, only to rows
+///   that are still the log relay's (pending, never handed over), so that recording it twice
+///   changes nothing more: `published` rows are deleted (or kept for the retention), `retry`
+///   rows get their attempt and are handed to the table, available after their delay, `dead`
+///   rows are dead-lettered, `release` rows are handed to the table as they are. `unrecorded`
+///   are the rows to insert, with their outcome, for messages that have none (see
+///   [`LogBatch::rowless`]); a row of the same id that exists already is left as it is.
+/// - The relay bounds both with its store timeout and may drop them: a dropped call must
+///   leave nothing behind but what a completed or failed one could have.
+pub trait LogTable: Clone + Send + Sync + 'static {
+    /// Of `keys` (every key when `None`), those with a message the table holds as its own.
+    fn waiting(
+        &self,
+        keys: Option<&[String]>,
+    ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
+
+    /// Applies `settlement` to the rows still the log relay's, and inserts the rows of
+    /// `unrecorded` that were not published.
+    fn record(
+        &self,
+        settlement: &Settlement,
+        unrecorded: &[Message],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Committed outbox messages read from a database's log, in commit order, with the outbox
-/// table beside it for what the log relay cannot publish itself.
+/// table beside it ([`LogTable`]) for what the log relay cannot publish itself.
 ///
 /// # Contract
 ///
@@ -86,37 +144,23 @@ pub struct Waiting {
 ///   again after a restart (at least once). A transient error (a lost connection) may be
 ///   followed by more calls, which resume from the last confirmed position; an error that is
 ///   not transient (a slot that was lost, a table that is gone) stops the relay.
-/// - [`waiting`](LogSource::waiting) says which of some messages and keys the table holds as
-///   its own. A message written to the table to become available later, or handed over by
-///   [`settle`](LogSource::settle), is the table's: the polling relay publishes it, with its
-///   retries, and the later messages of its key follow it there.
-/// - [`settle`](LogSource::settle) applies the outcomes in one transaction, only to rows
-///   that are still the log relay's (pending, never handed over), so that applying them twice
-///   changes nothing more: `published` rows are deleted (or kept for the retention),
-///   `retry` rows get their attempt and are handed to the table, available after their
-///   delay, `dead` rows are dead-lettered, `release` rows are handed to the table as they
-///   are, available at once. Only after that transaction commits are the positions in
-///   `confirm` confirmed: the source's log may then drop those transactions.
-/// - The relay bounds `waiting` and `settle` with its store timeout and may drop them: a
-///   dropped call must leave nothing behind but what a completed or failed one could have.
+/// - [`confirm`](LogSource::confirm) is called once the outcomes of every message of the
+///   transactions ending at `positions` are recorded in the table: the source's log may then
+///   drop them. Positions may come out of commit order; a source confirms a position only
+///   once every earlier transaction is confirmed too. A position delivered by a session
+///   that was lost since is ignored (the new session delivers it again).
 pub trait LogSource: Send + 'static {
+    /// The table beside the log.
+    type Table: LogTable;
+
+    /// The table beside the log.
+    fn table(&self) -> Self::Table;
+
     /// The next committed transaction with outbox rows (cancel-safe).
     fn next(&mut self) -> impl Future<Output = Result<LogBatch, StoreError>> + Send;
 
-    /// Which of `ids` and `keys` the outbox table holds as its own.
-    fn waiting(
-        &mut self,
-        ids: &[MessageId],
-        keys: &[String],
-    ) -> impl Future<Output = Result<Waiting, StoreError>> + Send;
-
-    /// Applies `settlement` to the rows still the log relay's, then confirms every position
-    /// of `confirm`.
-    fn settle(
-        &mut self,
-        settlement: &Settlement,
-        confirm: &[LogPosition],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The transactions ending at `positions` are recorded.
+    fn confirm(&mut self, positions: &[LogPosition]) -> Result<(), StoreError>;
 
     /// Reports the confirmed position and ends the session; called once, when the relay
     /// stops. Sources without a session keep the default.

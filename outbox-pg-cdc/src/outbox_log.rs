@@ -1,11 +1,7 @@
 //! [`PgOutboxLog`]: the [`LogSource`] of a [`LogRelay`](outbox_core::LogRelay) on
 //! PostgreSQL: messages read from the replication slot, outcomes written to the outbox table.
 
-use std::collections::HashMap;
-
-use outbox_core::{
-    LogBatch, LogPosition, LogSource, Message, MessageId, Settlement, StoreError, Waiting,
-};
+use outbox_core::{Deferred, LogBatch, LogPosition, LogSource, StoreError};
 use outbox_sqlx::PostgresStore;
 
 use crate::{CdcConfig, CdcError, Lsn, PgLogSource, emitted};
@@ -16,8 +12,9 @@ use crate::{CdcConfig, CdcError, Lsn, PgLogSource, emitted};
 ///
 /// - A lost replication session is opened again by the next [`LogSource::next`], from the
 ///   slot's confirmed position: transactions delivered and not confirmed are delivered again.
-/// - [`LogSource::settle`] writes the outcomes ([`PostgresStore::settle_log`]) and, once
-///   they are committed, confirms the transactions to the slot.
+/// - Its table is the [`PostgresStore`] ([`LogTable`](outbox_core::LogTable)): the outcomes
+///   are written there ([`PostgresStore::settle_log`]) and, once they are committed, the
+///   transactions are confirmed to the slot.
 /// - Messages written without a row (`pg_logical_emit_message`, see
 ///   [`CdcConfig::message_prefix`]) get a row only when they are not published: a retry, a
 ///   dead letter, or a message handed over with its key. An envelope that cannot be read is
@@ -29,9 +26,6 @@ pub struct PgOutboxLog {
     config: CdcConfig,
     store: PostgresStore,
     log: Option<PgLogSource>,
-    /// Messages read and not yet settled that were written without a row: a row is
-    /// inserted for those that are not published.
-    emitted: HashMap<MessageId, Message>,
 }
 
 impl std::fmt::Debug for PgOutboxLog {
@@ -65,7 +59,6 @@ impl PgOutboxLog {
             config,
             store,
             log: Some(log),
-            emitted: HashMap::new(),
         })
     }
 
@@ -85,26 +78,39 @@ impl PgOutboxLog {
 }
 
 impl LogSource for PgOutboxLog {
+    type Table = PostgresStore;
+
+    fn table(&self) -> PostgresStore {
+        self.store.clone()
+    }
+
     async fn next(&mut self) -> Result<LogBatch, StoreError> {
         let log = self.log().await?;
         match log.next().await {
             Ok(batch) => {
+                let mut rowless = Vec::new();
                 for msg in &batch.messages {
                     if batch.emitted.contains_key(&msg.id) {
-                        self.emitted.insert(msg.id, msg.clone());
+                        rowless.push(msg.clone());
                     }
                 }
                 for bad in &batch.malformed {
                     if let Some(Some(content)) = batch.emitted.get(&bad.id) {
-                        let dead = emitted::undecodable(bad, content, batch.committed_at);
-                        self.emitted.insert(bad.id, dead);
+                        rowless.push(emitted::undecodable(bad, content, batch.committed_at));
                     }
                 }
+                let deferred = batch
+                    .deferred
+                    .into_iter()
+                    .map(|(id, key)| Deferred::new(id, key))
+                    .collect();
                 Ok(LogBatch::new(
                     LogPosition::new(batch.end_lsn.as_u64()),
                     batch.messages,
                     batch.malformed,
-                ))
+                )
+                .deferred(deferred)
+                .rowless(rowless))
             }
             Err(err) => {
                 // The session is in an unknown state: the next call opens a new one, which
@@ -115,32 +121,13 @@ impl LogSource for PgOutboxLog {
         }
     }
 
-    async fn waiting(&mut self, ids: &[MessageId], keys: &[String]) -> Result<Waiting, StoreError> {
-        self.store.waiting(ids, keys).await
-    }
-
-    async fn settle(
-        &mut self,
-        settlement: &Settlement,
-        confirm: &[LogPosition],
-    ) -> Result<(), StoreError> {
-        let ids = settlement
-            .published
-            .iter()
-            .chain(settlement.retry.iter().map(|r| &r.id))
-            .chain(settlement.dead.iter().map(|d| &d.id))
-            .chain(&settlement.release);
-        let unrecorded: Vec<Message> = ids.filter_map(|id| self.emitted.get(id).cloned()).collect();
-        self.store.settle_log(settlement, &unrecorded).await?;
-        for msg in &unrecorded {
-            self.emitted.remove(&msg.id);
-        }
+    fn confirm(&mut self, positions: &[LogPosition]) -> Result<(), StoreError> {
         let Some(log) = self.log.as_mut() else {
             // The session was lost after these were delivered: the next one delivers them
-            // again, and settling them again changes nothing more.
+            // again, and recording them again changes nothing more.
             return Ok(());
         };
-        for position in confirm {
+        for position in positions {
             match log.confirm(Lsn::from_u64(position.get())) {
                 // Delivered by a session lost since: the new one delivers it again.
                 Ok(()) | Err(CdcError::UnknownBatch(_)) => {}

@@ -308,6 +308,7 @@ pub(crate) struct OutboxLayout {
     payload: usize,
     headers: usize,
     created_at: usize,
+    available_at: Option<usize>,
     attempts: Option<usize>,
     last_error: Option<usize>,
 }
@@ -347,6 +348,7 @@ impl OutboxLayout {
             payload: required("payload", &[BYTEA])?,
             headers: required("headers", &[TEXT, VARCHAR])?,
             created_at: required("created_at", &[TIMESTAMPTZ])?,
+            available_at: find("available_at", &[TIMESTAMPTZ])?,
             attempts: find("attempts", &[INT2, INT4, INT8])?,
             last_error: find("last_error", &[TEXT, VARCHAR])?,
             table,
@@ -380,6 +382,23 @@ impl OutboxLayout {
             key: readable_key,
             error,
         }))
+    }
+
+    /// Whether an inserted row was written to become available later (its `available_at`
+    /// past its `created_at`): such a row is the table's to publish when it is due.
+    pub(crate) fn deferred(&self, row: &[Value]) -> bool {
+        let Some(index) = self.available_at else {
+            return false;
+        };
+        let time = |index: usize| {
+            row.get(index)
+                .and_then(|value| text(value, "").ok().flatten())
+                .and_then(|text| timestamptz(text).ok())
+        };
+        match (time(index), time(self.created_at)) {
+            (Some(available), Some(created)) => available > created,
+            _ => false,
+        }
     }
 
     fn decode(

@@ -43,12 +43,15 @@ pub struct LogBatch {
     /// ([`CdcConfig::message_prefix`](crate::CdcConfig::message_prefix)): `None` for a
     /// message, the envelope as written for a malformed one.
     pub emitted: HashMap<MessageId, Option<Bytes>>,
+    /// Its rows written to become available later (`available_at` past `created_at`): the
+    /// table's to publish when they are due, with their keys.
+    pub deferred: Vec<(MessageId, Option<String>)>,
 }
 
 impl LogBatch {
-    /// Number of rows: messages and malformed ones.
+    /// Number of rows: messages, malformed and deferred ones.
     pub fn len(&self) -> usize {
-        self.messages.len() + self.malformed.len()
+        self.messages.len() + self.malformed.len() + self.deferred.len()
     }
 
     /// True for a batch without rows (never returned by [`PgLogSource::next`]).
@@ -66,6 +69,7 @@ struct Open {
     messages: Vec<Message>,
     malformed: Vec<Malformed>,
     emitted: HashMap<MessageId, Option<Bytes>>,
+    deferred: Vec<(MessageId, Option<String>)>,
 }
 
 /// A transaction handed out (or passed over) and not yet acknowledged.
@@ -421,6 +425,7 @@ impl LogState {
                     messages: Vec::new(),
                     malformed: Vec::new(),
                     emitted: HashMap::new(),
+                    deferred: Vec::new(),
                 });
                 Ok(None)
             }
@@ -495,6 +500,9 @@ impl LogState {
                     )));
                 };
                 match layout.message(&row)? {
+                    Ok(message) if layout.deferred(&row) => {
+                        open.deferred.push((message.id, message.key));
+                    }
                     Ok(message) => open.messages.push(message),
                     Err(malformed) => {
                         tracing::warn!(id = %malformed.id, error = %malformed.error,
@@ -577,7 +585,7 @@ impl LogState {
                 open.xid, open.final_lsn
             )));
         }
-        if open.messages.is_empty() && open.malformed.is_empty() {
+        if open.messages.is_empty() && open.malformed.is_empty() && open.deferred.is_empty() {
             // Nothing for the broker: acknowledged as soon as everything before it is.
             self.delivered.push_back(Delivered {
                 end_lsn,
@@ -604,6 +612,7 @@ impl LogState {
             messages: open.messages,
             malformed: open.malformed,
             emitted: open.emitted,
+            deferred: open.deferred,
         }))
     }
 }

@@ -661,40 +661,33 @@ enum Fence {
 /// its own, and the outcomes of messages read from the log. The store beside it, which
 /// publishes what the log relay hands over, claims with [`StoreConfig::handed_only`].
 impl PostgresStore {
-    /// Which of `ids` and `keys` the table holds as its own: pending rows handed over (or
-    /// written to become available later, or replayed), whose `available_at` is past their
-    /// `created_at`. One query, through the primary key and the index of waiting rows.
-    pub async fn waiting(
+    /// Of `keys` (every key when `None`), those with a message the table holds as its own:
+    /// pending rows handed over (or written to become available later, or replayed), whose
+    /// `available_at` is past their `created_at`. One query, through the index of waiting
+    /// rows.
+    pub async fn waiting_keys(
         &self,
-        ids: &[MessageId],
-        keys: &[String],
-    ) -> Result<outbox_core::Waiting, StoreError> {
-        const DOING: &str = "reading the messages the outbox table holds";
-        let mut waiting = outbox_core::Waiting::default();
-        if ids.is_empty() && keys.is_empty() {
-            return Ok(waiting);
+        keys: Option<&[String]>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        const DOING: &str = "reading the keys the outbox table holds";
+        if keys.is_some_and(<[String]>::is_empty) {
+            return Ok(std::collections::HashSet::new());
         }
-        let rows: Vec<(Uuid, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT id, \"key\" FROM {} WHERE state = {PENDING} AND available_at > created_at \
-             AND (id = ANY($1) OR \"key\" = ANY($2))",
+        let mut text = format!(
+            "SELECT DISTINCT \"key\" FROM {} WHERE state = {PENDING} \
+             AND \"key\" IS NOT NULL AND available_at > created_at",
             self.inner.names.table
-        ))
-        .bind(uuids(ids))
-        .bind(keys)
-        .fetch_all(&self.inner.pool)
-        .await
-        .doing(DOING)?;
-        let asked: std::collections::HashSet<&MessageId> = ids.iter().collect();
-        for (id, key) in rows {
-            let id = MessageId::from_uuid(id);
-            if asked.contains(&id) {
-                waiting.ids.insert(id);
-            }
-            if let Some(key) = key {
-                waiting.keys.insert(key);
-            }
+        );
+        if keys.is_some() {
+            text.push_str(" AND \"key\" = ANY($1)");
         }
-        Ok(waiting)
+        let query = sqlx::query_scalar::<_, String>(&text);
+        let query = match keys {
+            Some(keys) => query.bind(keys),
+            None => query,
+        };
+        let keys = query.fetch_all(&self.inner.pool).await.doing(DOING)?;
+        Ok(keys.into_iter().collect())
     }
 
     /// Records the outcomes of messages a log relay read, in one transaction, on the rows
@@ -717,6 +710,23 @@ impl PostgresStore {
         }
         self.settle_where(settlement, Fence::LogRelayed, unrecorded)
             .await
+    }
+}
+
+impl outbox_core::LogTable for PostgresStore {
+    async fn waiting(
+        &self,
+        keys: Option<&[String]>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.waiting_keys(keys).await
+    }
+
+    async fn record(
+        &self,
+        settlement: &Settlement,
+        unrecorded: &[outbox_core::Message],
+    ) -> Result<(), StoreError> {
+        self.settle_log(settlement, unrecorded).await.map(drop)
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::FutureExt as _;
 use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
@@ -17,8 +18,8 @@ use super::shutdown::Plan;
 use crate::error::chain;
 use crate::metrics as m;
 use crate::{
-    ConfigError, LogBatch, LogPosition, LogSource, Message, MessageId, Publisher, RelayConfig,
-    RelayError, StoreError, StoreErrorKind, Wakeup, error_text,
+    ConfigError, LogBatch, LogPosition, LogSource, LogTable, Message, MessageId, Publisher,
+    RelayConfig, RelayError, Settlement, StoreError, StoreErrorKind, Wakeup, error_text,
 };
 
 /// Builds a [`LogRelay`].
@@ -46,8 +47,10 @@ impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
             inner: Arc::new(Inner {
                 source: Mutex::new(self.source),
                 publisher: self.publisher,
-                config: self.config,
-                pauses: Pauses::new(),
+                policy: Arc::new(Policy {
+                    config: self.config,
+                    pauses: Pauses::new(),
+                }),
                 wakeup: Wakeup::default(),
             }),
         })
@@ -72,8 +75,14 @@ impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
 ///   to the table too, so that they never overtake it. From then on the polling relay
 ///   publishes them, with its retries, dead letters and replays.
 /// - Published rows are deleted (or kept for the retention) and failed ones handed over in
-///   one transaction; only then are the transactions confirmed to the log, so a relay that
-///   dies delivers again what it had not recorded: duplicates, never a loss.
+///   one transaction ([`LogTable::record`]), in a task of its own while the next batch is
+///   read and published (up to [`RelayConfig::concurrency`] batches being recorded at once);
+///   only then are the transactions confirmed to the log, so a relay that dies delivers again
+///   what it had not recorded: duplicates, never a loss.
+/// - The keys the table holds messages of are read when the relay starts, kept as it hands
+///   messages over (and as rows written for later pass by), and read again, for those keys
+///   only, every [`RelayConfig::poll_max`] while there are any: the path of a message that
+///   nothing holds back is the log, the broker and nothing else.
 ///
 /// # Outages
 ///
@@ -98,9 +107,21 @@ impl<L, P> Clone for LogRelay<L, P> {
 struct Inner<L, P> {
     source: Mutex<L>,
     publisher: P,
+    policy: Arc<Policy>,
+    wakeup: Wakeup,
+}
+
+/// What the tasks that record outcomes share with the relay.
+struct Policy {
     config: RelayConfig,
     pauses: Pauses,
-    wakeup: Wakeup,
+}
+
+/// A batch whose outcomes were recorded.
+struct Recorded {
+    /// The transactions to confirm: none when the batch was not complete, or not recorded.
+    positions: Vec<LogPosition>,
+    report: BatchReport,
 }
 
 impl<L: LogSource, P: Publisher> LogRelay<L, P> {
@@ -120,20 +141,32 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
 
     /// The configuration.
     pub fn config(&self) -> &RelayConfig {
-        &self.inner.config
+        &self.inner.policy.config
     }
 
     /// Why the relay is paused, if it is; empty while it runs normally.
     pub fn pauses(&self) -> Vec<Pause> {
-        self.inner.pauses.current()
+        self.inner.policy.pauses.current()
     }
 
-    /// Waits for the next committed transaction, then relays it with those already at hand.
+    /// Waits for the next committed transaction, then relays it with those already at hand,
+    /// records the outcomes and confirms it.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
         let mut source = self.inner.source.lock().await;
         let (_abandon_tx, abandon) = watch::channel(false);
+        let table = source.table();
+        let Some(mut handed) = self.inner.policy.waiting(&table, None, &abandon).await? else {
+            return Ok(BatchReport::default());
+        };
         let batches = self.inner.read(&mut source).await?;
-        self.inner.relay(&mut source, batches, &abandon).await
+        let task = self
+            .inner
+            .relay(&table, batches, &mut handed, &abandon)
+            .await;
+        let recorded = task.await?;
+        recorded.report.count();
+        source.confirm(&recorded.positions)?;
+        Ok(recorded.report)
     }
 
     /// Runs until `shutdown` completes, then shuts down within
@@ -148,6 +181,7 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
                 "this log relay is already running".to_owned(),
             ));
         };
+        let config = &inner.policy.config;
         let (stop_tx, stop) = watch::channel(false);
         let (abandon_tx, abandon) = watch::channel(false);
         info!("log relay starting");
@@ -155,9 +189,9 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
         let result = {
             let work = inner.work(&mut source, stop, abandon);
             let probe = probe_broker(
-                &inner.pauses,
+                &inner.policy.pauses,
                 &inner.publisher,
-                &inner.config,
+                config,
                 &inner.wakeup,
             );
             tokio::pin!(work, probe, shutdown);
@@ -165,7 +199,7 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
                 res = &mut work => res,
                 () = &mut probe => Ok(()),
                 () = &mut shutdown => {
-                    let bounds = Plan::new(inner.config.shutdown_timeout);
+                    let bounds = Plan::new(config.shutdown_timeout);
                     plan = Some(bounds);
                     let _ = stop_tx.send(true);
                     let abandon_at = tokio::time::sleep_until(bounds.publish_until);
@@ -179,7 +213,7 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
                                 let _ = abandon_tx.send(true);
                             }
                             () = &mut settled_by => {
-                                warn!("shutdown: the batch under way was not recorded in time; it is delivered again by the next run");
+                                warn!("shutdown: a batch was not recorded in time; it is delivered again by the next run");
                                 break Ok(());
                             }
                         }
@@ -187,12 +221,9 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
                 }
             }
         };
-        let plan = plan.unwrap_or_else(|| Plan::new(inner.config.shutdown_timeout));
+        let plan = plan.unwrap_or_else(|| Plan::new(config.shutdown_timeout));
         info!("log relay stopping");
-        let flush = inner
-            .config
-            .publish_timeout
-            .min(plan.left(plan.flush_until));
+        let flush = config.publish_timeout.min(plan.left(plan.flush_until));
         match tokio::time::timeout(flush, inner.publisher.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => warn!(error = %chain(&err), "publisher flush failed on shutdown"),
@@ -209,31 +240,64 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
 }
 
 impl<L: LogSource, P: Publisher> Inner<L, P> {
-    /// Reads and relays transactions until `stop` is set.
+    /// Reads, publishes and records transactions until `stop` is set and what is being
+    /// recorded is recorded.
     async fn work(
         &self,
         source: &mut L,
         mut stop: watch::Receiver<bool>,
         abandon: watch::Receiver<bool>,
     ) -> Result<(), StoreError> {
-        let mut pauses = self.pauses.subscribe();
+        let policy = &self.policy;
+        let table = source.table();
+        let Some(mut handed) = policy.waiting(&table, None, &abandon).await? else {
+            return Ok(());
+        };
+        let mut refreshed = Instant::now();
+        let mut records: JoinSet<Result<Recorded, StoreError>> = JoinSet::new();
+        let mut pauses = policy.pauses.subscribe();
+        let mut stopping = *stop.borrow();
+        let in_flight = policy.config.concurrency.max(1);
         loop {
-            if *stop.borrow() {
+            if stopping && records.is_empty() {
                 return Ok(());
             }
-            // While the broker is down, read nothing: the source keeps its session alive.
-            if pauses.borrow_and_update().broker() {
-                tokio::select! {
-                    changed = pauses.changed() => if changed.is_err() { return Ok(()) },
-                    _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
+            // The keys the table holds back, read again once nothing is being recorded (a
+            // hand-over under way must not be missed).
+            let refresh = !handed.is_empty() && refreshed.elapsed() >= policy.config.poll_max;
+            if refresh && records.is_empty() && !stopping {
+                let keys: Vec<String> = handed.iter().cloned().collect();
+                match policy.waiting(&table, Some(&keys), &abandon).await? {
+                    Some(waiting) => handed = waiting,
+                    None => return Ok(()),
                 }
+                refreshed = Instant::now();
                 continue;
             }
-            let batches = tokio::select! {
-                read = self.read(source) => read?,
-                _ = stop.wait_for(|stopped| *stopped) => return Ok(()),
-            };
-            self.relay(source, batches, &abandon).await?;
+            let broker_down = pauses.borrow_and_update().broker();
+            let may_read = !stopping && !broker_down && !refresh && records.len() < in_flight;
+            let mut read_batches = None;
+            tokio::select! {
+                Some(done) = records.join_next(), if !records.is_empty() => {
+                    let recorded = done.map_err(|err| {
+                        StoreError::new(StoreErrorKind::Database, format!("recording outcomes: the task failed: {err}"))
+                    })??;
+                    recorded.report.count();
+                    debug!(report = ?recorded.report, "log batch recorded");
+                    source.confirm(&recorded.positions)?;
+                }
+                read = self.read(source), if may_read => read_batches = Some(read?),
+                // The broker paused or resumed: look again at what may start.
+                changed = pauses.changed(), if !stopping => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
+            }
+            if let Some(batches) = read_batches {
+                records.spawn(self.relay(&table, batches, &mut handed, &abandon).await);
+            }
         }
     }
 
@@ -241,6 +305,7 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
     /// failure pauses the relay for the store and is retried with capped backoff; `next` is
     /// cancel-safe, so this is too.
     async fn read(&self, source: &mut L) -> Result<Vec<LogBatch>, StoreError> {
+        let policy = &self.policy;
         let mut failures = 0;
         let first = loop {
             match source.next().await {
@@ -248,19 +313,20 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                 Err(err) if !err.is_transient() => return Err(err),
                 Err(err) => {
                     metrics::counter!(m::STORE_ERRORS).increment(1);
-                    let retry_in = probe_wait(failures, self.config.probe_max);
+                    let retry_in = probe_wait(failures, policy.config.probe_max);
                     failures += 1;
                     warn!(error = %chain(&err), ?retry_in, "reading the log failed; resuming from the last confirmed position");
-                    self.pauses
+                    policy
+                        .pauses
                         .pause(PauseCause::Store, error_text::stored(&err));
                     tokio::time::sleep(retry_in).await;
                 }
             }
         };
-        self.pauses.resume(PauseCause::Store);
+        policy.pauses.resume(PauseCause::Store);
         let mut rows = first.len();
         let mut batches = vec![first];
-        while rows < self.config.batch_size {
+        while rows < policy.config.batch_size {
             // A failure here is found again by the next read.
             match source.next().now_or_never() {
                 Some(Ok(batch)) => {
@@ -273,14 +339,15 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
         Ok(batches)
     }
 
-    /// Publishes `batches` and records the outcomes; confirms them when every message was
-    /// published or handed to the table.
-    async fn relay(
+    /// Publishes `batches` and returns the task that records the outcomes: published, or
+    /// handed to the table with their keys (added to `handed`).
+    async fn relay<T: LogTable>(
         &self,
-        source: &mut L,
+        table: &T,
         batches: Vec<LogBatch>,
+        handed: &mut HashSet<String>,
         abandon: &watch::Receiver<bool>,
-    ) -> Result<BatchReport, StoreError> {
+    ) -> impl Future<Output = Result<Recorded, StoreError>> + Send + 'static + use<L, P, T> {
         let positions: Vec<LogPosition> = batches.iter().map(|batch| batch.position).collect();
         let rows: usize = batches.iter().map(LogBatch::len).sum();
         let span = info_span!(
@@ -288,42 +355,23 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
             size = rows,
             through = positions.last().map(|p| p.get())
         );
-        async move {
+        let (settlement, rowless, complete) = async {
             metrics::histogram!(m::BATCH_SIZE).record(rows as f64);
             let mut messages = Vec::with_capacity(rows);
+            let mut rowless = Vec::new();
             let mut done = Progress::default();
             for batch in batches {
                 messages.extend(batch.messages);
+                rowless.extend(batch.rowless);
                 batch::dead_letter_malformed(&mut done, batch.malformed);
+                // Rows written for later are the table's, and so are the later messages of
+                // their keys.
+                handed.extend(batch.deferred.into_iter().filter_map(|row| row.key));
             }
-            let ids: Vec<MessageId> = messages.iter().map(|msg| msg.id).collect();
-            let keys: Vec<String> = messages
-                .iter()
-                .filter_map(|msg| msg.key.clone())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let mut failures = 0;
-            let waiting = loop {
-                match self.bounded(source.waiting(&ids, &keys)).await {
-                    Ok(waiting) => break waiting,
-                    Err(err) => {
-                        if !self
-                            .failed(err, &mut failures, abandon, "reading what the table holds")
-                            .await?
-                        {
-                            return Ok(BatchReport::default());
-                        }
-                    }
-                }
-            };
-            messages.retain(|msg| !waiting.ids.contains(&msg.id));
             let keys_of: HashMap<MessageId, String> = messages
                 .iter()
                 .filter_map(|msg| Some((msg.id, msg.key.clone()?)))
                 .collect();
-            // Keys whose messages go to the table: it holds one of theirs, or one failed here.
-            let mut handed = waiting.keys;
             let mut todo = messages;
             let mut complete = true;
             let settlement = &mut done.settlement;
@@ -335,15 +383,15 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                 if publish.is_empty() {
                     break;
                 }
-                if !self.until_running(abandon).await {
+                if !self.policy.until_running(abandon).await {
                     complete = false;
                     break;
                 }
                 let mut pass = Progress::default();
                 let ctx = Publishing {
                     publisher: &self.publisher,
-                    config: &self.config,
-                    pauses: &self.pauses,
+                    config: &self.policy.config,
+                    pauses: &self.policy.pauses,
                     clock_offset_us: None,
                 };
                 batch::publish(&ctx, publish, None, abandon.clone(), &mut pass).await;
@@ -363,46 +411,36 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                     break;
                 }
             }
-            let confirm = if complete { positions } else { Vec::new() };
-            let settlement = &done.settlement;
-            let mut report = BatchReport::of(rows, settlement);
-            let mut failures = 0;
-            while let Err(err) = self.bounded(source.settle(settlement, &confirm)).await {
-                if !self
-                    .failed(err, &mut failures, abandon, "recording the outcomes")
-                    .await?
-                {
-                    // Delivered again by the next run.
-                    report.fenced = settlement.len() as u64;
-                    break;
-                }
-            }
-            report.count();
-            debug!(?report, complete, "log batch settled");
-            Ok(report)
+            (done.settlement, rowless, complete)
         }
         .instrument(span)
-        .await
-    }
-
-    /// Waits until no outage pauses the relay; false when the relay gives up meanwhile.
-    async fn until_running(&self, abandon: &watch::Receiver<bool>) -> bool {
-        let mut pauses = self.pauses.subscribe();
-        let mut abandon = abandon.clone();
-        loop {
-            if *abandon.borrow_and_update() {
-                return false;
-            }
-            if !pauses.borrow_and_update().any() {
-                return true;
-            }
-            tokio::select! {
-                changed = pauses.changed() => if changed.is_err() { return false },
-                changed = abandon.changed() => if changed.is_err() { return false },
-            }
+        .await;
+        let unrecorded: Vec<Message> = {
+            let failed: HashSet<&MessageId> = settlement
+                .retry
+                .iter()
+                .map(|r| &r.id)
+                .chain(settlement.dead.iter().map(|d| &d.id))
+                .chain(&settlement.release)
+                .collect();
+            rowless
+                .into_iter()
+                .filter(|msg| failed.contains(&msg.id))
+                .collect()
+        };
+        let report = BatchReport::of(rows, &settlement);
+        let confirm = if complete { positions } else { Vec::new() };
+        let policy = Arc::clone(&self.policy);
+        let (table, abandon) = (table.clone(), abandon.clone());
+        async move {
+            policy
+                .record(&table, settlement, unrecorded, confirm, report, &abandon)
+                .await
         }
     }
+}
 
+impl Policy {
     /// Awaits one call on the table's side for at most the store timeout; a success ends a
     /// pause for the store.
     async fn bounded<T>(
@@ -446,6 +484,96 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
         tokio::select! {
             () = tokio::time::sleep_until(Instant::now() + retry_in) => Ok(true),
             _ = abandon.wait_for(|a| *a) => Ok(false),
+        }
+    }
+
+    /// The keys among `keys` (all when `None`) the table holds messages of; `None` when the
+    /// relay gave up (shutdown).
+    async fn waiting<T: LogTable>(
+        &self,
+        table: &T,
+        keys: Option<&[String]>,
+        abandon: &watch::Receiver<bool>,
+    ) -> Result<Option<HashSet<String>>, StoreError> {
+        let mut failures = 0;
+        loop {
+            match self.bounded(table.waiting(keys)).await {
+                Ok(waiting) => return Ok(Some(waiting)),
+                Err(err) => {
+                    if !self
+                        .failed(
+                            err,
+                            &mut failures,
+                            abandon,
+                            "reading the keys the table holds",
+                        )
+                        .await?
+                    {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records `settlement` in the table, retrying transient failures until it is recorded
+    /// or the relay gives up; the positions to confirm are those of a recorded batch.
+    async fn record<T: LogTable>(
+        &self,
+        table: &T,
+        settlement: Settlement,
+        unrecorded: Vec<Message>,
+        confirm: Vec<LogPosition>,
+        mut report: BatchReport,
+        abandon: &watch::Receiver<bool>,
+    ) -> Result<Recorded, StoreError> {
+        if settlement.is_empty() {
+            return Ok(Recorded {
+                positions: confirm,
+                report,
+            });
+        }
+        let mut failures = 0;
+        loop {
+            match self.bounded(table.record(&settlement, &unrecorded)).await {
+                Ok(()) => {
+                    return Ok(Recorded {
+                        positions: confirm,
+                        report,
+                    });
+                }
+                Err(err) => {
+                    if !self
+                        .failed(err, &mut failures, abandon, "recording the outcomes")
+                        .await?
+                    {
+                        // Delivered again by the next run.
+                        report.fenced = settlement.len() as u64;
+                        return Ok(Recorded {
+                            positions: Vec::new(),
+                            report,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until no outage pauses the relay; false when the relay gives up meanwhile.
+    async fn until_running(&self, abandon: &watch::Receiver<bool>) -> bool {
+        let mut pauses = self.pauses.subscribe();
+        let mut abandon = abandon.clone();
+        loop {
+            if *abandon.borrow_and_update() {
+                return false;
+            }
+            if !pauses.borrow_and_update().any() {
+                return true;
+            }
+            tokio::select! {
+                changed = pauses.changed() => if changed.is_err() { return false },
+                changed = abandon.changed() => if changed.is_err() { return false },
+            }
         }
     }
 }
