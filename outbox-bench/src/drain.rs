@@ -155,14 +155,22 @@ pub(crate) fn spawn_relay<S: Store, P: Publisher>(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), RelayError>>,
 ) {
+    spawn_stoppable(move |stopped| async move { relay.run(stopped).await })
+}
+
+/// Starts `run` in a task with a future that completes when the returned sender sends (or
+/// is dropped).
+pub(crate) fn spawn_stoppable<T, F>(
+    run: impl FnOnce(futures::future::BoxFuture<'static, ()>) -> F,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<T>)
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let handle = tokio::spawn(run(Box::pin(async {
+        let _ = stopped.await;
+    })));
     (stop, handle)
 }
 

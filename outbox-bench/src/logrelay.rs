@@ -20,7 +20,8 @@ use serde_json::json;
 
 use crate::brokers::{Broker, BrokerKind};
 use crate::drain::{
-    check_delivered, rate, ratio, relay_config, relay_until, until_published, warm_up,
+    check_delivered, rate, ratio, relay_config, relay_until, spawn_stoppable, until_published,
+    warm_up,
 };
 use crate::report::Report;
 use crate::services::{Services, Unavailable};
@@ -141,15 +142,7 @@ pub(crate) fn spawn_log<L: LogSource, P: Publisher>(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), outbox_core::RelayError>>,
 ) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (stop, handle)
+    spawn_stoppable(move |stopped| async move { relay.run(stopped).await })
 }
 
 /// Drops the slot and the publication, waiting while the slot's session ends.
