@@ -6,7 +6,7 @@
 //! | `outbox_published_total` | counter | messages confirmed by the broker |
 //! | `outbox_retried_total` | counter | failed attempts scheduled for a retry |
 //! | `outbox_dead_lettered_total` | counter | messages dead-lettered (permanent failure, attempts exhausted, undecodable) |
-//! | `outbox_released_total` | counter | claimed messages handed back unpublished (shutdown, key blocked, lease too short) |
+//! | `outbox_released_total` | counter | claimed messages handed back unpublished (shutdown, key blocked, lease too short; the log relay: handed to the table) |
 //! | `outbox_fenced_total` | counter | outcomes not recorded because the lease had expired (the messages will be published again) |
 //! | `outbox_publish_errors_total` | counter | publish calls that failed as a whole or timed out |
 //! | `outbox_store_errors_total` | counter | failed store operations |
@@ -50,7 +50,7 @@ pub const COMMIT_TO_PUBLISH: &str = "outbox_commit_to_publish_seconds";
 /// Messages per claimed batch.
 pub const BATCH_SIZE: &str = "outbox_batch_size";
 
-/// Registers descriptions of every metric with the installed recorder.
+/// Registers descriptions of every metric with the installed recorder, and every counter at 0.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(PUBLISHED, "Messages confirmed by the broker");
@@ -89,4 +89,17 @@ pub fn describe() {
         "From enqueue to broker confirmation"
     );
     describe_histogram!(BATCH_SIZE, "Messages per claimed batch");
+    // Counters are exported from the start, at 0: a rate over a counter that never moved is
+    // 0, not missing.
+    for counter in [
+        PUBLISHED,
+        RETRIED,
+        DEAD_LETTERED,
+        RELEASED,
+        FENCED,
+        PUBLISH_ERRORS,
+        STORE_ERRORS,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
 }

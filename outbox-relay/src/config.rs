@@ -134,8 +134,30 @@ impl PublisherConfig {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct HttpConfig {
-    /// Where to listen; `None` turns the endpoints off.
+    /// Where to listen (default `127.0.0.1:9187`; port 0 lets the system choose, and the log
+    /// says which); `"off"` (or `false`) turns the endpoints off.
+    #[serde(deserialize_with = "listen")]
     pub(crate) listen: Option<SocketAddr>,
+}
+
+/// `http.listen`: an address, or `"off"` / `false` for none.
+fn listen<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Listen {
+        On(bool),
+        At(String),
+    }
+    match Listen::deserialize(de)? {
+        Listen::On(false) => Ok(None),
+        Listen::On(true) => Ok(HttpConfig::default().listen),
+        Listen::At(text) if text.eq_ignore_ascii_case("off") => Ok(None),
+        Listen::At(text) => text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address such as 127.0.0.1:9187 (or \"off\")"
+            ))
+        }),
+    }
 }
 
 impl Default for HttpConfig {

@@ -951,3 +951,80 @@ async fn sigterm_with_default_settings_exits_within_25_s_when_the_broker_hangs()
     );
     queue.delete().await;
 }
+
+/// What operators expect of a process: counters exported at 0 from the start, endpoints that
+/// can be turned off or put on a port the system picks, and logs without colour codes when
+/// they go to a file or a collector.
+#[tokio::test]
+async fn counters_start_at_zero_listeners_can_be_off_and_logs_have_no_colours() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, url) = sqlite_store(dir.path(), "outbox").await;
+    let port = free_port();
+    let config = write_config(dir.path(), &url, "outbox", "kind = \"stdout\"", "");
+    let first = command(&config, &["run"])
+        .env("OUTBOX_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        match http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        {
+            Ok(response) => break response.text().await.expect("body"),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("/metrics never answered: {err}"),
+        }
+    };
+    for counter in [
+        "outbox_published_total 0",
+        "outbox_retried_total 0",
+        "outbox_dead_lettered_total 0",
+        "outbox_publish_errors_total 0",
+        "outbox_store_errors_total 0",
+    ] {
+        assert!(metrics.contains(counter), "{counter} in:\n{metrics}");
+    }
+    // A second relay on the same host: endpoints off, and a third on a port of the system's
+    // choosing, which the log names. Neither exits for an address in use.
+    let mut others = Vec::new();
+    for listen in ["off", "127.0.0.1:0"] {
+        others.push(
+            command(&config, &["run"])
+                .env("OUTBOX_HTTP__LISTEN", listen)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for other in &mut others {
+        assert!(
+            other.try_wait().expect("status").is_none(),
+            "the relay keeps running"
+        );
+    }
+    for mut child in others.into_iter().chain([first]) {
+        let mut stderr = child.stderr.take().expect("stderr");
+        assert_eq!(
+            sigterm(&mut child, Duration::from_secs(15)).await.code(),
+            Some(0)
+        );
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text)
+            .await
+            .expect("read the log");
+        assert!(text.contains("relay starting"), "{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "no colour codes in a piped log: {text:?}"
+        );
+    }
+}
