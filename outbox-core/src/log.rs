@@ -115,6 +115,9 @@ impl LogBatch {
 ///   rows are dead-lettered, `release` rows are handed to the table as they are. `unrecorded`
 ///   are the rows to insert, with their outcome, for messages that have none (see
 ///   [`LogBatch::rowless`]); a row of the same id that exists already is left as it is.
+///   `handed` lists the retried and released messages in the order of the log: the rows
+///   handed over by this call take the table's order in that order (PostgreSQL: new `seq`
+///   values), so that the polling relay publishes a key's messages in commit order.
 /// - The relay bounds both with its store timeout and may drop them: a dropped call must
 ///   leave nothing behind but what a completed or failed one could have.
 pub trait LogTable: Clone + Send + Sync + 'static {
@@ -124,12 +127,13 @@ pub trait LogTable: Clone + Send + Sync + 'static {
         keys: Option<&[String]>,
     ) -> impl Future<Output = Result<HashSet<String>, StoreError>> + Send;
 
-    /// Applies `settlement` to the rows still the log relay's, and inserts the rows of
-    /// `unrecorded` that were not published.
+    /// Applies `settlement` to the rows still the log relay's, inserts the rows of
+    /// `unrecorded` that were not published, and orders what it handed over as `handed` says.
     fn record(
         &self,
         settlement: &Settlement,
         unrecorded: &[Message],
+        handed: &[MessageId],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -162,8 +166,10 @@ pub trait LogSource: Send + 'static {
     /// The transactions ending at `positions` are recorded.
     fn confirm(&mut self, positions: &[LogPosition]) -> Result<(), StoreError>;
 
-    /// Reports the confirmed position and ends the session; called once, when the relay
-    /// stops. Sources without a session keep the default.
+    /// Reports the confirmed position and ends the session: when the relay stops, and while
+    /// the table cannot be written (a database that shuts down waits for the end of its
+    /// replication sessions). A later [`next`](LogSource::next) opens a new session, which
+    /// resumes from the confirmed position. Sources without a session keep the default.
     fn close(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async { Ok(()) }
     }

@@ -496,7 +496,7 @@ impl PostgresStore {
         settlement: &Settlement,
     ) -> Result<Settled, StoreError> {
         let applied = self
-            .settle_where(settlement, Fence::Lease(token), &[])
+            .settle_where(settlement, Fence::Lease(token), &[], &[])
             .await?;
         Ok(sql::settled(settlement, applied))
     }
@@ -509,6 +509,7 @@ impl PostgresStore {
         settlement: &Settlement,
         fence: Fence,
         unrecorded: &[outbox_core::Message],
+        order: &[MessageId],
     ) -> Result<u64, StoreError> {
         const DOING: &str = "recording publish outcomes";
         let Inner {
@@ -542,6 +543,7 @@ impl PostgresStore {
             ),
         };
         let mut applied = 0;
+        let mut handed_now: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
         let mut tx = sql::begin(pool, Some(BEGIN_SETTLE), DOING).await?;
         if !settlement.published.is_empty() {
             let ids = uuids(&settlement.published);
@@ -569,20 +571,21 @@ impl PostgresStore {
                 .iter()
                 .map(|r| sql::micros(r.delay))
                 .collect();
-            applied += sqlx::query(&format!(
+            let changed: Vec<Uuid> = sqlx::query_scalar(&format!(
                 "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = v.error, \
                  available_at = {available}{done} \
                  FROM unnest($1::uuid[], $3::text[], $4::int8[]) AS v(id, error, delay) \
-                 WHERE o.id = v.id AND {fenced}"
+                 WHERE o.id = v.id AND {fenced} RETURNING o.id"
             ))
             .bind(ids)
             .bind(token)
             .bind(errors)
             .bind(delays)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
-            .doing(DOING)?
-            .rows_affected();
+            .doing(DOING)?;
+            applied += changed.len() as u64;
+            handed_now.extend(changed);
         }
         if !settlement.dead.is_empty() {
             let ids: Vec<Uuid> = settlement.dead.iter().map(|d| *d.id.as_uuid()).collect();
@@ -602,20 +605,52 @@ impl PostgresStore {
             .rows_affected();
         }
         if !settlement.release.is_empty() {
-            applied += sqlx::query(&format!(
-                "UPDATE {t} AS o SET {handed} WHERE o.id = ANY($1) AND {fenced}"
+            let changed: Vec<Uuid> = sqlx::query_scalar(&format!(
+                "UPDATE {t} AS o SET {handed} WHERE o.id = ANY($1) AND {fenced} RETURNING o.id"
             ))
             .bind(uuids(&settlement.release))
             .bind(token)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
-            .doing(DOING)?
-            .rows_affected();
+            .doing(DOING)?;
+            applied += changed.len() as u64;
+            handed_now.extend(changed);
         }
-        let rows = NewRows::new(settlement, unrecorded);
-        if !rows.ids.is_empty() {
-            applied += sqlx::query(&format!(
-                "INSERT INTO {t} (id, \"partition\", destination, \"key\", payload, headers, \
+        // Rows for the messages that have none: dead letters at once; the others in the
+        // order of the log, below.
+        let (dead_rows, handed_rows): (Vec<&outbox_core::Message>, Vec<&outbox_core::Message>) =
+            unrecorded
+                .iter()
+                .partition(|msg| settlement.dead.iter().any(|d| d.id == msg.id));
+        applied += insert_rows(&mut tx, t, NewRows::new(settlement, dead_rows)).await?;
+        // What is handed to the table gets sequence numbers in the order of the log, so that
+        // the polling relay publishes a key's messages in commit order: rows the statements
+        // above handed over are numbered anew, rows that had none are inserted.
+        for id in order {
+            if handed_now.contains(id.as_uuid()) {
+                sqlx::query(&format!("UPDATE {t} SET seq = DEFAULT WHERE id = $1"))
+                    .bind(*id.as_uuid())
+                    .execute(&mut *tx)
+                    .await
+                    .doing(DOING)?;
+            } else if let Some(msg) = handed_rows.iter().find(|msg| msg.id == *id) {
+                applied += insert_rows(&mut tx, t, NewRows::new(settlement, [*msg])).await?;
+            }
+        }
+        tx.commit().await.doing(DOING)?;
+        Ok(applied)
+    }
+}
+
+/// Inserts `rows`, leaving alone those whose id has a row already; returns how many were
+/// inserted.
+async fn insert_rows(tx: &mut PgConnection, t: &str, rows: NewRows<'_>) -> Result<u64, StoreError> {
+    const DOING: &str = "recording publish outcomes";
+    if rows.ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(&format!(
+        "INSERT INTO {t} (id, \"partition\", destination, \"key\", payload, headers, \
                  created_at, available_at, attempts, last_error, state, dead_at) \
                  SELECT v.id, v.part, v.destination, v.key, v.payload, v.headers, v.created_at, \
                  GREATEST(now() + v.delay * interval '1 microsecond', \
@@ -626,26 +661,22 @@ impl PostgresStore {
                  AS v(id, part, destination, key, payload, headers, created_at, delay, attempts, \
                  error, state) \
                  ON CONFLICT (id) DO NOTHING"
-            ))
-            .bind(rows.ids)
-            .bind(rows.partitions)
-            .bind(rows.destinations)
-            .bind(rows.keys)
-            .bind(rows.payloads)
-            .bind(rows.headers)
-            .bind(rows.created)
-            .bind(rows.delays)
-            .bind(rows.attempts)
-            .bind(rows.errors)
-            .bind(rows.states)
-            .execute(&mut *tx)
-            .await
-            .doing(DOING)?
-            .rows_affected();
-        }
-        tx.commit().await.doing(DOING)?;
-        Ok(applied)
-    }
+    ))
+    .bind(rows.ids)
+    .bind(rows.partitions)
+    .bind(rows.destinations)
+    .bind(rows.keys)
+    .bind(rows.payloads)
+    .bind(rows.headers)
+    .bind(rows.created)
+    .bind(rows.delays)
+    .bind(rows.attempts)
+    .bind(rows.errors)
+    .bind(rows.states)
+    .execute(&mut *tx)
+    .await
+    .doing(DOING)?
+    .rows_affected())
 }
 
 /// Which rows a set-based settle changes.
@@ -699,16 +730,20 @@ impl PostgresStore {
     ///
     /// `unrecorded` are messages of the settlement that have no row (written with
     /// `pg_logical_emit_message`): those that were not published are inserted, with the same
-    /// outcome, unless a row of their id exists already. Returns how many rows changed.
+    /// outcome, unless a row of their id exists already. The rows handed over (retried or
+    /// released) get new sequence numbers, or are inserted, in the order of `order` (the
+    /// log's): the polling relay then publishes each key's messages in commit order. Returns
+    /// how many rows changed.
     pub async fn settle_log(
         &self,
         settlement: &Settlement,
         unrecorded: &[outbox_core::Message],
+        order: &[MessageId],
     ) -> Result<u64, StoreError> {
         if settlement.is_empty() {
             return Ok(0);
         }
-        self.settle_where(settlement, Fence::LogRelayed, unrecorded)
+        self.settle_where(settlement, Fence::LogRelayed, unrecorded, order)
             .await
     }
 }
@@ -725,8 +760,11 @@ impl outbox_core::LogTable for PostgresStore {
         &self,
         settlement: &Settlement,
         unrecorded: &[outbox_core::Message],
+        handed: &[MessageId],
     ) -> Result<(), StoreError> {
-        self.settle_log(settlement, unrecorded).await.map(drop)
+        self.settle_log(settlement, unrecorded, handed)
+            .await
+            .map(drop)
     }
 }
 
@@ -747,7 +785,10 @@ struct NewRows<'a> {
 }
 
 impl<'a> NewRows<'a> {
-    fn new(settlement: &'a Settlement, unrecorded: &'a [outbox_core::Message]) -> Self {
+    fn new(
+        settlement: &'a Settlement,
+        unrecorded: impl IntoIterator<Item = &'a outbox_core::Message>,
+    ) -> Self {
         let mut outcome: HashMap<MessageId, (i64, bool, Option<&'a str>, i16)> = HashMap::new();
         for retry in &settlement.retry {
             outcome.insert(

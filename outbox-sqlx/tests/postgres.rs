@@ -359,10 +359,16 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
         }],
         release: vec![ids[1]],
     };
-    assert_eq!(store.settle_log(&settlement, &[]).await.expect("settle"), 5);
     assert_eq!(
         store
-            .settle_log(&settlement, &[])
+            .settle_log(&settlement, &[], &[ids[0], ids[1]])
+            .await
+            .expect("settle"),
+        5
+    );
+    assert_eq!(
+        store
+            .settle_log(&settlement, &[], &[ids[0], ids[1]])
             .await
             .expect("settle again"),
         0,
@@ -423,6 +429,7 @@ async fn a_handed_only_store_claims_what_the_log_relay_hands_over_in_key_order()
                 ..Default::default()
             },
             &[],
+            &[more[1]],
         )
         .await
         .expect("hand e2 over");

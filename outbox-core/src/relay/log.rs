@@ -76,7 +76,8 @@ impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
 ///   publishes them, with its retries, dead letters and replays.
 /// - Published rows are deleted (or kept for the retention) and failed ones handed over in
 ///   one transaction ([`LogTable::record`]), in a task of its own while the next batch is
-///   read and published (up to [`RelayConfig::concurrency`] batches being recorded at once);
+///   read and published (up to [`RelayConfig::concurrency`] batches waiting to be recorded,
+///   recorded in the order of the log);
 ///   only then are the transactions confirmed to the log, so a relay that dies delivers again
 ///   what it had not recorded: duplicates, never a loss.
 /// - The keys the table holds messages of are read when the relay starts, kept as it hands
@@ -161,7 +162,7 @@ impl<L: LogSource, P: Publisher> LogRelay<L, P> {
         let batches = self.inner.read(&mut source).await?;
         let task = self
             .inner
-            .relay(&table, batches, &mut handed, &abandon)
+            .relay(&mut source, &table, batches, &mut handed, &abandon)
             .await;
         let recorded = task.await?;
         recorded.report.count();
@@ -250,11 +251,13 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
     ) -> Result<(), StoreError> {
         let policy = &self.policy;
         let table = source.table();
-        let Some(mut handed) = policy.waiting(&table, None, &abandon).await? else {
-            return Ok(());
-        };
-        let mut refreshed = Instant::now();
+        let mut handed = HashSet::new();
+        // When the keys the table holds were last read; `None` until they were read once.
+        let mut refreshed: Option<Instant> = None;
+        let mut failures = 0;
         let mut records: JoinSet<Result<Recorded, StoreError>> = JoinSet::new();
+        // Completes when the batch read last is recorded.
+        let mut previous: Option<tokio::sync::oneshot::Receiver<()>> = None;
         let mut pauses = policy.pauses.subscribe();
         let mut stopping = *stop.borrow();
         let in_flight = policy.config.concurrency.max(1);
@@ -262,20 +265,50 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
             if stopping && records.is_empty() {
                 return Ok(());
             }
-            // The keys the table holds back, read again once nothing is being recorded (a
-            // hand-over under way must not be missed).
-            let refresh = !handed.is_empty() && refreshed.elapsed() >= policy.config.poll_max;
+            // The table cannot be written: the session of the log is ended until it can (a
+            // database shutting down waits for its replication sessions, which wait for
+            // confirmations that wait for the table). The next read opens a new one, which
+            // delivers again what was not confirmed.
+            let table_failing = pauses.borrow_and_update().store() && !records.is_empty();
+            if table_failing {
+                self.suspend(source).await;
+            }
+            // The keys the table holds back: read at the start, then again for those keys
+            // once nothing is being recorded (a hand-over under way must not be missed).
+            let refresh = refreshed
+                .is_none_or(|at| !handed.is_empty() && at.elapsed() >= policy.config.poll_max);
             if refresh && records.is_empty() && !stopping {
                 let keys: Vec<String> = handed.iter().cloned().collect();
-                match policy.waiting(&table, Some(&keys), &abandon).await? {
-                    Some(waiting) => handed = waiting,
-                    None => return Ok(()),
+                let asked = refreshed.map(|_| keys.as_slice());
+                match policy.bounded(table.waiting(asked)).await {
+                    Ok(waiting) => {
+                        handed = waiting;
+                        refreshed = Some(Instant::now());
+                        failures = 0;
+                    }
+                    Err(err) => {
+                        self.suspend(source).await;
+                        if !policy
+                            .failed(
+                                err,
+                                &mut failures,
+                                &abandon,
+                                "reading the keys the table holds",
+                            )
+                            .await?
+                        {
+                            return Ok(());
+                        }
+                    }
                 }
-                refreshed = Instant::now();
                 continue;
             }
-            let broker_down = pauses.borrow_and_update().broker();
-            let may_read = !stopping && !broker_down && !refresh && records.len() < in_flight;
+            let broker_down = pauses.borrow().broker();
+            let may_read = !stopping
+                && !broker_down
+                && !refresh
+                && !table_failing
+                && records.len() < in_flight;
             let mut read_batches = None;
             tokio::select! {
                 Some(done) = records.join_next(), if !records.is_empty() => {
@@ -296,8 +329,32 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                 _ = stop.wait_for(|stopped| *stopped), if !stopping => stopping = true,
             }
             if let Some(batches) = read_batches {
-                records.spawn(self.relay(&table, batches, &mut handed, &abandon).await);
+                let task = self
+                    .relay(source, &table, batches, &mut handed, &abandon)
+                    .await;
+                // Batches are recorded one after the other, in the order of the log: what
+                // they hand to the table takes its place in that order.
+                let (recorded_tx, recorded_rx) = tokio::sync::oneshot::channel::<()>();
+                let before = previous.replace(recorded_rx);
+                records.spawn(async move {
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
+                    let recorded = task.await;
+                    let _ = recorded_tx.send(());
+                    recorded
+                });
             }
+        }
+    }
+
+    /// Ends the session of the log, for as long as the table cannot be written.
+    async fn suspend(&self, source: &mut L) {
+        let limit = self.policy.config.store_timeout;
+        match tokio::time::timeout(limit, source.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(error = %chain(&err), "ending the session of the log"),
+            Err(_) => debug!("ending the session of the log gave no answer"),
         }
     }
 
@@ -343,6 +400,7 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
     /// handed to the table with their keys (added to `handed`).
     async fn relay<T: LogTable>(
         &self,
+        source: &mut L,
         table: &T,
         batches: Vec<LogBatch>,
         handed: &mut HashSet<String>,
@@ -355,7 +413,7 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
             size = rows,
             through = positions.last().map(|p| p.get())
         );
-        let (settlement, rowless, complete) = async {
+        let (settlement, rowless, complete, order) = async {
             metrics::histogram!(m::BATCH_SIZE).record(rows as f64);
             let mut messages = Vec::with_capacity(rows);
             let mut rowless = Vec::new();
@@ -368,6 +426,7 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                 // their keys.
                 handed.extend(batch.deferred.into_iter().filter_map(|row| row.key));
             }
+            let order: Vec<MessageId> = messages.iter().map(|msg| msg.id).collect();
             let keys_of: HashMap<MessageId, String> = messages
                 .iter()
                 .filter_map(|msg| Some((msg.id, msg.key.clone()?)))
@@ -382,6 +441,11 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                 settlement.release.extend(hand.iter().map(|msg| msg.id));
                 if publish.is_empty() {
                     break;
+                }
+                if self.policy.pauses.current_state().store() {
+                    // Waiting for the table: the session of the log must not hold a database
+                    // that shuts down.
+                    self.suspend(source).await;
                 }
                 if !self.policy.until_running(abandon).await {
                     complete = false;
@@ -411,10 +475,20 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
                     break;
                 }
             }
-            (done.settlement, rowless, complete)
+            (done.settlement, rowless, complete, order)
         }
         .instrument(span)
         .await;
+        // What goes to the table, in the order of the log.
+        let handed: Vec<MessageId> = {
+            let handed: HashSet<&MessageId> = settlement
+                .retry
+                .iter()
+                .map(|r| &r.id)
+                .chain(&settlement.release)
+                .collect();
+            order.into_iter().filter(|id| handed.contains(id)).collect()
+        };
         let unrecorded: Vec<Message> = {
             let failed: HashSet<&MessageId> = settlement
                 .retry
@@ -434,7 +508,13 @@ impl<L: LogSource, P: Publisher> Inner<L, P> {
         let (table, abandon) = (table.clone(), abandon.clone());
         async move {
             policy
-                .record(&table, settlement, unrecorded, confirm, report, &abandon)
+                .record(
+                    &table,
+                    (settlement, unrecorded, handed),
+                    confirm,
+                    report,
+                    &abandon,
+                )
                 .await
         }
     }
@@ -521,8 +601,7 @@ impl Policy {
     async fn record<T: LogTable>(
         &self,
         table: &T,
-        settlement: Settlement,
-        unrecorded: Vec<Message>,
+        (settlement, unrecorded, handed): (Settlement, Vec<Message>, Vec<MessageId>),
         confirm: Vec<LogPosition>,
         mut report: BatchReport,
         abandon: &watch::Receiver<bool>,
@@ -535,7 +614,10 @@ impl Policy {
         }
         let mut failures = 0;
         loop {
-            match self.bounded(table.record(&settlement, &unrecorded)).await {
+            match self
+                .bounded(table.record(&settlement, &unrecorded, &handed))
+                .await
+            {
                 Ok(()) => {
                     return Ok(Recorded {
                         positions: confirm,

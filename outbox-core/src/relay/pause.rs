@@ -86,6 +86,11 @@ impl PauseState {
     pub(super) fn broker(&self) -> bool {
         self.broker.is_some()
     }
+
+    /// True while the store is down.
+    pub(super) fn store(&self) -> bool {
+        self.store.is_some()
+    }
 }
 
 /// The pause state of one relay, shared by its tasks.
@@ -133,6 +138,11 @@ impl Pauses {
 
     pub(super) fn any(&self) -> bool {
         self.state.borrow().any()
+    }
+
+    /// The pauses now.
+    pub(super) fn current_state(&self) -> PauseState {
+        self.state.borrow().clone()
     }
 
     /// Pauses the relay for an outage of `cause`, or updates the reason of a pause under way.
