@@ -50,6 +50,21 @@ impl DbServer {
         PrivatePostgres::start(dir).await.map(DbServer::Postgres)
     }
 
+    /// Starts a private PostgreSQL cluster in `dir` for a log relay: `wal_level = logical`,
+    /// and room for replication slots and WAL senders (kept across restarts).
+    pub async fn postgres_logical(dir: &Path) -> Result<Self, ServerError> {
+        PrivatePostgres::start_with(
+            dir,
+            &[
+                ("wal_level", "logical"),
+                ("max_replication_slots", "10"),
+                ("max_wal_senders", "10"),
+            ],
+        )
+        .await
+        .map(DbServer::Postgres)
+    }
+
     /// Starts a private MariaDB server in `dir`.
     pub async fn mariadb(dir: &Path) -> Result<Self, ServerError> {
         PrivateMariaDb::start(dir).await.map(DbServer::MariaDb)
@@ -116,6 +131,9 @@ pub enum Db {
         admin: PgPool,
         /// The run's name.
         run: String,
+        /// The log relays' replication slot, whose session is killed with the run's
+        /// connections.
+        slot: Option<String>,
         /// The relays' URL.
         relay_url: String,
     },
@@ -187,8 +205,18 @@ impl Db {
             store,
             admin,
             run: run.to_owned(),
+            slot: None,
             relay_url: relay_url.to_string(),
         })
+    }
+
+    /// Makes [`Db::kill_connections`] end the replication session streaming `slot` too (a
+    /// log relay's: it carries its own `application_name`, not the run's). PostgreSQL only.
+    pub fn with_replication_slot(mut self, name: &str) -> Self {
+        if let Db::Postgres { slot, .. } = &mut self {
+            *slot = Some(name.to_owned());
+        }
+        self
     }
 
     /// A MySQL outbox `table` with one business row per key on the shared server of the tests
@@ -303,12 +331,18 @@ impl Db {
     /// Terminates every connection of the run (relays' and producers'); returns how many.
     pub async fn kill_connections(&self) -> Result<u64, BoxError> {
         match self {
-            Db::Postgres { admin, run, .. } => {
+            Db::Postgres {
+                admin, run, slot, ..
+            } => {
                 let killed: Vec<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                     WHERE (application_name = $1 \
+                            OR pid IN (SELECT active_pid FROM pg_replication_slots \
+                                        WHERE slot_name = $2)) \
+                       AND pid <> pg_backend_pid()",
                 )
                 .bind(run)
+                .bind(slot.as_deref())
                 .fetch_all(admin)
                 .await?;
                 Ok(killed.into_iter().filter(|k| *k).count() as u64)
@@ -339,8 +373,8 @@ impl Db {
 
     /// One producer transaction of `shape` over `keys` (sorted, so that producers lock rows
     /// in one order and never deadlock): one message per key, and each key's business row
-    /// bumped; then a commit or, when `rollback`, a rollback. Returns how it ended, the
-    /// instant its `COMMIT` returned when it committed, and what it enqueued.
+    /// bumped; then a commit or, when `rollback`, a rollback. Returns how it ended, when its
+    /// `COMMIT` was sent and returned, and what it enqueued.
     pub async fn transact(
         &self,
         table: &str,
@@ -348,8 +382,9 @@ impl Db {
         keys: &[String],
         shape: Shape,
         rollback: bool,
-    ) -> (Outcome, Option<Instant>, Vec<Written>) {
+    ) -> Transacted {
         let mut written = Vec::new();
+        let mut commit_sent = None;
         let plan = Plan {
             biz: business(table),
             destination,
@@ -357,10 +392,11 @@ impl Db {
             shape,
             rollback,
         };
+        let sent = &mut commit_sent;
         let result = match self {
-            Db::Postgres { store, .. } => pg_transact(store, &plan, &mut written).await,
-            Db::MySql { store, .. } => my_transact(store, &plan, &mut written).await,
-            Db::Sqlite { store, .. } => lite_transact(store, &plan, &mut written).await,
+            Db::Postgres { store, .. } => pg_transact(store, &plan, &mut written, sent).await,
+            Db::MySql { store, .. } => my_transact(store, &plan, &mut written, sent).await,
+            Db::Sqlite { store, .. } => lite_transact(store, &plan, &mut written, sent).await,
         };
         let (outcome, committed) = match result {
             Ok(_) if rollback => (Outcome::RolledBack, None),
@@ -368,7 +404,12 @@ impl Db {
             Err(Failure::Before) => (Outcome::Aborted, None),
             Err(Failure::AtCommit) => (Outcome::Indeterminate, None),
         };
-        (outcome, committed, written)
+        Transacted {
+            outcome,
+            commit_sent: if rollback { None } else { commit_sent },
+            committed,
+            written,
+        }
     }
 
     /// The outbox's backlog and dead letters.
@@ -487,6 +528,19 @@ impl Db {
     }
 }
 
+/// How a producer's transaction went ([`Db::transact`]).
+#[derive(Debug)]
+pub struct Transacted {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// When its `COMMIT` was sent (taken just before sending), when it was.
+    pub commit_sent: Option<Instant>,
+    /// When its `COMMIT` returned (taken just after), when it committed.
+    pub committed: Option<Instant>,
+    /// What it enqueued.
+    pub written: Vec<Written>,
+}
+
 /// The name of key number `k` of the serialized producers.
 pub fn key_name(k: usize) -> String {
     format!("key-{k}")
@@ -564,15 +618,18 @@ impl Plan<'_> {
     }
 }
 
-/// Commits (returning the instant `COMMIT` returned) or rolls back.
+/// Commits (recording in `sent` the instant just before `COMMIT` was sent, and returning the
+/// instant it returned) or rolls back.
 async fn finish<DB: sqlx::Database>(
     tx: sqlx::Transaction<'_, DB>,
     rollback: bool,
+    sent: &mut Option<Instant>,
 ) -> Result<Option<Instant>, Failure> {
     if rollback {
         tx.rollback().await.map_err(|_| Failure::Before)?;
         Ok(None)
     } else {
+        *sent = Some(Instant::now());
         tx.commit().await.map_err(|_| Failure::AtCommit)?;
         Ok(Some(Instant::now()))
     }
@@ -592,6 +649,7 @@ async fn pg_transact(
     store: &PostgresStore,
     plan: &Plan<'_>,
     written: &mut Vec<Written>,
+    commit_sent: &mut Option<Instant>,
 ) -> Result<Option<Instant>, Failure> {
     let mut tx = store.pool().begin().await.map_err(|_| Failure::Before)?;
     let mut versions = Vec::new();
@@ -611,7 +669,7 @@ async fn pg_transact(
             pg_bump(&mut tx, &plan.biz, key).await?;
         }
     }
-    finish(tx, plan.rollback).await
+    finish(tx, plan.rollback, commit_sent).await
 }
 
 async fn my_bump(conn: &mut MySqlConnection, biz: &str, key: &str) -> Result<i64, Failure> {
@@ -634,6 +692,7 @@ async fn my_transact(
     store: &MySqlStore,
     plan: &Plan<'_>,
     written: &mut Vec<Written>,
+    commit_sent: &mut Option<Instant>,
 ) -> Result<Option<Instant>, Failure> {
     let mut tx = store.pool().begin().await.map_err(|_| Failure::Before)?;
     let mut versions = Vec::new();
@@ -653,7 +712,7 @@ async fn my_transact(
             my_bump(&mut tx, &plan.biz, key).await?;
         }
     }
-    finish(tx, plan.rollback).await
+    finish(tx, plan.rollback, commit_sent).await
 }
 
 async fn lite_bump(conn: &mut SqliteConnection, biz: &str, key: &str) -> Result<i64, Failure> {
@@ -670,6 +729,7 @@ async fn lite_transact(
     store: &SqliteStore,
     plan: &Plan<'_>,
     written: &mut Vec<Written>,
+    commit_sent: &mut Option<Instant>,
 ) -> Result<Option<Instant>, Failure> {
     let pool: &SqlitePool = store.pool();
     // SQLite has one writer at a time: `BEGIN IMMEDIATE` takes the write lock at once, so that
@@ -696,5 +756,5 @@ async fn lite_transact(
             lite_bump(&mut tx, &plan.biz, key).await?;
         }
     }
-    finish(tx, plan.rollback).await
+    finish(tx, plan.rollback, commit_sent).await
 }

@@ -49,10 +49,26 @@ pub struct Written {
     pub payload: Vec<u8>,
 }
 
+/// The order of first deliveries a relay promises for the messages of one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OrderPromise {
+    /// The polling relay's: if `a`'s transaction had committed (its `COMMIT` returned) before
+    /// `b`'s INSERT was sent, `a` arrives first. It follows the enqueue sequence, assigned at
+    /// the INSERT, so that transactions that overlap may arrive in either order.
+    #[default]
+    CommitBeforeInsert,
+    /// The log relay's: commit order. If `a`'s `COMMIT` had returned before `b`'s `COMMIT`
+    /// was sent, `a` arrives first, whatever the order of their INSERTs. Checked on top of
+    /// [`OrderPromise::CommitBeforeInsert`], which it implies.
+    Commit,
+}
+
 /// One transaction of a producer.
 #[derive(Clone, Debug)]
 struct Transaction {
     outcome: Outcome,
+    /// When its `COMMIT` was sent (taken just before), when it was.
+    commit_sent: Option<Instant>,
     /// When its `COMMIT` returned (taken just after), for committed transactions.
     committed: Option<Instant>,
     written: Vec<Written>,
@@ -67,12 +83,27 @@ pub struct History {
 impl History {
     /// Records one transaction: how it ended, the instant its `COMMIT` returned (for a
     /// committed one; taken just after it returned) and what it enqueued.
+    /// The instant its `COMMIT` was sent is not known: the commit-order check takes its last
+    /// INSERT's instead, which came before (a bound that can only find fewer pairs ordered).
     pub fn record(&self, outcome: Outcome, committed: Option<Instant>, written: Vec<Written>) {
+        self.record_commit(outcome, None, committed, written);
+    }
+
+    /// As [`History::record`], with the instant the producer sent its `COMMIT` (taken just
+    /// before sending; `None` when it never sent one), for the commit-order promise.
+    pub fn record_commit(
+        &self,
+        outcome: Outcome,
+        commit_sent: Option<Instant>,
+        committed: Option<Instant>,
+        written: Vec<Written>,
+    ) {
         self.transactions
             .lock()
             .expect("history")
             .push(Transaction {
                 outcome,
+                commit_sent,
                 committed,
                 written,
             });
@@ -132,9 +163,14 @@ impl History {
             .expect("history")
             .iter()
             .flat_map(|tx| {
-                tx.written.iter().map(|w| {
+                // No later than the COMMIT: its last INSERT, when the COMMIT's instant is
+                // unknown.
+                let last_insert = tx.written.iter().map(|w| w.inserted).max();
+                let commit_sent = tx.commit_sent.or(last_insert);
+                tx.written.iter().map(move |w| {
                     let entry = Entry {
                         outcome: tx.outcome,
+                        commit_sent: commit_sent.unwrap_or(w.inserted),
                         committed: tx.committed,
                         written: w.clone(),
                     };
@@ -148,6 +184,8 @@ impl History {
 /// A message with its transaction's outcome.
 struct Entry {
     outcome: Outcome,
+    /// When its transaction's `COMMIT` was sent, or an instant before.
+    commit_sent: Instant,
     committed: Option<Instant>,
     written: Written,
 }
@@ -163,7 +201,8 @@ pub struct Delivery {
 }
 
 /// Two messages of one key whose first deliveries broke the order promise: `later` arrived
-/// first although `earlier`'s transaction had committed before `later`'s INSERT was sent.
+/// first although `earlier`'s transaction had committed before `later`'s INSERT was sent (or,
+/// for the commit-order promise, before `later`'s `COMMIT` was sent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrderViolation {
     /// The key.
@@ -172,7 +211,8 @@ pub struct OrderViolation {
     pub earlier: MessageId,
     /// The message that arrived before it.
     pub later: MessageId,
-    /// How long before `later`'s INSERT was sent `earlier`'s `COMMIT` had returned.
+    /// How long before `later`'s INSERT (commit order: its `COMMIT`) was sent `earlier`'s
+    /// `COMMIT` had returned.
     pub margin: Duration,
 }
 
@@ -219,6 +259,10 @@ pub struct Verdict {
     /// First deliveries that broke the order promise (any key): a message arrived before one
     /// whose transaction had committed before its INSERT was sent.
     pub out_of_causal_order: Vec<OrderViolation>,
+    /// Under [`OrderPromise::Commit`] only, first deliveries out of commit order (any key): a
+    /// message arrived before one whose transaction had committed before its own `COMMIT`
+    /// was sent.
+    pub out_of_commit_order: Vec<OrderViolation>,
     /// First deliveries that came after a message of the same key whose `COMMIT` returned
     /// later: allowed when the two transactions overlapped; shows that commit order is not
     /// what the relay keeps.
@@ -240,12 +284,13 @@ impl Verdict {
             && self.unknown == 0
             && self.out_of_order.is_empty()
             && self.out_of_causal_order.is_empty()
+            && self.out_of_commit_order.is_empty()
             && self.corrupted == 0
     }
 
-    /// First deliveries out of order, by either check.
+    /// First deliveries out of order, summed over the checks (a pair may break several).
     pub fn out_of_order_total(&self) -> usize {
-        self.out_of_order.len() + self.out_of_causal_order.len()
+        self.out_of_order.len() + self.out_of_causal_order.len() + self.out_of_commit_order.len()
     }
 }
 
@@ -255,12 +300,29 @@ struct First {
     position: usize,
     id: MessageId,
     inserted: Instant,
+    commit_sent: Instant,
     committed: Option<Instant>,
 }
 
-/// Checks `deliveries` (in broker order) against `history`; `pending` holds the ids still
-/// pending in the outbox, so that late messages are told from lost ones.
+/// Checks `deliveries` (in broker order) against `history` under the polling relay's promise
+/// ([`OrderPromise::CommitBeforeInsert`]); `pending` holds the ids still pending in the
+/// outbox, so that late messages are told from lost ones.
 pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<MessageId>) -> Verdict {
+    check_with(
+        history,
+        deliveries,
+        pending,
+        OrderPromise::CommitBeforeInsert,
+    )
+}
+
+/// As [`check`], holding first deliveries to `promise`.
+pub fn check_with(
+    history: &History,
+    deliveries: &[Delivery],
+    pending: &HashSet<MessageId>,
+    promise: OrderPromise,
+) -> Verdict {
     let index = history.index();
     let mut verdict = Verdict::default();
     for entry in index.values() {
@@ -309,6 +371,7 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
                 position,
                 id: delivery.id,
                 inserted: written.inserted,
+                commit_sent: entry.commit_sent,
                 committed: entry.committed,
             });
         }
@@ -316,7 +379,14 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
     let mut keys: Vec<&String> = firsts.keys().collect();
     keys.sort();
     for key in keys {
-        check_key(key, &firsts[key], &mut verdict);
+        let firsts = &firsts[key];
+        let violations = ordered_after_commits(key, firsts, |f| f.inserted);
+        verdict.out_of_causal_order.extend(violations);
+        if promise == OrderPromise::Commit {
+            let violations = ordered_after_commits(key, firsts, |f| f.commit_sent);
+            verdict.out_of_commit_order.extend(violations);
+        }
+        informative_counts(firsts, &mut verdict);
     }
     verdict.lost = index
         .iter()
@@ -331,24 +401,32 @@ pub fn check(history: &History, deliveries: &[Delivery], pending: &HashSet<Messa
     verdict
 }
 
-/// The order checks of one key, over its first deliveries in delivery order.
+/// One order check of one key, over its first deliveries in delivery order: for each message
+/// `b`, none of the messages whose `COMMIT` had returned before `start(b)` (its INSERT, or its
+/// `COMMIT` being sent) may arrive after `b`.
 ///
-/// The promise, in O(n log n): taking the messages in the order their INSERTs were sent, and
-/// those whose `COMMIT` had returned before each one's INSERT (in commit order, a running
-/// prefix), the one of them delivered last must have been delivered before it.
-fn check_key(key: &str, firsts: &[First], verdict: &mut Verdict) {
-    let mut by_insert: Vec<&First> = firsts.iter().collect();
-    by_insert.sort_by_key(|f| f.inserted);
+/// In O(n log n): taking the messages in the order of `start`, and those whose `COMMIT` had
+/// returned before each one's start (in commit order, a running prefix), the one of them
+/// delivered last must have been delivered before it.
+fn ordered_after_commits(
+    key: &str,
+    firsts: &[First],
+    start: impl Fn(&First) -> Instant,
+) -> Vec<OrderViolation> {
+    let mut violations = Vec::new();
+    let mut by_start: Vec<&First> = firsts.iter().collect();
+    by_start.sort_by_key(|f| start(f));
     let mut by_commit: Vec<(&First, Instant)> = firsts
         .iter()
         .filter_map(|f| f.committed.map(|at| (f, at)))
         .collect();
     by_commit.sort_by_key(|(_, at)| *at);
     let mut before = by_commit.iter().peekable();
-    // Of the messages committed before the current INSERT, the one delivered last.
+    // Of the messages committed before the current start, the one delivered last.
     let mut last: Option<(&First, Instant)> = None;
-    for later in by_insert {
-        while let Some((earlier, at)) = before.next_if(|(_, at)| *at < later.inserted) {
+    for later in by_start {
+        let begun = start(later);
+        while let Some((earlier, at)) = before.next_if(|(_, at)| *at < begun) {
             if last.is_none_or(|(l, _)| l.position < earlier.position) {
                 last = Some((earlier, *at));
             }
@@ -356,15 +434,19 @@ fn check_key(key: &str, firsts: &[First], verdict: &mut Verdict) {
         if let Some((earlier, at)) = last
             && earlier.position > later.position
         {
-            verdict.out_of_causal_order.push(OrderViolation {
+            violations.push(OrderViolation {
                 key: key.to_owned(),
                 earlier: earlier.id,
                 later: later.id,
-                margin: later.inserted.saturating_duration_since(at),
+                margin: begun.saturating_duration_since(at),
             });
         }
     }
-    // Informative only: how far delivery order is from commit order and from insert order.
+    violations
+}
+
+/// Informative only: how far delivery order is from commit order and from insert order.
+fn informative_counts(firsts: &[First], verdict: &mut Verdict) {
     let mut latest_commit: Option<Instant> = None;
     let mut latest_insert: Option<Instant> = None;
     for first in firsts {
@@ -387,9 +469,9 @@ impl fmt::Display for Verdict {
             f,
             "committed {}, rolled back {}, aborted {}, indeterminate {} ({} delivered), \
              deliveries {}, duplicates {}, lost {}, still pending {}, phantoms {}, unknown {}, \
-             out of order {} (versions {}, commit before insert {}), corrupted {}; \
-             allowed for overlapping transactions: after a later commit {}, after a later \
-             insert {}",
+             out of order {} (versions {}, commit before insert {}, commit order {}), \
+             corrupted {}; allowed for overlapping transactions: after a later commit {}, \
+             after a later insert {}",
             self.committed,
             self.rolled_back,
             self.aborted,
@@ -404,6 +486,7 @@ impl fmt::Display for Verdict {
             self.out_of_order_total(),
             self.out_of_order.len(),
             self.out_of_causal_order.len(),
+            self.out_of_commit_order.len(),
             self.corrupted,
             self.after_later_commit,
             self.after_later_insert
@@ -566,6 +649,90 @@ mod tests {
         assert_eq!(
             (verdict.after_later_commit, verdict.after_later_insert),
             (0, 1)
+        );
+    }
+
+    /// Records `w` as committed, its `COMMIT` sent `sent` ms and returned `returned` ms after
+    /// `t0`.
+    fn commit_at(history: &History, w: &Written, t0: Instant, sent: u64, returned: u64) {
+        history.record_commit(
+            Outcome::Committed,
+            Some(t0 + Duration::from_millis(sent)),
+            Some(t0 + Duration::from_millis(returned)),
+            vec![w.clone()],
+        );
+    }
+
+    #[test]
+    fn under_commit_order_a_later_insert_that_committed_first_must_arrive_first() {
+        let t0 = Instant::now();
+        let history = History::default();
+        // a inserts first, b inserts then commits (sent 10, returned 12), a commits after b's
+        // returned (sent 20, returned 22): b committed first, though their inserts overlap.
+        let (a, b) = (unlocked("k", t0, 0), unlocked("k", t0, 5));
+        commit_at(&history, &a, t0, 20, 22);
+        commit_at(&history, &b, t0, 10, 12);
+        let deliveries = [delivered(&a), delivered(&b)];
+        // The polling relay's promise allows it (b's commit came after a's INSERT)...
+        let verdict = check(&history, &deliveries, &HashSet::new());
+        assert!(verdict.holds(), "{verdict}");
+        // ...commit order does not.
+        let verdict = check_with(&history, &deliveries, &HashSet::new(), OrderPromise::Commit);
+        assert!(!verdict.holds(), "{verdict}");
+        assert_eq!(
+            verdict.out_of_commit_order,
+            vec![OrderViolation {
+                key: "k".to_owned(),
+                earlier: b.id,
+                later: a.id,
+                margin: Duration::from_millis(8),
+            }]
+        );
+        assert!(verdict.out_of_causal_order.is_empty());
+        // In commit order it holds.
+        let verdict = check_with(
+            &history,
+            &[delivered(&b), delivered(&a)],
+            &HashSet::new(),
+            OrderPromise::Commit,
+        );
+        assert!(verdict.holds(), "{verdict}");
+    }
+
+    #[test]
+    fn under_commit_order_overlapping_commits_may_arrive_in_either_order() {
+        let t0 = Instant::now();
+        let history = History::default();
+        // Each COMMIT is sent before the other's returned: either may have committed first.
+        let (a, b) = (unlocked("k", t0, 0), unlocked("k", t0, 1));
+        commit_at(&history, &a, t0, 10, 15);
+        commit_at(&history, &b, t0, 11, 14);
+        for deliveries in [
+            [delivered(&a), delivered(&b)],
+            [delivered(&b), delivered(&a)],
+        ] {
+            let verdict = check_with(&history, &deliveries, &HashSet::new(), OrderPromise::Commit);
+            assert!(verdict.holds(), "{verdict}");
+        }
+        // Without the instant its COMMIT was sent, a transaction's last INSERT stands in for
+        // it: an earlier instant, which finds no more pairs ordered.
+        let (c, d) = (unlocked("j", t0, 0), unlocked("j", t0, 30));
+        commit_at(&history, &c, t0, 20, 25);
+        history.record(
+            Outcome::Committed,
+            Some(t0 + Duration::from_millis(40)),
+            vec![d.clone()],
+        );
+        let verdict = check_with(
+            &history,
+            &[delivered(&d), delivered(&c)],
+            &HashSet::new(),
+            OrderPromise::Commit,
+        );
+        assert_eq!(verdict.out_of_commit_order.len(), 1, "{verdict}");
+        assert_eq!(
+            verdict.out_of_commit_order[0].margin,
+            Duration::from_millis(5)
         );
     }
 

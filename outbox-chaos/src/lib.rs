@@ -5,7 +5,8 @@
 //! than the relays' retry budget, and the broker and the database server are restarted; then a
 //! checker reads everything back from the broker and verifies that every committed message
 //! arrived at least once, that no rolled-back message did, and that the first deliveries of a
-//! key keep the order the relay promises (see [`history`]). Duplicates are counted.
+//! key keep the order the relay promises (see [`history`]; commit order for the log relay of
+//! the `postgres-cdc-*` combinations). Duplicates are counted.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,7 +33,9 @@ pub mod profile;
 pub mod relays;
 mod run;
 
-pub use history::{Delivery, History, OrderViolation, Outcome, Verdict, Written, check};
+pub use history::{
+    Delivery, History, OrderPromise, OrderViolation, Outcome, Verdict, Written, check, check_with,
+};
 pub use profile::{Profile, seed_from_env};
 pub use run::{
     Combination, Fault, Options, Report, Unavailable, long_outage_floor, retry_budget,

@@ -1,7 +1,8 @@
 //! `outbox-chaos`: runs the chaos harness and prints what it measured.
 //!
 //! ```text
-//! outbox-chaos [COMBINATION...]      # postgres-nats postgres-kafka mysql-amqp sqlite-nats (default: all)
+//! outbox-chaos [COMBINATION...]      # postgres-nats postgres-kafka mysql-amqp sqlite-nats
+//!                                    # postgres-cdc-nats postgres-cdc-amqp (default: all)
 //! OUTBOX_CHAOS_PROFILE=long outbox-chaos postgres-nats
 //! OUTBOX_CHAOS_SEED=1234 outbox-chaos sqlite-nats    # replay a run's random choices
 //! ```

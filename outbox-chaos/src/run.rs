@@ -1,7 +1,7 @@
 //! One run: start a private database server (PostgreSQL, MariaDB) or a SQLite file and a
-//! broker, each behind a fault proxy for the relays, start producers and relay processes,
-//! inject faults for the profile's fault phase, let the outbox drain, read everything back and
-//! check it.
+//! broker, each behind a fault proxy for the relays, start producers and relay processes (for
+//! the log relay, after `migrate` created its replication slot), inject faults for the
+//! profile's fault phase, let the outbox drain, read everything back and check it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::broker::{self, NatsServer, Queue, Tansu};
 use crate::db::{Db, DbServer, Shape, concurrent_key_name, key_name};
-use crate::history::{Delivery, History, Verdict, check};
+use crate::history::{Delivery, History, OrderPromise, Verdict, check_with};
 use crate::profile::Profile;
 use crate::relays::Relays;
 
@@ -36,15 +36,21 @@ pub enum Combination {
     MysqlAmqp,
     /// SQLite to NATS JetStream.
     SqliteNats,
+    /// PostgreSQL's log (a logical replication slot, the relay's `[cdc]`) to NATS JetStream.
+    PostgresCdcNats,
+    /// PostgreSQL's log (a logical replication slot, the relay's `[cdc]`) to AMQP (RabbitMQ).
+    PostgresCdcAmqp,
 }
 
 impl Combination {
     /// Every combination.
-    pub const ALL: [Combination; 4] = [
+    pub const ALL: [Combination; 6] = [
         Combination::PostgresNats,
         Combination::PostgresKafka,
         Combination::MysqlAmqp,
         Combination::SqliteNats,
+        Combination::PostgresCdcNats,
+        Combination::PostgresCdcAmqp,
     ];
 
     /// The name used on the command line and in reports.
@@ -54,6 +60,8 @@ impl Combination {
             Combination::PostgresKafka => "postgres-kafka",
             Combination::MysqlAmqp => "mysql-amqp",
             Combination::SqliteNats => "sqlite-nats",
+            Combination::PostgresCdcNats => "postgres-cdc-nats",
+            Combination::PostgresCdcAmqp => "postgres-cdc-amqp",
         }
     }
 
@@ -73,6 +81,34 @@ impl Combination {
                 "a private MariaDB (mariadb-install-db, mariadbd), RabbitMQ and libfaketime"
             }
             Combination::SqliteNats => "nats-server",
+            Combination::PostgresCdcNats => {
+                "a private PostgreSQL with logical WAL (initdb, pg_ctl), nats-server and \
+                 libfaketime"
+            }
+            Combination::PostgresCdcAmqp => {
+                "a private PostgreSQL with logical WAL (initdb, pg_ctl), RabbitMQ and libfaketime"
+            }
+        }
+    }
+
+    /// Whether the relays run the log relay (`[cdc]`): new messages read from a logical
+    /// replication slot, which one relay process at a time streams while the others stand by,
+    /// beside a polling relay that claims only what the log relay hands to the table.
+    pub fn is_cdc(self) -> bool {
+        matches!(
+            self,
+            Combination::PostgresCdcNats | Combination::PostgresCdcAmqp
+        )
+    }
+
+    /// The order of a key's first deliveries the relay promises: commit order when it reads
+    /// the log, else the polling relay's (a message committed before another's INSERT
+    /// arrives first).
+    pub fn order_promise(self) -> OrderPromise {
+        if self.is_cdc() {
+            OrderPromise::Commit
+        } else {
+            OrderPromise::CommitBeforeInsert
         }
     }
 
@@ -92,7 +128,10 @@ impl Combination {
     /// librdkafka, not skew, which the other combinations cover.
     pub fn clock_skews(self) -> &'static [i64] {
         match self {
-            Combination::PostgresNats | Combination::MysqlAmqp => &[0, 90, -90],
+            Combination::PostgresNats
+            | Combination::MysqlAmqp
+            | Combination::PostgresCdcNats
+            | Combination::PostgresCdcAmqp => &[0, 90, -90],
             Combination::PostgresKafka | Combination::SqliteNats => &[],
         }
     }
@@ -208,6 +247,13 @@ pub struct Report {
     pub dead_letters: Vec<String>,
     /// Keys whose business row version disagrees with the messages committed for it.
     pub business_mismatches: Vec<String>,
+    /// Database restarts that did not go as asked: the server did not stop (or start) within
+    /// `pg_ctl`'s minute, say. Each is a failure of the run (the harness then crashes the
+    /// server and starts it again, so that the run goes on).
+    pub db_restart_failures: Vec<String>,
+    /// Why the outbox could not be read once the relays were stopped, when it could not: then
+    /// messages still in it cannot be told from lost ones, and the run fails.
+    pub outbox_unreadable: Option<String>,
     /// The run's directory (relay logs), kept when the run failed (or `OUTBOX_CHAOS_KEEP=1`).
     pub kept_dir: Option<PathBuf>,
 }
@@ -220,6 +266,8 @@ impl Report {
             && self.dead_letter_count == 0
             && self.dead_letters.is_empty()
             && self.business_mismatches.is_empty()
+            && self.db_restart_failures.is_empty()
+            && self.outbox_unreadable.is_none()
             && self.unexpected_exits.is_empty()
             && self.unclean_stops.is_empty()
     }
@@ -302,7 +350,7 @@ impl fmt::Display for Report {
             self.long_outage_floor.as_secs_f64(),
             outages.join(", ")
         )?;
-        let lists: [(&str, Vec<String>); 9] = [
+        let lists: [(&str, Vec<String>); 11] = [
             (
                 "lost",
                 self.verdict.lost.iter().map(ToString::to_string).collect(),
@@ -339,6 +387,23 @@ impl fmt::Display for Report {
                     .map(ToString::to_string)
                     .collect(),
             ),
+            (
+                "out of commit order (committed before the COMMIT of one that arrived first)",
+                self.verdict
+                    .out_of_commit_order
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{}: {} arrived before {}, committed {:?} before its COMMIT",
+                            v.key, v.later, v.earlier, v.margin
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                "database restarts that failed",
+                self.db_restart_failures.clone(),
+            ),
             ("unexpected relay exits", self.unexpected_exits.clone()),
             ("unclean stops", self.unclean_stops.clone()),
             ("dead letters", self.dead_letters.clone()),
@@ -365,6 +430,13 @@ impl fmt::Display for Report {
                 f,
                 "  still pending after the drain bound: {}",
                 self.pending_after_drain
+            )?;
+        }
+        if let Some(why) = &self.outbox_unreadable {
+            writeln!(
+                f,
+                "  the outbox could not be read at the end ({why}): messages still in it count \
+                 as lost"
             )?;
         }
         if let Some(dir) = &self.kept_dir {
@@ -505,6 +577,9 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
     }
     let run_name = unique_name("chaos");
     let table = run_name.clone();
+    // The log relay's replication slot and publication: names of the run's own.
+    let slot = format!("{run_name}_slot");
+    let publication = format!("{run_name}_pub");
     let keys: Vec<String> = (0..profile.keys).map(key_name).collect();
     let concurrent_keys: Vec<String> = (0..profile.concurrent_keys)
         .map(concurrent_key_name)
@@ -515,6 +590,9 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
     let server = match combination {
         Combination::PostgresNats | Combination::PostgresKafka => {
             Some(DbServer::postgres(dir.path()).await)
+        }
+        Combination::PostgresCdcNats | Combination::PostgresCdcAmqp => {
+            Some(DbServer::postgres_logical(dir.path()).await)
         }
         Combination::MysqlAmqp => Some(DbServer::mariadb(dir.path()).await),
         Combination::SqliteNats => None,
@@ -535,7 +613,15 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
             Db::mysql_at(&server.url(), relay_db_addr, &run_name, &table, &all_keys).await
         }
         (Some(server), _) => {
-            Db::postgres(&server.url(), relay_db_addr, &run_name, &table, &all_keys).await
+            Db::postgres(&server.url(), relay_db_addr, &run_name, &table, &all_keys)
+                .await
+                .map(|db| {
+                    if combination.is_cdc() {
+                        db.with_replication_slot(&slot)
+                    } else {
+                        db
+                    }
+                })
         }
         (None, _) => Db::sqlite(dir.path(), &table, &all_keys).await,
     };
@@ -571,11 +657,11 @@ pub async fn run(combination: Combination, options: &Options) -> Result<Report, 
     let config = dir.path().join("relay.toml");
     // store_timeout: a store call that hangs in a black hole is abandoned after 3 s and
     // retried like any failed call.
-    let text = format!(
+    let mut text = format!(
         r#"[store]
 url = "{url}"
 table = "{table}"
-max_connections = 7
+max_connections = {max_connections}
 
 [publisher]
 {publisher}
@@ -599,6 +685,9 @@ jitter = {jitter:?}
 max_attempts = {attempts}
 "#,
         url = db.relay_url(),
+        // The program needs one per batch under way, a renewal, a stats or cleanup call and
+        // its readiness probe (concurrency + 3), and one more for the log relay.
+        max_connections = 7 + usize::from(combination.is_cdc()),
         publish_timeout = publish_timeout.as_millis(),
         initial = policy.initial_delay.as_millis(),
         max = policy.max_delay.as_millis(),
@@ -606,7 +695,30 @@ max_attempts = {attempts}
         jitter = policy.jitter,
         attempts = policy.max_attempts,
     );
+    if combination.is_cdc() {
+        // The log relay reads the store's table on the store's URL (through the database's
+        // fault proxy, as every relay connection).
+        text.push_str(&format!(
+            "\n[cdc]\nslot = \"{slot}\"\npublication = \"{publication}\"\n\
+             status_interval = \"200ms\"\n"
+        ));
+    }
     std::fs::write(&config, text).map_err(|e| unavailable("relay configuration", e.into()))?;
+    if combination.is_cdc() {
+        // `outbox-relay migrate` creates the publication and the slot (after the table, which
+        // the harness migrated already): from then on the slot keeps every committed message.
+        if let Err(err) = migrate(&options.relay_bin, &config).await {
+            teardown(broker).await;
+            db.teardown(&table).await;
+            if let Some(server) = server {
+                server.stop().await;
+            }
+            return Err(unavailable(
+                "the relay's migrate (slot and publication)",
+                err,
+            ));
+        }
+    }
 
     let history = Arc::new(History::default());
     let db = Arc::new(db);
@@ -659,10 +771,10 @@ max_attempts = {attempts}
                     Shape::Serialized
                 };
                 let rollback = rng.u32(0..100) < profile.rollback_percent;
-                let (outcome, committed, written) = db
+                let done = db
                     .transact(&table, &destination, &chosen, shape, rollback)
                     .await;
-                history.record(outcome, committed, written);
+                history.record_commit(done.outcome, done.commit_sent, done.committed, done.written);
                 tokio::time::sleep(profile.pause).await;
             }
         });
@@ -672,6 +784,7 @@ max_attempts = {attempts}
     let mut rng = fastrand::Rng::with_seed(options.seed);
     let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
     let mut db_killed = 0;
+    let mut db_restart_failures = Vec::new();
     let mut kinds = vec![
         Fault::KillRelay,
         Fault::KillRelay,
@@ -800,8 +913,34 @@ max_attempts = {attempts}
                         Restart::Crash
                     };
                     let down = Duration::from_millis(rng.u64(0..1000));
+                    let began = Instant::now();
                     if let Err(err) = server.restart(how, down).await {
-                        eprintln!("restarting the database server: {err}");
+                        // A server that does not stop when asked (a clean shutdown that waits
+                        // for a client) is a finding; a crash brings it back so that the run
+                        // goes on.
+                        let failure = format!(
+                            "at {:.1} s, a {} restart: {err} (after {:.1} s)",
+                            began.duration_since(fault_begin).as_secs_f64(),
+                            if how == Restart::Clean {
+                                "clean"
+                            } else {
+                                "crash"
+                            },
+                            began.elapsed().as_secs_f64()
+                        );
+                        eprintln!("restarting the database server: {failure}");
+                        db_restart_failures.push(failure);
+                        if let Err(err) = server.restart(Restart::Crash, Duration::ZERO).await {
+                            eprintln!("crashing the database server: {err}");
+                            db_restart_failures.push(format!("then crashing it: {err}"));
+                        }
+                    }
+                    if verbose {
+                        eprintln!(
+                            "{:>6.1} s: db restart ({how:?}) done in {:.1} s",
+                            fault_begin.elapsed().as_secs_f64(),
+                            began.elapsed().as_secs_f64()
+                        );
                     }
                 }
             }
@@ -852,12 +991,27 @@ max_attempts = {attempts}
         Ok(deliveries) => (deliveries, None),
         Err(err) => (Vec::new(), Some(err.to_string())),
     };
-    let pending_ids = if pending == 0 {
-        HashSet::new()
+    // Pending unknown (the outbox never answered while it drained) or not 0: which messages
+    // are still there. When the outbox cannot be read, late cannot be told from lost.
+    let (pending_ids, outbox_unreadable) = if pending == 0 {
+        (HashSet::new(), None)
     } else {
-        db.pending_ids(&table).await.unwrap_or_default()
+        match db.pending_ids(&table).await {
+            Ok(ids) => {
+                if pending == u64::MAX {
+                    pending = ids.len() as u64;
+                }
+                (ids, None)
+            }
+            Err(err) => (HashSet::new(), Some(err.to_string())),
+        }
     };
-    let verdict = check(&history, &deliveries, &pending_ids);
+    let verdict = check_with(
+        &history,
+        &deliveries,
+        &pending_ids,
+        combination.order_promise(),
+    );
     let versions = db.versions(&table).await.unwrap_or_default();
     let mut business_mismatches = business_check(&history, &deliveries, &pending_ids, &versions);
     if let Some(err) = read_error {
@@ -888,6 +1042,8 @@ max_attempts = {attempts}
         dead_letter_count,
         dead_letters,
         business_mismatches,
+        db_restart_failures,
+        outbox_unreadable,
         kept_dir: None,
     };
     drop(relays);
@@ -908,6 +1064,34 @@ max_attempts = {attempts}
     Ok(report)
 }
 
+/// Runs `relay_bin --config config migrate` (the outbox table, then, with `[cdc]`, the
+/// publication and the replication slot), for at most a minute.
+async fn migrate(relay_bin: &Path, config: &Path) -> Result<(), BoxError> {
+    let run = tokio::process::Command::new(relay_bin)
+        .arg("--config")
+        .arg(config)
+        .arg("migrate")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .map_err(|_| "no exit within 60 s")??;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into())
+    }
+}
+
 fn gap(rng: &mut fastrand::Rng, profile: &Profile) -> Duration {
     let (min, max) = profile.fault_gap;
     Duration::from_millis(rng.u64(min.as_millis() as u64..=max.as_millis() as u64))
@@ -919,7 +1103,7 @@ async fn setup_broker(
     run: &str,
 ) -> Result<(Broker, FaultProxy, String, String), BoxError> {
     match combination {
-        Combination::PostgresNats | Combination::SqliteNats => {
+        Combination::PostgresNats | Combination::SqliteNats | Combination::PostgresCdcNats => {
             let server = NatsServer::start(dir, &[]).await?;
             let proxy = FaultProxy::start(server.addr()).await?;
             let stream = run.to_ascii_uppercase();
@@ -958,7 +1142,7 @@ async fn setup_broker(
                 publisher,
             ))
         }
-        Combination::MysqlAmqp => {
+        Combination::MysqlAmqp | Combination::PostgresCdcAmqp => {
             let url = url::Url::parse(&broker::amqp_url())?;
             let upstream = tokio::net::lookup_host((
                 url.host_str().unwrap_or("127.0.0.1"),
