@@ -12,7 +12,7 @@ use std::future::Future;
 use crate::{Malformed, Message, MessageId, Settlement, StoreError};
 
 /// Where a transaction ends in the log, as its source counts: positions grow in commit
-/// order. Opaque to the relay, which hands them back to [`LogSource::settle`].
+/// order. Opaque to the relay, which hands them back to [`LogSource::confirm`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LogPosition(u64);
 

@@ -32,8 +32,10 @@ pub struct LogRelayBuilder<L, P> {
 
 impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
     /// Sets the configuration (the default otherwise). The log relay uses the batch size,
-    /// the publish and store timeouts, the retry policy, `probe_max` and the shutdown
-    /// timeout; claims, leases and partitions are the polling relay's.
+    /// `concurrency` (batches waiting to be recorded), `poll_max` (how often the keys the
+    /// table holds are read again), the publish and store timeouts, the retry policy,
+    /// `probe_max` and the shutdown timeout; claims, leases and partitions are the polling
+    /// relay's.
     pub fn config(mut self, config: RelayConfig) -> Self {
         self.config = config;
         self
@@ -63,14 +65,13 @@ impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
 /// # How it works
 ///
 /// - It reads the next committed transaction from its [`LogSource`], and those already at
-///   hand, up to [`RelayConfig::batch_size`] rows, and asks the outbox table which of their
-///   messages and keys it holds as its own ([`LogSource::waiting`]): those go to the table,
-///   where the polling relay publishes them.
+///   hand, up to [`RelayConfig::batch_size`] rows. Messages of keys the outbox table holds
+///   messages of go to the table, where the polling relay publishes them.
 /// - It publishes the rest as the polling relay publishes a claimed batch (the same code):
 ///   one message per key per call unless the publisher keeps per-key order, each failure
 ///   judged a failure of the message or an outage of the broker.
 /// - A message that fails is **handed to the outbox table** with its attempt counted and its
-///   retry delay ([`LogSource::settle`]), or dead-lettered there when the
+///   retry delay ([`LogTable::record`]), or dead-lettered there when the
 ///   [`RetryPolicy`](crate::RetryPolicy) says so; the later messages of its key are handed
 ///   to the table too, so that they never overtake it. From then on the polling relay
 ///   publishes them, with its retries, dead letters and replays.
@@ -91,8 +92,10 @@ impl<L: LogSource, P: Publisher> LogRelayBuilder<L, P> {
 /// nothing over and counts no attempt, stops reading, probes the broker with
 /// [`Publisher::check`] and publishes the same messages again once it answers. A store call
 /// (the table's side) that fails transiently is retried with capped backoff meanwhile; a lost
-/// connection to the log is resumed from the last confirmed position. Only a failure that is
-/// not transient (the slot or the table is gone) stops the relay.
+/// connection to the log is resumed from the last confirmed position. While the table cannot be
+/// written, the session of the log is ended (a PostgreSQL that shuts down waits for its
+/// replication sessions) and opened again once it can. Only a failure that is not transient
+/// (the slot or the table is gone) stops the relay.
 pub struct LogRelay<L, P> {
     inner: Arc<Inner<L, P>>,
 }
